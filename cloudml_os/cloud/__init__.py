@@ -1,0 +1,1 @@
+"""Compute drivers: where a cluster's nodes come from (``local`` sshd nodes, ``openstack`` Heat stacks)."""

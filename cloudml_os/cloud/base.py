@@ -1,0 +1,92 @@
+"""The compute driver interface: create, describe and delete a cluster of SSH-reachable nodes.
+
+A driver knows nothing of jobs or frameworks. It is given a :class:`ClusterSpec` (a deterministic
+name, the nodes wanted, the cluster's public key) and returns :class:`NodeInfo` for each node: where to
+reach it, which host keys to pin, which ports the framework may use. ``create_cluster`` and
+``delete_cluster`` are idempotent by cluster name, so a redelivered task neither duplicates nor leaks.
+Drivers are found through the ``cloudml_os.drivers`` entry point group.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cloudml_os.config import Settings
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeSpec:
+    """One node wanted: its name inside the cluster, its role, and the machine type's flavor and GPUs."""
+
+    name: str
+    task_type: str
+    task_index: int
+    flavor: str
+    gpus: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterSpec:
+    name: str
+    nodes: tuple[NodeSpec, ...]
+    public_key: str  # OpenSSH one-line public key of the cluster's own keypair
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeInfo:
+    """How to reach a created node and what it offers.
+
+    ``host_keys`` are OpenSSH public key lines ("ssh-ed25519 AAAA…") known before the first connection;
+    the SSH client pins them. ``environment`` holds variables every process on the node gets (e.g.
+    ``CUDA_VISIBLE_DEVICES``). ``workdir`` is a writable directory on the node; ``runtime_root`` is the
+    directory holding framework runtimes on the node.
+    """
+
+    name: str
+    task_type: str
+    task_index: int
+    address: str
+    ssh_port: int
+    username: str
+    host_keys: tuple[str, ...]
+    port_first: int
+    port_last: int
+    workdir: str
+    runtime_root: str
+    environment: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+class DriverError(RuntimeError):
+    """The cloud could not do what was asked; the message is safe to show to the job's owner."""
+
+
+class Driver(abc.ABC):
+    name: str
+
+    @abc.abstractmethod
+    def create_cluster(self, spec: ClusterSpec) -> list[NodeInfo]:
+        """Create the cluster's nodes, or return the existing ones if it already exists, booted.
+
+        :raises DriverError: when the nodes cannot be created; nothing created is left behind.
+        """
+
+    @abc.abstractmethod
+    def delete_cluster(self, name: str) -> None:
+        """Delete every node of the cluster and everything they run; a missing cluster is not an error."""
+
+    @abc.abstractmethod
+    def list_clusters(self) -> list[str]:
+        """Names of the clusters this driver holds (for garbage collection)."""
+
+
+def load_driver(settings: Settings) -> Driver:
+    """Instantiate the driver named in settings through the ``cloudml_os.drivers`` entry points."""
+    matches = entry_points(group="cloudml_os.drivers", name=settings.driver)
+    if not matches:
+        raise DriverError(f"no compute driver named {settings.driver!r} is installed")
+    return next(iter(matches)).load()(settings)

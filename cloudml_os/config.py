@@ -1,0 +1,155 @@
+"""Settings of one cloudml-os installation: a TOML file plus ``CLOUDML_OS_*`` environment overrides.
+
+Everything a process needs to find its database, broker, driver and data lives here, validated once at
+start so that a typo fails with a message naming the setting instead of a stack trace later. Nothing
+in this module opens a connection or touches the disk beyond reading the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "CLOUDML_OS_"
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MachineType:
+    """A Cloud ML Engine machine type and the flavor (and GPUs) it maps to."""
+
+    name: str
+    flavor: str
+    gpus: int = 0
+
+
+DEFAULT_MACHINE_TYPES = {
+    "standard": MachineType("standard", "m1.medium"),
+    "large_model": MachineType("large_model", "m1.xlarge"),
+    "complex_model_s": MachineType("complex_model_s", "c1.small"),
+    "complex_model_m": MachineType("complex_model_m", "c1.medium"),
+    "complex_model_l": MachineType("complex_model_l", "c1.large"),
+    "standard_gpu": MachineType("standard_gpu", "g1.medium", gpus=1),
+    "complex_model_m_gpu": MachineType("complex_model_m_gpu", "g1.large", gpus=4),
+    "n1-standard-4": MachineType("n1-standard-4", "m1.large"),
+    "n1-standard-8": MachineType("n1-standard-8", "m1.xlarge"),
+    "n1-highmem-8": MachineType("n1-highmem-8", "r1.xlarge"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Validated settings. Build with :func:`load_settings`; tests pass overrides explicitly."""
+
+    data_dir: Path
+    database_url: str
+    broker_url: str
+    api_host: str = "127.0.0.1"
+    api_port: int = 8080
+    driver: str = "local"
+    artifacts_dir: Path | None = None
+    runtimes_dir: Path = Path.home() / ".cache" / "cloudml-os" / "runtimes"
+    task_queue: str = "cloudml-os"
+    watch_interval: float = 1.0
+    ssh_connect_timeout: float = 10.0
+    ssh_boot_retries: int = 30
+    ssh_parallelism: int = 16
+    stop_grace_seconds: float = 5.0
+    local_address_prefix: str = "127.1"
+    local_ssh_port: int = 2222
+    local_port_base: int = 20000
+    local_ports_per_node: int = 10
+    machine_types: dict[str, MachineType] = dataclasses.field(
+        default_factory=lambda: dict(DEFAULT_MACHINE_TYPES)
+    )
+
+    @property
+    def artifacts_root(self) -> Path:
+        return self.artifacts_dir or self.data_dir / "artifacts"
+
+
+_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(Settings)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    kind = _FIELD_TYPES[name]
+    try:
+        if kind == "int":
+            return int(value)
+        if kind == "float":
+            return float(value)
+        if kind in ("Path", "Path | None"):
+            return Path(value).expanduser().absolute()
+        if kind == "str":
+            if not isinstance(value, str | int | float):
+                raise TypeError
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"setting {name!r}: expected {kind}, got {value!r}") from None
+    return value
+
+
+def _machine_types(table: dict[str, Any]) -> dict[str, MachineType]:
+    types = dict(DEFAULT_MACHINE_TYPES)
+    for name, entry in table.items():
+        if not isinstance(entry, dict) or "flavor" not in entry:
+            raise ConfigError(f"machine_types.{name}: needs a table with 'flavor' (and optional 'gpus')")
+        gpus = entry.get("gpus", 0)
+        if not isinstance(gpus, int) or gpus < 0:
+            raise ConfigError(f"machine_types.{name}.gpus: expected a non-negative integer")
+        types[name] = MachineType(name, str(entry["flavor"]), gpus)
+    return types
+
+
+def load_settings(
+    path: str | os.PathLike | None = None,
+    environ: dict[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Read the TOML file (``CLOUDML_OS_CONFIG`` if no path), then environment, then ``overrides``.
+
+    :raises ConfigError: on an unknown setting or a value of the wrong type.
+    """
+    environ = dict(os.environ if environ is None else environ)
+    path = path or environ.get(ENV_PREFIX + "CONFIG")
+    raw: dict[str, Any] = {}
+    if path:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+    machine_types = _machine_types(raw.pop("machine_types", {}))
+    for key, value in environ.items():
+        if key.startswith(ENV_PREFIX) and key != ENV_PREFIX + "CONFIG":
+            name = key[len(ENV_PREFIX):].lower()
+            if name in _FIELD_TYPES and name != "machine_types":
+                raw[name] = value
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = sorted(set(raw) - set(_FIELD_TYPES))
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
+    values = {name: _coerce(name, value) for name, value in raw.items() if name != "machine_types"}
+    data_dir = values.setdefault("data_dir", Path("var").absolute())
+    values.setdefault("database_url", f"sqlite:///{data_dir}/cloudml-os.db")
+    values.setdefault("broker_url", f"sqla+sqlite:///{data_dir}/broker.sqlite")
+    settings = Settings(machine_types=machine_types, **values)
+    _validate(settings)
+    return settings
+
+
+def _validate(settings: Settings) -> None:
+    if not 0 < settings.api_port < 65536:
+        raise ConfigError(f"setting 'api_port': {settings.api_port} is not a TCP port")
+    if settings.watch_interval <= 0:
+        raise ConfigError("setting 'watch_interval' must be positive")
+    if settings.local_ports_per_node < 2:
+        raise ConfigError("setting 'local_ports_per_node' must be at least 2")
+    parts = settings.local_address_prefix.split(".")
+    if len(parts) != 2 or parts[0] != "127" or not parts[1].isdigit() or not 0 <= int(parts[1]) < 256:
+        raise ConfigError("setting 'local_address_prefix' must look like '127.N' (a loopback /16)")

@@ -1,0 +1,1 @@
+"""Framework plugins: what runs on each node of a training cluster (roles, environment, success policy)."""

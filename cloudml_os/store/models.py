@@ -1,0 +1,137 @@
+"""SQLAlchemy tables: the durable record of tokens, packages, jobs, their clusters, nodes, events and logs.
+
+The database is the single source of truth for progress: a worker that dies mid-step leaves here
+everything the next delivery of the task needs to continue. Schema changes go through Alembic
+(``store/migrations``), never ``create_all`` outside tests of the migrations themselves.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, ForeignKey, Index, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Token(Base):
+    """A local API token; only its SHA-256 is stored."""
+
+    __tablename__ = "tokens"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    project: Mapped[str] = mapped_column(String(63), index=True)
+    role: Mapped[str] = mapped_column(String(16))
+    description: Mapped[str] = mapped_column(String(255), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Package(Base):
+    """A trainer package uploaded to the artifact store."""
+
+    __tablename__ = "packages"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project: Mapped[str] = mapped_column(String(63), index=True)
+    uri: Mapped[str] = mapped_column(String(1024), unique=True)
+    filename: Mapped[str] = mapped_column(String(255))
+    kind: Mapped[str] = mapped_column(String(16))  # "sdist" or "archive"
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (UniqueConstraint("project", "job_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project: Mapped[str] = mapped_column(String(63))
+    job_id: Mapped[str] = mapped_column(String(128))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    step: Mapped[str] = mapped_column(String(16))
+    framework: Mapped[str] = mapped_column(String(32))
+    training_input: Mapped[dict[str, Any]]
+    labels: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    create_time: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    start_time: Mapped[dt.datetime | None]
+    end_time: Mapped[dt.datetime | None]
+    error_message: Mapped[str] = mapped_column(Text, default="")
+    training_output: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # The state the job ends in once teardown has run (SUCCEEDED, FAILED or CANCELLED).
+    outcome: Mapped[str | None] = mapped_column(String(16))
+    etag: Mapped[int] = mapped_column(default=1)
+    clusters: Mapped[list[Cluster]] = relationship(back_populates="job", order_by="Cluster.id")
+
+
+class Cluster(Base):
+    """The nodes one job runs on; ``name`` is deterministic so that a repeated create finds them."""
+
+    __tablename__ = "clusters"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    driver: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16))  # CREATING, READY, DELETING, DELETED
+    private_key: Mapped[str] = mapped_column(Text)
+    public_key: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    deleted_at: Mapped[dt.datetime | None]
+    job: Mapped[Job] = relationship(back_populates="clusters")
+    nodes: Mapped[list[Node]] = relationship(back_populates="cluster", order_by="Node.id")
+
+
+class Node(Base):
+    """One VM (or local sshd node) of a cluster and the trainer process it runs."""
+
+    __tablename__ = "nodes"
+    __table_args__ = (UniqueConstraint("cluster_id", "name"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    cluster_id: Mapped[int] = mapped_column(ForeignKey("clusters.id"), index=True)
+    name: Mapped[str] = mapped_column(String(128))
+    task_type: Mapped[str] = mapped_column(String(32))
+    task_index: Mapped[int]
+    address: Mapped[str] = mapped_column(String(255))
+    ssh_port: Mapped[int]
+    username: Mapped[str] = mapped_column(String(64))
+    host_keys: Mapped[list[Any]]
+    port_first: Mapped[int]
+    port_last: Mapped[int]
+    environment: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    workdir: Mapped[str] = mapped_column(String(1024))
+    runtime_root: Mapped[str] = mapped_column(String(1024))
+    process_state: Mapped[str] = mapped_column(String(16), default="NONE")  # NONE, RUNNING, EXITED, STOPPED
+    exit_code: Mapped[int | None]
+    log_offset: Mapped[int] = mapped_column(BigInteger, default=0)
+    cluster: Mapped[Cluster] = relationship(back_populates="nodes")
+
+
+class JobEvent(Base):
+    __tablename__ = "job_events"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    time: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    kind: Mapped[str] = mapped_column(String(32))
+    node: Mapped[str | None] = mapped_column(String(128))
+    message: Mapped[str] = mapped_column(Text)
+
+
+class LogChunk(Base):
+    """Bytes of one node's combined stdout/stderr, keyed by their offset so a re-fetch is a no-op."""
+
+    __tablename__ = "log_chunks"
+    __table_args__ = (
+        UniqueConstraint("job_id", "node", "offset"),
+        Index("ix_log_chunks_job_node", "job_id", "node", "offset"),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"))
+    node: Mapped[str] = mapped_column(String(128))
+    offset: Mapped[int] = mapped_column(BigInteger)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
