@@ -1,0 +1,1 @@
+"""Artifact stores: where packages, exported models and job outputs live."""

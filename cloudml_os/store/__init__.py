@@ -1,0 +1,233 @@
+"""Durable state: a :class:`Store` wraps one SQLAlchemy engine and the repository operations on it.
+
+Every state change of a job is a compare-and-set (``UPDATE … WHERE state IN (…)``) so that two
+deliveries of one task, or a cancel racing a step, cannot both win. Callers get plain ORM objects
+detached from their session; they never hold a session across remote work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, event, func, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, selectinload, sessionmaker
+
+from cloudml_os.states import JobState, Step
+from cloudml_os.store.models import Cluster, Job, JobEvent, LogChunk, Node, Package, Token, utcnow
+
+__all__ = ["Store", "Cluster", "Job", "JobEvent", "LogChunk", "Node", "Package", "Token", "migrate"]
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def _engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(connection, _record):  # several processes share the file
+            cursor = connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def migrate(url: str) -> None:
+    """Bring the database schema to the newest Alembic revision."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    command.upgrade(config, "head")
+
+
+class Store:
+    def __init__(self, url: str):
+        self.engine = _engine(url)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Session]:
+        """A transaction: committed on success, rolled back on error."""
+        with self._sessions() as session, session.begin():
+            yield session
+
+    # ---- tokens and packages -------------------------------------------------------------------
+
+    def add(self, obj: Any) -> Any:
+        with self.session() as session:
+            session.add(obj)
+        return obj
+
+    def token_by_hash(self, token_hash: str) -> Token | None:
+        with self.session() as session:
+            return session.scalar(select(Token).where(Token.token_hash == token_hash))
+
+    def package_by_uri(self, uri: str) -> Package | None:
+        with self.session() as session:
+            return session.scalar(select(Package).where(Package.uri == uri))
+
+    # ---- jobs ----------------------------------------------------------------------------------
+
+    def create_job(self, job: Job) -> Job:
+        """Insert a new job. :raises IntegrityError: when the project already has that jobId."""
+        with self.session() as session:
+            session.add(job)
+            session.flush()
+            session.add(JobEvent(job_id=job.id, kind="STATE", message="Job queued"))
+        return job
+
+    def get_job(self, job_pk: int) -> Job | None:
+        with self.session() as session:
+            return session.get(Job, job_pk)
+
+    def find_job(self, project: str, job_id: str) -> Job | None:
+        with self.session() as session:
+            return session.scalar(select(Job).where(Job.project == project, Job.job_id == job_id))
+
+    def list_jobs(self, project: str, *, states: Iterable[str] = (), after_pk: int = 0,
+                  limit: int = 100) -> list[Job]:
+        """Jobs of a project, newest first, ``after_pk`` being the last primary key of the previous page."""
+        query = select(Job).where(Job.project == project).order_by(Job.id.desc()).limit(limit)
+        if states:
+            query = query.where(Job.state.in_(list(states)))
+        if after_pk:
+            query = query.where(Job.id < after_pk)
+        with self.session() as session:
+            return list(session.scalars(query))
+
+    def transition(self, job_pk: int, expected: Iterable[JobState], new: JobState, **fields: Any) -> bool:
+        """Move the job to ``new`` if it is in one of ``expected``; record an event. Returns whether it moved."""
+        values: dict[str, Any] = {"state": new.value, "etag": Job.etag + 1, **fields}
+        if new == JobState.RUNNING:
+            values.setdefault("start_time", utcnow())
+        if new.is_final:
+            values.setdefault("end_time", utcnow())
+        with self.session() as session:
+            moved = session.execute(
+                update(Job).where(Job.id == job_pk, Job.state.in_([s.value for s in expected])).values(**values)
+            ).rowcount
+            if moved:
+                session.add(JobEvent(job_id=job_pk, kind="STATE", message=f"Job {new.value}"))
+        return bool(moved)
+
+    def advance(self, job_pk: int, current: Step, new: Step, **fields: Any) -> bool:
+        """Hand the job from step ``current`` to ``new`` (compare-and-set); returns whether this call did."""
+        with self.session() as session:
+            moved = session.execute(
+                update(Job).where(Job.id == job_pk, Job.step == current.value)
+                .values(step=new.value, etag=Job.etag + 1, **fields)
+            ).rowcount
+            if moved:
+                session.add(JobEvent(job_id=job_pk, kind="STEP", message=f"Step {new.value}"))
+        return bool(moved)
+
+    def update_job(self, job_pk: int, **fields: Any) -> None:
+        with self.session() as session:
+            session.execute(update(Job).where(Job.id == job_pk).values(etag=Job.etag + 1, **fields))
+
+    def add_event(self, job_pk: int, kind: str, message: str, node: str | None = None) -> None:
+        with self.session() as session:
+            session.add(JobEvent(job_id=job_pk, kind=kind, message=message, node=node))
+
+    def events(self, job_pk: int, *, after_id: int = 0, limit: int = 1000) -> list[JobEvent]:
+        with self.session() as session:
+            return list(session.scalars(
+                select(JobEvent).where(JobEvent.job_id == job_pk, JobEvent.id > after_id)
+                .order_by(JobEvent.id).limit(limit)
+            ))
+
+    # ---- clusters and nodes --------------------------------------------------------------------
+
+    def cluster_of(self, job_pk: int) -> Cluster | None:
+        """The job's live (not deleted) cluster with its nodes loaded."""
+        with self.session() as session:
+            return session.scalar(
+                select(Cluster).where(Cluster.job_id == job_pk, Cluster.state != "DELETED")
+                .options(selectinload(Cluster.nodes)).order_by(Cluster.id.desc())
+            )
+
+    def create_cluster(self, cluster: Cluster) -> Cluster:
+        """Record a cluster before the driver creates it; an existing one with the same name is returned."""
+        try:
+            with self.session() as session:
+                session.add(cluster)
+            return cluster
+        except IntegrityError:
+            with self.session() as session:
+                return session.scalar(select(Cluster).where(Cluster.name == cluster.name))
+
+    def record_nodes(self, cluster_id: int, nodes: list[Node]) -> None:
+        """Replace the cluster's node rows with what the driver returned and mark it READY."""
+        with self.session() as session:
+            existing = {n.name: n for n in session.scalars(select(Node).where(Node.cluster_id == cluster_id))}
+            for node in nodes:
+                if node.name in existing:
+                    current = existing[node.name]
+                    for column in ("address", "ssh_port", "username", "host_keys", "port_first", "port_last",
+                                   "environment", "workdir", "runtime_root"):
+                        setattr(current, column, getattr(node, column))
+                else:
+                    node.cluster_id = cluster_id
+                    session.add(node)
+            session.execute(update(Cluster).where(Cluster.id == cluster_id).values(state="READY"))
+
+    def update_cluster(self, cluster_id: int, **fields: Any) -> None:
+        with self.session() as session:
+            session.execute(update(Cluster).where(Cluster.id == cluster_id).values(**fields))
+
+    def update_node(self, node_id: int, **fields: Any) -> None:
+        with self.session() as session:
+            session.execute(update(Node).where(Node.id == node_id).values(**fields))
+
+    # ---- logs ----------------------------------------------------------------------------------
+
+    def append_log(self, job_pk: int, node_id: int, node: str, offset: int, data: bytes) -> None:
+        """Store bytes fetched from ``offset`` of a node's log and move the node's offset past them."""
+        if not data:
+            return
+        with self.session() as session:
+            exists = session.scalar(select(LogChunk.id).where(
+                LogChunk.job_id == job_pk, LogChunk.node == node, LogChunk.offset == offset))
+            if exists is None:
+                session.add(LogChunk(job_id=job_pk, node=node, offset=offset, data=data))
+            session.execute(update(Node).where(Node.id == node_id, Node.log_offset == offset)
+                            .values(log_offset=offset + len(data)))
+
+    def read_log(self, job_pk: int, node: str, offset: int = 0, limit: int = 1 << 20) -> tuple[bytes, int]:
+        """Up to ``limit`` bytes of a node's log from ``offset``; returns them and the next offset."""
+        with self.session() as session:
+            chunks = session.execute(
+                select(LogChunk.offset, LogChunk.data)
+                .where(LogChunk.job_id == job_pk, LogChunk.node == node,
+                       LogChunk.offset + func.length(LogChunk.data) > offset)
+                .order_by(LogChunk.offset)
+            ).all()
+        out = bytearray()
+        position = offset
+        for chunk_offset, data in chunks:
+            if chunk_offset > position:
+                break
+            out += data[position - chunk_offset:]
+            position = chunk_offset + len(data)
+            if len(out) >= limit:
+                break
+        return bytes(out[:limit]), offset + min(len(out), limit)
+
+    def log_nodes(self, job_pk: int) -> list[str]:
+        with self.session() as session:
+            return list(session.scalars(select(LogChunk.node).where(LogChunk.job_id == job_pk).distinct()))
+
+    def now(self) -> dt.datetime:
+        return utcnow()
