@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 
 
-class JobState(str, enum.Enum):
+class JobState(enum.StrEnum):
     STATE_UNSPECIFIED = "STATE_UNSPECIFIED"
     QUEUED = "QUEUED"
     PREPARING = "PREPARING"
@@ -38,7 +38,7 @@ ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 }
 
 
-class Step(str, enum.Enum):
+class Step(enum.StrEnum):
     """The training workflow's steps, in order; each is one idempotent Celery task."""
 
     PROVISIONING = "PROVISIONING"

@@ -122,16 +122,24 @@ class Store:
                 session.add(JobEvent(job_id=job_pk, kind="STATE", message=f"Job {new.value}"))
         return bool(moved)
 
-    def advance(self, job_pk: int, current: Step, new: Step, **fields: Any) -> bool:
+    def advance(self, job_pk: int, current: Step, seq: int, new: Step, **fields: Any) -> bool:
         """Hand the job from step ``current`` to ``new`` (compare-and-set); returns whether this call did."""
         with self.session() as session:
             moved = session.execute(
-                update(Job).where(Job.id == job_pk, Job.step == current.value)
-                .values(step=new.value, etag=Job.etag + 1, **fields)
+                update(Job).where(Job.id == job_pk, Job.step == current.value, Job.step_seq == seq)
+                .values(step=new.value, step_seq=0, etag=Job.etag + 1, **fields)
             ).rowcount
             if moved:
                 session.add(JobEvent(job_id=job_pk, kind="STEP", message=f"Step {new.value}"))
         return bool(moved)
+
+    def reschedule(self, job_pk: int, step: Step, seq: int) -> bool:
+        """Claim the next run of a step that polls (compare-and-set on ``step_seq``)."""
+        with self.session() as session:
+            return bool(session.execute(
+                update(Job).where(Job.id == job_pk, Job.step == step.value, Job.step_seq == seq)
+                .values(step_seq=seq + 1)
+            ).rowcount)
 
     def update_job(self, job_pk: int, **fields: Any) -> None:
         with self.session() as session:

@@ -56,6 +56,8 @@ class Job(Base):
     job_id: Mapped[str] = mapped_column(String(128))
     state: Mapped[str] = mapped_column(String(16), index=True)
     step: Mapped[str] = mapped_column(String(16))
+    # Bumped each time a step re-schedules itself; a task message carrying an older value is a duplicate.
+    step_seq: Mapped[int] = mapped_column(default=0)
     framework: Mapped[str] = mapped_column(String(32))
     training_input: Mapped[dict[str, Any]]
     labels: Mapped[dict[str, Any]] = mapped_column(default=dict)

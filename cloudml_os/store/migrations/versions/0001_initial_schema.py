@@ -1,12 +1,11 @@
 """initial schema
 
 Revision ID: 0001
-Revises: 
-Create Date: 2026-11-27 16:42:14.712450
+Revises:
+Create Date: 2026-11-27 16:43:59.439095
 """
-from alembic import op
 import sqlalchemy as sa
-
+from alembic import op
 
 revision = '0001'
 down_revision = None
@@ -22,6 +21,7 @@ def upgrade() -> None:
     sa.Column('job_id', sa.String(length=128), nullable=False),
     sa.Column('state', sa.String(length=16), nullable=False),
     sa.Column('step', sa.String(length=16), nullable=False),
+    sa.Column('step_seq', sa.Integer(), nullable=False),
     sa.Column('framework', sa.String(length=32), nullable=False),
     sa.Column('training_input', sa.JSON(), nullable=False),
     sa.Column('labels', sa.JSON(), nullable=False),

@@ -1,0 +1,67 @@
+"""The Celery side: the app, its settings for at-least-once delivery, and thin tasks over workflows/.
+
+Only this package imports Celery. Messages are acknowledged after the step ran (``acks_late``) and
+re-queued when a worker dies mid-step, so every step must be idempotent (it is: see workflows/train.py).
+A polling step re-sends itself with a countdown instead of holding a task open for a whole training
+run (RabbitMQ closes channels whose unacknowledged delivery outlives its consumer_timeout).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from celery import Celery
+
+from cloudml_os.config import Settings
+from cloudml_os.states import Step
+
+log = logging.getLogger(__name__)
+
+TRAIN_STEP = "cloudml_os.train_step"
+
+
+def make_celery(settings: Settings, context_factory: Callable[[], object] | None = None) -> Celery:
+    """A Celery app bound to ``settings``; ``context_factory`` builds the workers' TrainingContext lazily."""
+    app = Celery("cloudml_os", broker=settings.broker_url, set_as_current=False)
+    transport_options = {"polling_interval": 0.1} if settings.broker_url.startswith("sqla+") else {}
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_ignore_result=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=settings.task_queue,
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+    )
+    state: dict[str, object] = {}
+
+    def context() -> object:
+        if "context" not in state:
+            if context_factory is None:
+                raise RuntimeError("this Celery app only sends tasks; it has no worker context")
+            state["context"] = context_factory()
+        return state["context"]
+
+    @app.task(name=TRAIN_STEP, bind=True)
+    def train_step(self, job_pk: int, step: str, seq: int) -> None:
+        from cloudml_os.workflows.train import run_step
+
+        following = run_step(context(), job_pk, Step(step), seq)
+        if following is not None:
+            next_step, next_seq, delay = following
+            self.app.send_task(TRAIN_STEP, args=(job_pk, next_step.value, next_seq),
+                               countdown=delay or None)
+
+    return app
+
+
+def job_starter(app: Celery) -> Callable[[int], None]:
+    """The API's way to start a job: send its first step."""
+
+    def start_job(job_pk: int) -> None:
+        app.send_task(TRAIN_STEP, args=(job_pk, Step.PROVISIONING.value, 0))
+
+    return start_job

@@ -1,0 +1,1 @@
+"""Use cases as plain functions over injected drivers, runners and stores (no Celery here)."""

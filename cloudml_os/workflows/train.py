@@ -1,0 +1,380 @@
+"""The training workflow: a job's life as a script of short, idempotent steps.
+
+PROVISIONING → BOOTSTRAPPING → LAUNCHING → TRAINING (polls) → EXPORTING → TEARING_DOWN → DONE.
+Each step reads what it needs from the store, acts, and returns the step to hand over to; the task
+layer (``tasks/``) delivers them. A step may run twice (redelivery after a crash, a duplicate message):
+every action checks what is already done (cluster by name, marker files, process directories), and
+the hand-over is a compare-and-set so only one delivery moves the job on. Any error sends the job to
+TEARING_DOWN, which always deletes the cluster before the job reaches its final state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from cloudml_os.artifacts.local import ArtifactError, LocalArtifactStore, make_uri, parse_uri
+from cloudml_os.cloud.base import ClusterSpec, Driver, DriverError, NodeSpec
+from cloudml_os.config import Settings
+from cloudml_os.frameworks.base import Framework, Member, ProcessStatus, Role, topology_from_training_input
+from cloudml_os.keys import generate_keypair
+from cloudml_os.remote import NodeSession, RemoteError, fan_out
+from cloudml_os.runtimes import runtime_dirname
+from cloudml_os.states import JobState, Step
+from cloudml_os.store import Cluster, Job, Node, Store
+
+log = logging.getLogger(__name__)
+
+ERROR_LOG_LINES = 20
+LOG_FETCH_LIMIT = 1 << 20
+
+
+class StepError(RuntimeError):
+    """A step failed for a reason the job's owner should read (shown as the job's errorMessage)."""
+
+
+@dataclasses.dataclass
+class TrainingContext:
+    """What the training steps need, passed in whole so tests can swap any piece."""
+
+    settings: Settings
+    store: Store
+    driver: Driver
+    artifacts: LocalArtifactStore
+    frameworks: dict[str, Framework]
+    connect: Callable[[Node, str], NodeSession]
+
+
+@dataclasses.dataclass(frozen=True)
+class Handover:
+    """What a step returns: the next step, or the same step again after ``delay`` seconds."""
+
+    step: Step | None
+    delay: float = 0.0
+
+
+# ---- layout of a job on a node ---------------------------------------------------------------------
+
+def job_root(node: Node) -> str:
+    return str(PurePosixPath(node.workdir) / "job")
+
+
+def process_dir(node: Node) -> str:
+    return f"{job_root(node)}/process"
+
+
+def packages_dir(node: Node) -> str:
+    return f"{job_root(node)}/site-packages"
+
+
+def node_job_dir(node: Node) -> str:
+    return f"{job_root(node)}/output"
+
+
+def node_python(node: Node, job: Job, framework: Framework) -> str:
+    runtime = framework.runtime(job.training_input.get("runtimeVersion"))
+    return str(PurePosixPath(node.runtime_root) / runtime_dirname(runtime) / "bin" / "python")
+
+
+def cluster_name(job: Job) -> str:
+    slug = re.sub(r"[^a-z0-9-]+", "-", f"{job.project}-{job.job_id}".lower()).strip("-")[:48]
+    return f"cml-train-{job.id}-{slug}"
+
+
+def _role(node: Node, job: Job, ctx: TrainingContext) -> Role:
+    framework = ctx.frameworks[job.framework]
+    roles = framework.roles(topology_from_training_input(job.training_input, ctx.settings.machine_types),
+                            job.training_input)
+    return next(r for r in roles if r.task_type == node.task_type and r.task_index == node.task_index)
+
+
+def _each_node(ctx: TrainingContext, cluster: Cluster, action: Callable[[Node, NodeSession], Any]) -> list[Any]:
+    """Run ``action`` on every node with one SSH connection per node, in parallel."""
+
+    def on_node(node: Node) -> Any:
+        with ctx.connect(node, cluster.private_key) as session:
+            return action(node, session)
+
+    return fan_out(cluster.nodes, on_node, ctx.settings.ssh_parallelism)
+
+
+# ---- the steps -------------------------------------------------------------------------------------
+
+def provision(ctx: TrainingContext, job: Job) -> Handover:
+    """Create the job's cluster (or find the one a previous delivery created) and record its nodes."""
+    if job.state == JobState.QUEUED.value:
+        if not ctx.store.transition(job.id, [JobState.QUEUED], JobState.PREPARING):
+            return Handover(None)  # cancelled while queued: nothing was created
+    framework = ctx.frameworks[job.framework]
+    topology = topology_from_training_input(job.training_input, ctx.settings.machine_types)
+    roles = framework.roles(topology, job.training_input)
+    private_key, public_key = generate_keypair(f"cloudml-os-job-{job.id}")
+    name = cluster_name(job)
+    cluster = ctx.store.create_cluster(Cluster(
+        job_id=job.id, name=name, driver=ctx.driver.name, state="CREATING",
+        private_key=private_key, public_key=public_key,
+    ))
+    spec = ClusterSpec(
+        name=name,
+        nodes=tuple(NodeSpec(r.node_name, r.task_type, r.task_index, r.machine_type.flavor, r.machine_type.gpus)
+                    for r in roles),
+        public_key=cluster.public_key,
+        labels={"project": job.project, "job": job.job_id},
+    )
+    infos = ctx.driver.create_cluster(spec)
+    ctx.store.record_nodes(cluster.id, [
+        Node(name=i.name, task_type=i.task_type, task_index=i.task_index, address=i.address,
+             ssh_port=i.ssh_port, username=i.username, host_keys=list(i.host_keys),
+             port_first=i.port_first, port_last=i.port_last, environment=dict(i.environment),
+             workdir=i.workdir, runtime_root=i.runtime_root)
+        for i in infos
+    ])
+    ctx.store.add_event(job.id, "CLUSTER", f"Cluster {name} ready with {len(infos)} node(s)")
+    return Handover(Step.BOOTSTRAPPING)
+
+
+def bootstrap(ctx: TrainingContext, job: Job) -> Handover:
+    """Check the runtime on every node and install the job's packages into a per-job site directory."""
+    cluster = _cluster(ctx, job)
+    framework = ctx.frameworks[job.framework]
+    packages = [(uri, ctx.artifacts.path(uri)) for uri in job.training_input["packageUris"]]
+
+    def prepare(node: Node, session: NodeSession) -> None:
+        done_marker = f"{job_root(node)}/bootstrap.done"
+        if session.run(["test", "-e", done_marker], check=False).exit_code == 0:
+            return
+        python = node_python(node, job, framework)
+        if session.run(["test", "-x", python], check=False).exit_code != 0:
+            raise StepError(f"node {node.name}: runtime {python} is missing (build it with "
+                            f"`cloudml-os runtime build`)")
+        site = packages_dir(node)
+        session.run(["mkdir", "-p", site, node_job_dir(node), f"{job_root(node)}/packages"])
+        for uri, local_path in packages:
+            remote = f"{job_root(node)}/packages/{local_path.name}"
+            session.put(local_path, remote)
+            package = ctx.store.package_by_uri(uri)
+            if package is not None and package.kind == "sdist":
+                command = [python, "-m", "pip", "install", "--no-deps", "--no-index", "--no-build-isolation",
+                           "--disable-pip-version-check", "--quiet", "--upgrade", "--target", site, remote]
+            else:
+                command = [python, "-c", UNPACK_SCRIPT, remote, site]
+            result = session.run(command, check=False, timeout=600)
+            if result.exit_code != 0:
+                tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-ERROR_LOG_LINES:])
+                raise StepError(f"node {node.name}: installing {local_path.name} failed:\n{tail}")
+        session.run(["touch", done_marker])
+
+    _each_node(ctx, cluster, prepare)
+    ctx.store.add_event(job.id, "BOOTSTRAP", f"{len(cluster.nodes)} node(s) bootstrapped")
+    return Handover(Step.LAUNCHING)
+
+
+# Unpacks a plain archive on the node; members were checked at upload, the 'data' filter checks again.
+UNPACK_SCRIPT = (
+    "import sys, tarfile, zipfile\n"
+    "path, target = sys.argv[1], sys.argv[2]\n"
+    "if zipfile.is_zipfile(path):\n"
+    "    zipfile.ZipFile(path).extractall(target)\n"
+    "else:\n"
+    "    tarfile.open(path).extractall(target, filter='data')\n"
+)
+
+
+def launch(ctx: TrainingContext, job: Job) -> Handover:
+    """Start the trainer on every node with the environment its framework role needs."""
+    cluster = _cluster(ctx, job)
+    framework = ctx.frameworks[job.framework]
+    members = [Member(_role(n, job, ctx), n.address, n.port_first, n.port_last) for n in cluster.nodes]
+    body = {"jobId": job.job_id, "trainingInput": job.training_input}
+    training_input = job.training_input
+    ctx.store.transition(job.id, [JobState.PREPARING], JobState.RUNNING)
+
+    def start(node: Node, session: NodeSession) -> None:
+        member = next(m for m in members if m.role.node_name == node.name)
+        env = {
+            **node.environment,
+            **framework.environment(member, members, body),
+            "PYTHONPATH": packages_dir(node),
+            "PYTHONUNBUFFERED": "1",
+        }
+        argv = [node_python(node, job, framework), "-m", training_input["pythonModule"],
+                *training_input.get("args", []), "--job-dir", node_job_dir(node)]
+        session.start_process(process_dir(node), argv, env=env, cwd=job_root(node))
+
+    _each_node(ctx, cluster, start)
+    for node in cluster.nodes:
+        ctx.store.update_node(node.id, process_state="RUNNING")
+    ctx.store.add_event(job.id, "LAUNCH", f"Trainer started on {len(cluster.nodes)} node(s)")
+    return Handover(Step.TRAINING)
+
+
+def watch(ctx: TrainingContext, job: Job) -> Handover:
+    """Fetch new log bytes and exit codes; judge the job by its framework's success policy."""
+    cluster = _cluster(ctx, job)
+    framework = ctx.frameworks[job.framework]
+    statuses = _collect(ctx, job, cluster)
+    outcome = framework.outcome([ProcessStatus(_role(n, job, ctx), s.exit_code, s.lost)
+                                 for n, s in zip(cluster.nodes, statuses, strict=True)])
+    if outcome.state == "SUCCEEDED":
+        ctx.store.add_event(job.id, "OUTCOME", outcome.message or "Training succeeded")
+        return Handover(Step.EXPORTING)
+    if outcome.state == "FAILED":
+        failed = outcome.failed_role.node_name if outcome.failed_role else None
+        message = outcome.message
+        if failed:
+            text, _ = ctx.store.read_log(job.id, failed, 0, 1 << 30)
+            tail = "\n".join(text.decode("utf-8", "replace").rstrip().splitlines()[-ERROR_LOG_LINES:])
+            message = f"{message}\nLast log lines of {failed}:\n{tail}"
+        raise StepError(message)
+    max_running = _seconds(job.training_input.get("scheduling", {}).get("maxRunningTime"))
+    if max_running and job.start_time and (ctx.store.now() - job.start_time).total_seconds() > max_running:
+        raise StepError(f"Job ran longer than scheduling.maxRunningTime ({max_running:g}s)")
+    return Handover(Step.TRAINING, ctx.settings.watch_interval)
+
+
+def export(ctx: TrainingContext, job: Job) -> Handover:
+    """Copy the chief's exported model to the artifact store and name it on the job."""
+    cluster = _cluster(ctx, job)
+    framework = ctx.frameworks[job.framework]
+    chief = _chief(ctx, job, cluster)
+    destination = job.training_input.get("jobDir") or make_uri(job.project, f"jobs/{job.job_id}")
+    with ctx.connect(chief, cluster.private_key) as session:
+        candidates = session.find(node_job_dir(chief), framework.export_marker)
+        if not candidates:
+            ctx.store.add_event(job.id, "EXPORT", "The trainer exported no model")
+            ctx.store.update_job(job.id, outcome=JobState.SUCCEEDED.value)
+            return Handover(Step.TEARING_DOWN)
+        # Prefer the shallowest export directory (the trainer's top-level model, not a checkpoint copy).
+        source = min(candidates, key=lambda p: (p.count("/"), p))
+        with tempfile.TemporaryDirectory() as tmp:
+            session.get_tree(source, Path(tmp))
+            project, key = parse_uri(destination)
+            uri = ctx.artifacts.put_tree(project, f"{key}/model", Path(tmp))
+    output = {**job.training_output, "exportedModelUri": uri}
+    ctx.store.update_job(job.id, training_output=output, outcome=JobState.SUCCEEDED.value)
+    ctx.store.add_event(job.id, "EXPORT", f"Exported model copied to {uri}", node=chief.name)
+    return Handover(Step.TEARING_DOWN)
+
+
+def teardown(ctx: TrainingContext, job: Job) -> Handover:
+    """Stop trainers, keep their last logs, delete the cluster, then give the job its final state."""
+    cluster = ctx.store.cluster_of(job.id)
+    if cluster is not None:
+        ctx.store.update_cluster(cluster.id, state="DELETING")
+        if cluster.nodes:
+            try:
+                def stop(node: Node, session: NodeSession) -> None:
+                    session.stop_process(process_dir(node), ctx.settings.stop_grace_seconds)
+                _each_node(ctx, cluster, stop)
+                _collect(ctx, job, cluster)
+            except (RemoteError, OSError) as exc:  # nodes may be gone already; deletion still runs
+                log.warning("job %s: could not stop trainers before deletion: %s", job.id, exc)
+        ctx.driver.delete_cluster(cluster.name)
+        ctx.store.update_cluster(cluster.id, state="DELETED", deleted_at=ctx.store.now())
+        ctx.store.add_event(job.id, "CLUSTER", f"Cluster {cluster.name} deleted")
+    job = ctx.store.get_job(job.id)
+    if job.state == JobState.CANCELLING.value:
+        ctx.store.transition(job.id, [JobState.CANCELLING], JobState.CANCELLED)
+    else:
+        final = JobState(job.outcome or JobState.FAILED.value)
+        ctx.store.transition(job.id, [JobState.QUEUED, JobState.PREPARING, JobState.RUNNING], final)
+    return Handover(Step.DONE)
+
+
+STEPS: dict[Step, Callable[[TrainingContext, Job], Handover]] = {
+    Step.PROVISIONING: provision,
+    Step.BOOTSTRAPPING: bootstrap,
+    Step.LAUNCHING: launch,
+    Step.TRAINING: watch,
+    Step.EXPORTING: export,
+    Step.TEARING_DOWN: teardown,
+}
+
+
+def run_step(ctx: TrainingContext, job_pk: int, step: Step, seq: int) -> tuple[Step, int, float] | None:
+    """Run one delivery of a step; returns (step, seq, delay) of the message to send next, or None.
+
+    A delivery whose (step, seq) is no longer the job's is a duplicate and does nothing.
+    """
+    job = ctx.store.get_job(job_pk)
+    if job is None or job.step != step.value or job.step_seq != seq or step == Step.DONE:
+        return None
+    if job.state == JobState.CANCELLING.value and step != Step.TEARING_DOWN:
+        handover = Handover(Step.TEARING_DOWN)
+        ctx.store.add_event(job.id, "CANCEL", f"Cancel requested during {step.value}")
+    else:
+        try:
+            handover = STEPS[step](ctx, job)
+        except (StepError, DriverError, RemoteError, ArtifactError) as exc:
+            handover = _fail(ctx, job, step, str(exc))
+        except Exception:
+            log.exception("job %s: step %s crashed", job_pk, step.value)
+            handover = _fail(ctx, job, step, f"Internal error during {step.value.lower()}; see the events")
+    if handover.step is None:
+        return None
+    if handover.step == step:
+        if ctx.store.reschedule(job_pk, step, seq):
+            return step, seq + 1, handover.delay
+        return None
+    if ctx.store.advance(job_pk, step, seq, handover.step):
+        return (handover.step, 0, 0.0) if handover.step != Step.DONE else None
+    return None
+
+
+def _fail(ctx: TrainingContext, job: Job, step: Step, message: str) -> Handover:
+    if step == Step.TEARING_DOWN:
+        # Teardown itself failed: keep the job here and retry deletion later rather than leak nodes.
+        ctx.store.add_event(job.id, "ERROR", f"Teardown failed, retrying: {message}")
+        return Handover(Step.TEARING_DOWN, max(ctx.settings.watch_interval, 5.0))
+    ctx.store.update_job(job.id, outcome=JobState.FAILED.value, error_message=message[:4000])
+    ctx.store.add_event(job.id, "ERROR", f"{step.value} failed: {message}")
+    return Handover(Step.TEARING_DOWN)
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+
+def _cluster(ctx: TrainingContext, job: Job) -> Cluster:
+    cluster = ctx.store.cluster_of(job.id)
+    if cluster is None or not cluster.nodes:
+        raise StepError("the job's cluster is missing")
+    return cluster
+
+
+def _chief(ctx: TrainingContext, job: Job, cluster: Cluster) -> Node:
+    master = next((n for n in cluster.nodes if n.task_type in ("master", "chief")), None)
+    return master or cluster.nodes[0]
+
+
+def _collect(ctx: TrainingContext, job: Job, cluster: Cluster) -> list[Any]:
+    """Per node: append new log bytes to the store and return the trainer's process status."""
+
+    def fetch(node: Node, session: NodeSession) -> Any:
+        status = session.process_status(process_dir(node))
+        offset = node.log_offset
+        while True:
+            data = session.read_file(f"{process_dir(node)}/output.log", offset, LOG_FETCH_LIMIT)
+            if not data:
+                break
+            ctx.store.append_log(job.id, node.id, node.name, offset, data)
+            offset += len(data)
+            if len(data) < LOG_FETCH_LIMIT:
+                break
+        if status.exit_code is not None and node.process_state == "RUNNING":
+            ctx.store.update_node(node.id, process_state="EXITED", exit_code=status.exit_code)
+            ctx.store.add_event(job.id, "PROCESS", f"Trainer exited with code {status.exit_code}", node=node.name)
+        return status
+
+    return _each_node(ctx, cluster, fetch)
+
+
+def _seconds(duration: str | None) -> float | None:
+    """A google.protobuf.Duration string ("3600s", "1.5s") in seconds."""
+    if not duration:
+        return None
+    return float(duration.rstrip("s"))
+

@@ -1,0 +1,119 @@
+"""TensorFlow training jobs end to end: REST API → Celery worker → sshd nodes → exported model.
+
+Everything is real: PostgreSQL, RabbitMQ, a worker process, paramiko to local sshd nodes, TensorFlow.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from tests.conftest import node_processes
+
+pytestmark = pytest.mark.integration
+
+PREDICT = """
+import json, sys
+import tensorflow as tf
+model = tf.saved_model.load(sys.argv[1])
+serve = model.signatures["serving_default"]
+name = next(iter(serve.structured_input_signature[1]))
+out = serve(**{name: tf.constant([[0.0], [1.0], [2.0]])})
+print(json.dumps(next(iter(out.values())).numpy().ravel().tolist()))
+"""
+
+
+@pytest.fixture(scope="module")
+def client(platform):
+    return platform.client("team-train")
+
+
+@pytest.fixture(scope="module")
+def package(client, tf_package):
+    return client.upload(tf_package)
+
+
+def assert_no_node_left(platform, client, job_id: str) -> None:
+    """The job's cluster was deleted: no process or folder of it remains on this host."""
+    deleted = [m.split()[1] for m in events(client, job_id) if m.startswith("Cluster ") and m.endswith(" deleted")]
+    assert len(deleted) == 1, events(client, job_id)
+    name = deleted[0]
+    assert node_processes(name) == []
+    assert list((platform.data_dir / "nodes").rglob(f"*{name}*")) == []
+
+
+def events(client, job_id: str) -> list[str]:
+    response = client.request("GET", f"/jobs/{job_id}/events")
+    assert response.status_code == 200, response.text
+    return [e["message"] for e in response.json()["events"]]
+
+
+def test_basic_job_succeeds_and_its_exported_saved_model_predicts(platform, client, package, tf_runtime):
+    created = client.submit("basic_job", package)
+    assert created["state"] == "QUEUED"
+    job = client.wait("basic_job")
+    assert job["state"] == "SUCCEEDED", job.get("errorMessage")
+    assert job["createTime"] <= job["startTime"] <= job["endTime"]
+    uri = job["trainingOutput"]["exportedModelUri"]
+    model_dir = platform.data_dir / "artifacts" / uri.removeprefix("store://")
+    assert (model_dir / "saved_model.pb").exists()
+    out = subprocess.run([str(tf_runtime / "bin" / "python"), "-c", PREDICT, str(model_dir)],
+                         capture_output=True, text=True, check=True)
+    predictions = json.loads(out.stdout.strip().splitlines()[-1])
+    assert predictions == pytest.approx([2.0, 5.0, 8.0], abs=0.5)  # the synthetic data is y = 3x + 2
+    assert "master-0" in client.logs("basic_job")
+    assert_no_node_left(platform, client, job["jobId"])
+
+
+def test_chief_and_two_workers_train_with_multi_worker_mirrored_strategy(platform, client, package):
+    client.submit("mwms_job", package, scaleTier="CUSTOM", masterType="standard",
+                  workerType="standard", workerCount="2")
+    job = client.wait("mwms_job")
+    assert job["state"] == "SUCCEEDED", job.get("errorMessage")
+    logs = client.logs("mwms_job")
+    assert set(logs) == {"master-0", "worker-0", "worker-1"}
+    assert "MultiWorkerMirroredStrategy" in logs["master-0"]
+    assert_no_node_left(platform, client, job["jobId"])
+
+
+def test_parameter_server_job_succeeds_and_its_servers_are_stopped(platform, client, package):
+    client.submit("ps_job", package, scaleTier="CUSTOM", masterType="standard", workerType="standard",
+                  workerCount=1, parameterServerType="standard", parameterServerCount=1)
+    job = client.wait("ps_job")
+    assert job["state"] == "SUCCEEDED", job.get("errorMessage")
+    logs = client.logs("ps_job")
+    assert set(logs) == {"master-0", "worker-0", "ps-0"}
+    assert "ParameterServerStrategy" in logs["master-0"]
+    assert_no_node_left(platform, client, job["jobId"])
+
+
+def test_a_trainer_that_raises_fails_the_job_with_its_last_log_lines(platform, client, package):
+    client.submit("failing_job", package, args=["--fail-at-step", "2"])
+    job = client.wait("failing_job")
+    assert job["state"] == "FAILED"
+    assert "master-0" in job["errorMessage"]
+    assert "Injected failure" in job["errorMessage"]
+    assert_no_node_left(platform, client, job["jobId"])
+
+
+def test_cancel_while_running_ends_cancelled_with_no_process_left(platform, client, package):
+    client.submit("cancelled_job", package, args=["--sleep-before-training", "600"])
+    running = client.wait("cancelled_job", states={"RUNNING"}, timeout=300)
+    assert running["state"] == "RUNNING"
+    response = client.request("POST", "/jobs/cancelled_job:cancel", json={})
+    assert response.status_code == 200, response.text
+    job = client.wait("cancelled_job", timeout=120)
+    assert job["state"] == "CANCELLED"
+    assert_no_node_left(platform, client, job["jobId"])
+
+
+def test_arguments_with_shell_metacharacters_reach_the_trainer_literally(platform, client, package, tmp_path):
+    canary = tmp_path / "pwned"
+    tricky = f"$(touch {canary}); `touch {canary}` | rm -rf /nonexistent && echo 'quoted \"twice\"'\n;"
+    client.submit("literal_args", package, args=["--note", tricky])
+    job = client.wait("literal_args")
+    assert job["state"] == "SUCCEEDED", job.get("errorMessage")
+    assert not canary.exists()
+    assert json.dumps(tricky) in client.logs("literal_args")["master-0"]
