@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import node_processes
+from tests.harness import node_processes
 
 pytestmark = pytest.mark.integration
 
@@ -45,9 +45,7 @@ def assert_no_node_left(platform, client, job_id: str) -> None:
 
 
 def events(client, job_id: str) -> list[str]:
-    response = client.request("GET", f"/jobs/{job_id}/events")
-    assert response.status_code == 200, response.text
-    return [e["message"] for e in response.json()["events"]]
+    return [e["message"] for e in client.events(job_id)]
 
 
 def test_basic_job_succeeds_and_its_exported_saved_model_predicts(platform, client, package, tf_runtime):
