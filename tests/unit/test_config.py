@@ -1,0 +1,43 @@
+from pathlib import Path
+
+import pytest
+
+from cloudml_os.config import ConfigError, load_settings
+
+
+def test_the_embedded_default_lives_under_the_data_dir(tmp_path):
+    settings = load_settings(environ={"CLOUDML_OS_DATA_DIR": str(tmp_path)})
+    assert settings.database_url == f"sqlite:///{tmp_path}/cloudml-os.db"
+    assert settings.broker_url.startswith("sqla+sqlite:///")
+    assert settings.artifacts_root == tmp_path / "artifacts"
+    assert settings.api_port == 8080
+
+
+def test_environment_overrides_the_file_and_flags_override_both(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text('api_port = 9000\nwatch_interval = 2.5\n[machine_types.tiny]\nflavor = "m1.tiny"\n')
+    settings = load_settings(config, environ={"CLOUDML_OS_API_PORT": "9100"}, data_dir=tmp_path)
+    assert settings.api_port == 9100
+    assert settings.watch_interval == 2.5
+    assert settings.machine_types["tiny"].flavor == "m1.tiny"
+    assert load_settings(config, environ={}, api_port=9200).api_port == 9200
+
+
+@pytest.mark.parametrize("content, message", [
+    ("api_port = 'eighty'", "api_port"),
+    ("api_port = 70000", "api_port"),
+    ("no_such_setting = 1", "no_such_setting"),
+    ("[machine_types.gpu]\ngpus = 1", "machine_types.gpu"),
+    ("local_address_prefix = '10.0'", "local_address_prefix"),
+    ("api_port = ", "c.toml"),
+])
+def test_a_bad_setting_is_named_in_the_error(tmp_path, content, message):
+    config = tmp_path / "c.toml"
+    config.write_text(content)
+    with pytest.raises(ConfigError, match=message):
+        load_settings(config, environ={})
+
+
+def test_the_sample_configuration_is_valid():
+    sample = Path(__file__).resolve().parents[2] / "etc" / "cloudml-os.toml.sample"
+    assert load_settings(sample, environ={}).machine_types["standard_gpu"].gpus == 1
