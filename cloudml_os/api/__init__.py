@@ -1,0 +1,94 @@
+"""The ``/v1`` REST API: pieces every resource blueprint shares.
+
+The blueprints (``jobs``, ``packages``) hold no state of their own: the dependencies that
+``create_app`` was given sit in ``app.extensions`` as one :class:`Services` and views reach them with
+:func:`services`. Request bodies and query strings are parsed by :class:`V1Parser`, which turns
+marshmallow's errors into one 400 ``INVALID_ARGUMENT`` naming the fields, as v1 does, instead of
+webargs' 422.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Callable, Mapping
+
+import flask
+import marshmallow as ma
+from flask_smorest import Blueprint
+from webargs.flaskparser import FlaskParser
+from werkzeug.routing import BaseConverter
+
+from cloudml_os.artifacts.local import LocalArtifactStore
+from cloudml_os.config import Settings
+from cloudml_os.errors import InvalidArgument, flatten_messages
+from cloudml_os.frameworks.base import Framework
+from cloudml_os.store import Store
+
+EXTENSION = "cloudml_os"
+PROJECT_ID_PATTERN = r"[a-z][a-z0-9-]{0,61}"
+RESOURCE_ID_PATTERN = r"[A-Za-z][A-Za-z0-9_]{0,127}"  # v1 job (and model) ids
+
+
+@dataclasses.dataclass(frozen=True)
+class Services:
+    """What the views need, handed to ``create_app`` by its caller (tests pass fakes)."""
+
+    settings: Settings
+    store: Store
+    artifacts: LocalArtifactStore
+    frameworks: Mapping[str, Framework]
+    start_job: Callable[[int], None]
+
+
+def services() -> Services:
+    """The current application's dependencies."""
+    return flask.current_app.extensions[EXTENSION]
+
+
+class ProjectIdConverter(BaseConverter):
+    """``<project:p>``: a project id; anything else is an unknown URL (404)."""
+
+    regex = PROJECT_ID_PATTERN
+
+
+class ResourceIdConverter(BaseConverter):
+    """``<resource_id:j>``: a v1 id, which cannot hold ``:``, so ``jobs/<j>:cancel`` routes to cancel."""
+
+    regex = RESOURCE_ID_PATTERN
+
+
+CONVERTERS: dict[str, tuple[type[BaseConverter], dict[str, str]]] = {
+    "project": (ProjectIdConverter, {"type": "string", "pattern": f"^{PROJECT_ID_PATTERN}$"}),
+    "resource_id": (ResourceIdConverter, {"type": "string", "pattern": f"^{RESOURCE_ID_PATTERN}$"}),
+}
+
+
+class V1Parser(FlaskParser):
+    """webargs parser answering bad input the v1 way: 400 INVALID_ARGUMENT, fields named in the message."""
+
+    DEFAULT_VALIDATION_STATUS = 400
+
+    def handle_error(self, error: ma.ValidationError, req: flask.Request, schema: ma.Schema, *,
+                     error_status_code: int | None,
+                     error_headers: typing.Mapping[str, str] | None) -> typing.NoReturn:
+        messages = error.messages
+        # webargs nests messages under the location ({"json": {...}}); clients know no locations.
+        if isinstance(messages, dict) and len(messages) == 1 and next(iter(messages)) in self.__location_map__:
+            messages = next(iter(messages.values()))
+        raise InvalidArgument("; ".join(flatten_messages(messages)) or "Invalid request.")
+
+    def _handle_invalid_json_error(self, error: Exception, req: flask.Request, *args: typing.Any,
+                                   **kwargs: typing.Any) -> typing.NoReturn:
+        raise InvalidArgument(f"Invalid JSON payload received: {error}")
+
+
+class ApiBlueprint(Blueprint):
+    """A flask-smorest blueprint whose ``@arguments`` use :class:`V1Parser`."""
+
+    ARGUMENTS_PARSER = V1Parser()
+
+
+def resource_name(project: str, *parts: str) -> str:
+    """The v1 resource name, e.g. ``projects/p/jobs/j``, as used in NOT_FOUND messages."""
+    return "/".join(("projects", project, *parts))

@@ -1,0 +1,330 @@
+"""``/v1/projects/{p}/jobs``: submit, read, list, cancel training jobs; their events and logs.
+
+Paths, bodies and errors are Cloud ML Engine v1's (``events`` and ``logs`` are added endpoints). A
+view only validates, records and hands over: creating a job inserts the QUEUED row and calls
+``start_job`` (which enqueues the workflow's first step); cancelling only moves the state, and the
+workflow notices and tears the cluster down. No view waits on a cluster.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import logging
+import re
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from flask import Response, current_app
+from sqlalchemy import ColumnElement, delete, or_, select
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from cloudml_os.api import ApiBlueprint, resource_name, services
+from cloudml_os.api.schemas import (
+    CancelJobRequestSchema,
+    EmptySchema,
+    EventListSchema,
+    EventsQuerySchema,
+    JobCreateSchema,
+    JobSchema,
+    ListJobsQuerySchema,
+    ListJobsResponseSchema,
+    LogListSchema,
+    LogsQuerySchema,
+)
+from cloudml_os.artifacts.local import ArtifactError, parse_uri
+from cloudml_os.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from cloudml_os.frameworks.base import TopologyError, topology_from_training_input
+from cloudml_os.states import JobState, Step
+from cloudml_os.store import Job, JobEvent, Store
+
+log = logging.getLogger(__name__)
+
+blp = ApiBlueprint("jobs", __name__, url_prefix="/v1/projects/<project:project>",
+                   description="Training jobs (Cloud ML Engine v1), with added events and logs.")
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+LOG_LIMIT_ONE_NODE = 1 << 20
+LOG_LIMIT_EACH_NODE = 256 << 10  # keeps a listing of a 30-node job's logs to a few MiB
+
+
+def _job_or_404(project: str, job_id: str) -> Job:
+    job = services().store.find_job(project, job_id)
+    if job is None:
+        raise NotFound(f"{resource_name(project, 'jobs', job_id)} not found")
+    return job
+
+
+# ---- create -------------------------------------------------------------------------------------------
+
+
+def _check_training_input(project: str, training_input: dict[str, Any]) -> None:
+    """The checks that need this installation: framework, machine types, runtime, packages, jobDir."""
+    svc = services()
+    name = training_input["framework"]
+    if name not in svc.frameworks:
+        valid = ", ".join(sorted(svc.frameworks)) or "none installed"
+        raise InvalidArgument(f"trainingInput.framework: unknown framework {name!r}; valid: {valid}")
+    try:
+        topology_from_training_input(training_input, svc.settings.machine_types)
+        svc.frameworks[name].runtime(training_input.get("runtimeVersion"))
+    except TopologyError as exc:
+        raise InvalidArgument(str(exc)) from None
+    for index, uri in enumerate(training_input["packageUris"]):
+        field = f"trainingInput.packageUris[{index}]"
+        try:
+            uri_project, _ = parse_uri(uri)
+        except ArtifactError:
+            uri_project = None
+        if uri_project != project or svc.store.package_by_uri(uri) is None:
+            raise InvalidArgument(f"{field}: {uri!r} is not a package of project {project}; upload it with "
+                                  f"POST /v1/projects/{project}/packages and use the uri it returns")
+    job_dir = training_input.get("jobDir")
+    if job_dir and job_dir.startswith("store://"):
+        try:
+            dir_project, _ = parse_uri(job_dir)
+        except ArtifactError as exc:
+            raise InvalidArgument(f"trainingInput.jobDir: {exc}") from None
+        if dir_project != project:
+            raise InvalidArgument(f"trainingInput.jobDir: {job_dir!r} is not in project {project}")
+
+
+def _forget_job(store: Store, job_pk: int) -> None:
+    """Undo a create whose workflow could not be queued, so that the client can retry the same jobId."""
+    try:
+        with store.session() as session:
+            session.execute(delete(JobEvent).where(JobEvent.job_id == job_pk))
+            session.execute(delete(Job).where(Job.id == job_pk, Job.state == JobState.QUEUED.value))
+    except SQLAlchemyError:
+        log.exception("could not remove job %s after its start failed", job_pk)
+
+
+@blp.route("/jobs", methods=["POST"])
+@blp.arguments(JobCreateSchema)
+@blp.response(200, JobSchema)
+def create_job(body: dict[str, Any], project: str) -> Job:
+    """Submit a training job (v1 ``jobs.create``)."""
+    svc = services()
+    training_input = body["trainingInput"]
+    _check_training_input(project, training_input)
+    name = resource_name(project, "jobs", body["jobId"])
+    if svc.store.find_job(project, body["jobId"]) is not None:
+        raise AlreadyExists(f"{name} already exists")
+    job = Job(project=project, job_id=body["jobId"], state=JobState.QUEUED.value, step=Step.PROVISIONING.value,
+              framework=training_input["framework"], training_input=training_input, labels=body["labels"])
+    try:
+        svc.store.create_job(job)
+    except IntegrityError:  # a concurrent create with the same jobId won
+        raise AlreadyExists(f"{name} already exists") from None
+    try:
+        svc.start_job(job.id)
+    except Exception:
+        log.exception("could not start job %s (%s)", job.id, name)
+        _forget_job(svc.store, job.id)
+        raise Unavailable("The job queue is unavailable; the job was not created. Retry later.") from None
+    return svc.store.get_job(job.id) or job
+
+
+# ---- read, list ----------------------------------------------------------------------------------------
+
+
+@blp.route("/jobs/<resource_id:job>", methods=["GET"])
+@blp.response(200, JobSchema)
+def get_job(project: str, job: str) -> Job:
+    """Describe a job (v1 ``jobs.get``)."""
+    return _job_or_404(project, job)
+
+
+@dataclasses.dataclass(frozen=True)
+class Condition:
+    """One term of a list filter: ``field`` is ``state`` or ``labels.KEY``; ``op`` is ``=`` or ``!=``."""
+
+    field: str
+    op: str
+    value: str
+
+
+_TERM = re.compile(r'\s*(state|labels\.[^\s=!":()]+)\s*(!=|=)\s*(?:"([^"\\]*)"|([^\s"()]+))\s*')
+_AND = re.compile(r"AND\s+")
+_FILTER_HELP = 'supported: state=STATE, state!=STATE, labels.KEY=VALUE, labels.KEY!=VALUE, joined by AND'
+
+
+def parse_filter(text: str) -> list[Condition]:
+    """Parse a v1-style list filter such as ``state=RUNNING AND labels.team="ml"``.
+
+    Anything else is refused rather than ignored, so that a filter never silently matches more.
+
+    :raises InvalidArgument: naming what was not understood.
+    """
+    conditions: list[Condition] = []
+    position = 0
+    if not text.strip():
+        return conditions
+    while True:
+        match = _TERM.match(text, position)
+        if match is None:
+            raise InvalidArgument(f"filter: cannot parse {text[position:].strip()!r}; {_FILTER_HELP}")
+        field, op = match.group(1), match.group(2)
+        value = match.group(3) if match.group(3) is not None else match.group(4)
+        if field == "state" and value not in JobState.__members__:
+            valid = ", ".join(s.value for s in JobState)
+            raise InvalidArgument(f"filter: unknown state {value!r}; valid: {valid}")
+        conditions.append(Condition(field, op, value))
+        position = match.end()
+        if position == len(text):
+            return conditions
+        joiner = _AND.match(text, position)
+        if joiner is None:
+            raise InvalidArgument(f"filter: expected AND before {text[position:]!r}; {_FILTER_HELP}")
+        position = joiner.end()
+
+
+def _where(condition: Condition) -> ColumnElement[bool]:
+    if condition.field == "state":
+        column = Job.state
+        return column == condition.value if condition.op == "=" else column != condition.value
+    label = Job.labels[condition.field.removeprefix("labels.")].as_string()
+    if condition.op == "=":
+        return label == condition.value
+    return or_(label.is_(None), label != condition.value)  # a job without the label matches !=
+
+
+def encode_page_token(job_pk: int) -> str:
+    return base64.urlsafe_b64encode(str(job_pk).encode()).decode()
+
+
+def decode_page_token(token: str) -> int:
+    """:raises InvalidArgument: the token was not made by :func:`encode_page_token`."""
+    try:
+        job_pk = int(base64.urlsafe_b64decode(token.encode()).decode())
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        job_pk = 0
+    if job_pk <= 0:
+        raise InvalidArgument("pageToken: invalid page token")
+    return job_pk
+
+
+@blp.route("/jobs", methods=["GET"])
+@blp.arguments(ListJobsQuerySchema, location="query")
+@blp.response(200, ListJobsResponseSchema)
+def list_jobs(args: dict[str, Any], project: str) -> dict[str, Any]:
+    """List a project's jobs, newest first (v1 ``jobs.list``)."""
+    page_size = min(args["pageSize"] or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+    conditions = [_where(c) for c in parse_filter(args["filter"])]
+    query = select(Job).where(Job.project == project, *conditions).order_by(Job.id.desc()).limit(page_size + 1)
+    if args["pageToken"]:
+        query = query.where(Job.id < decode_page_token(args["pageToken"]))
+    with services().store.session() as session:
+        jobs = list(session.scalars(query))
+    result: dict[str, Any] = {"jobs": jobs[:page_size]}
+    if len(jobs) > page_size:
+        result["nextPageToken"] = encode_page_token(jobs[page_size - 1].id)
+    return result
+
+
+# ---- cancel --------------------------------------------------------------------------------------------
+
+
+@blp.route("/jobs/<resource_id:job>:cancel", methods=["POST"])
+@blp.arguments(CancelJobRequestSchema, required=False)
+@blp.response(200, EmptySchema)
+def cancel_job(_body: dict[str, Any], project: str, job: str) -> dict[str, Any]:
+    """Cancel a job (v1 ``jobs.cancel``): a queued one at once, a running one once torn down."""
+    store = services().store
+    row = _job_or_404(project, job)
+    if store.transition(row.id, [JobState.QUEUED], JobState.CANCELLED):
+        return {}
+    if store.transition(row.id, [JobState.PREPARING, JobState.RUNNING], JobState.CANCELLING):
+        return {}
+    current = store.get_job(row.id) or row
+    if current.state == JobState.CANCELLING.value:  # asked twice: the first request is in progress
+        return {}
+    raise FailedPrecondition(f"{resource_name(project, 'jobs', job)}: job is already {current.state}")
+
+
+# ---- events and logs (added endpoints) -----------------------------------------------------------------
+
+
+@blp.route("/jobs/<resource_id:job>/events", methods=["GET"])
+@blp.arguments(EventsQuerySchema, location="query")
+@blp.response(200, EventListSchema)
+def list_events(args: dict[str, Any], project: str, job: str) -> dict[str, Any]:
+    """The job's events (state and step changes, node events), oldest first; page with ``after``."""
+    row = _job_or_404(project, job)
+    return {"events": services().store.events(row.id, after_id=args["after"])}
+
+
+def complete_utf8_length(data: bytes) -> int:
+    """Length of the longest prefix of ``data`` that does not end inside a multi-byte UTF-8 character.
+
+    Log bytes arrive in arbitrary pieces; cutting there keeps a character split across two reads
+    from being shown as two replacement characters.
+    """
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 != 0x80:  # the last character's lead byte
+            return len(data) - back if _utf8_sequence_length(byte) > back else len(data)
+    return len(data)
+
+
+def _utf8_sequence_length(lead: int) -> int:
+    """Bytes in the character a lead byte starts (1 for ASCII and for bytes that start none)."""
+    for length, prefix, bits in ((2, 0b110, 5), (3, 0b1110, 4), (4, 0b11110, 3)):
+        if lead >> bits == prefix:
+            return length
+    return 1
+
+
+def follow_log(store: Store, job_pk: int, node: str, offset: int, interval: float,
+               sleep: Callable[[float], None] = time.sleep) -> Iterator[str]:
+    """Yield a node's log text from ``offset`` as it grows, until the job has ended and all is read.
+
+    The job's state is read before the log: the workflow stores a node's last bytes before it marks the
+    job final, so a final state followed by an empty read means nothing more will come.
+    """
+    pending = b""
+    while True:
+        job = store.get_job(job_pk)
+        ended = job is None or JobState(job.state).is_final
+        data, offset = store.read_log(job_pk, node, offset)
+        if data:
+            data = pending + data
+            cut = complete_utf8_length(data)
+            pending = data[cut:]
+            yield data[:cut].decode("utf-8", errors="replace")
+            continue
+        if ended:
+            if pending:
+                yield pending.decode("utf-8", errors="replace")
+            return
+        sleep(interval)
+
+
+@blp.route("/jobs/<resource_id:job>/logs", methods=["GET"])
+@blp.arguments(LogsQuerySchema, location="query")
+@blp.response(200, LogListSchema)
+@blp.doc(responses={200: {"content": {"text/plain": {"schema": {
+    "type": "string", "description": "with follow=true: the node's log, streamed until the job has ended"}}}}})
+def job_logs(args: dict[str, Any], project: str, job: str) -> dict[str, Any] | Response:
+    """Every node's log from the start (or one node's from ``offset``); ``follow=true`` streams one node."""
+    store = services().store
+    row = _job_or_404(project, job)
+    node = args.get("node")
+    if args["follow"]:
+        interval = float(current_app.config["LOG_FOLLOW_INTERVAL"])
+        stream = follow_log(store, row.id, node, args["offset"], interval)
+        return Response(stream, mimetype="text/plain",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    ended = JobState(row.state).is_final
+    nodes = [node] if node else sorted(store.log_nodes(row.id))
+    limit = LOG_LIMIT_ONE_NODE if node else LOG_LIMIT_EACH_NODE
+    entries = []
+    for name in nodes:
+        data, next_offset = store.read_log(row.id, name, args["offset"], limit=limit)
+        cut = len(data) if ended else complete_utf8_length(data)
+        entries.append({"node": name, "offset": args["offset"], "nextOffset": next_offset - (len(data) - cut),
+                        "text": data[:cut].decode("utf-8", errors="replace")})
+    return {"logs": entries}

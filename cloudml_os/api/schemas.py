@@ -1,0 +1,354 @@
+"""marshmallow schemas of the ``/v1`` API: they validate requests and, through flask-smorest, are the
+OpenAPI document, so what is documented is what is enforced.
+
+Field names are v1's camelCase. ``trainingInput`` accepts every field the Cloud ML Engine v1
+discovery document lists (clients send some we do not act on, such as ``region``) and rejects
+unknown ones. Checks that need the installation (machine types, frameworks, runtimes, uploaded
+packages) happen in the views; these schemas only know the v1 shapes.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import unicodedata
+from typing import Any
+
+from marshmallow import Schema, ValidationError, fields, post_dump, post_load, validate, validates, validates_schema
+
+from cloudml_os.api import RESOURCE_ID_PATTERN
+from cloudml_os.states import JobState
+
+SCALE_TIERS = ("BASIC", "STANDARD_1", "PREMIUM_1", "BASIC_GPU", "CUSTOM")
+PYTHON_MODULE_PATTERN = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
+DURATION_PATTERN = r"\d{1,12}(\.\d{1,9})?s"
+MAX_LABELS = 64
+TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # times are stored as naive UTC
+
+
+class Int64(fields.Field):
+    """A v1 int64: JSON sends it as a string of digits (``"4"``) and clients also send plain integers.
+
+    Loaded as a Python int; dumped as a string, as v1 responses do.
+    """
+
+    default_error_messages = {"invalid": "Not a valid integer."}
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int:
+        if isinstance(value, bool):
+            raise self.make_error("invalid")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str) and re.fullmatch(r"[+-]?\d{1,19}", value.strip()):
+            return int(value)
+        raise self.make_error("invalid")
+
+    def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> str | None:
+        return None if value is None else str(int(value))
+
+
+class Timestamp(fields.DateTime):
+    """RFC 3339 UTC with a ``Z``, e.g. ``2026-11-27T16:00:00Z``, like v1's google-datetime."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(format=TIMESTAMP_FORMAT, **kwargs)
+
+
+def _label_char(char: str) -> bool:
+    return unicodedata.category(char) in ("Ll", "Lo") or char.isdigit() or char in "_-"
+
+
+def validate_label_key(key: str) -> None:
+    """v1 label keys: 1–63 lowercase letters (international ones too), digits, ``_`` and ``-``,
+    starting with a letter."""
+    if not (0 < len(key) <= 63 and unicodedata.category(key[0]) in ("Ll", "Lo") and all(map(_label_char, key))):
+        raise ValidationError(f"invalid label key {key!r}: 1-63 lowercase letters, digits, '_' or '-', "
+                              "starting with a letter")
+
+
+def validate_label_value(value: str) -> None:
+    """v1 label values: up to 63 of the characters keys may hold, possibly empty."""
+    if not (len(value) <= 63 and all(map(_label_char, value))):
+        raise ValidationError(f"invalid label value {value!r}: at most 63 lowercase letters, digits, '_' or '-'")
+
+
+def _labels_field(**kwargs: Any) -> fields.Dict:
+    return fields.Dict(keys=fields.String(validate=validate_label_key),
+                       values=fields.String(validate=validate_label_value),
+                       validate=validate.Length(max=MAX_LABELS, error=f"at most {MAX_LABELS} labels"), **kwargs)
+
+
+def _duration(**kwargs: Any) -> fields.String:
+    return fields.String(validate=validate.Regexp(f"^{DURATION_PATTERN}$", error="must be a duration like '3600s'"),
+                         metadata={"format": "google-duration", "example": "3600s"}, **kwargs)
+
+
+def _non_negative() -> validate.Range:
+    return validate.Range(min=0, error="must not be negative")
+
+
+# ---- trainingInput (v1 GoogleCloudMlV1__TrainingInput and the types it holds) ------------------
+
+
+class AcceleratorConfigSchema(Schema):
+    count = Int64(validate=_non_negative())
+    type = fields.String()
+
+
+class DiskConfigSchema(Schema):
+    bootDiskSizeGb = fields.Integer(validate=_non_negative())
+    bootDiskType = fields.String()
+
+
+class ReplicaConfigSchema(Schema):
+    """v1 per-replica configuration; kept with the job (accelerators and disks map to flavors later)."""
+
+    acceleratorConfig = fields.Nested(AcceleratorConfigSchema)
+    containerArgs = fields.List(fields.String())
+    containerCommand = fields.List(fields.String())
+    diskConfig = fields.Nested(DiskConfigSchema)
+    imageUri = fields.String()
+    tpuTfVersion = fields.String()
+
+
+class SchedulingSchema(Schema):
+    maxRunningTime = _duration()
+    maxWaitTime = _duration()
+    priority = fields.Integer()
+
+
+class EncryptionConfigSchema(Schema):
+    kmsKeyName = fields.String()
+
+
+class ParameterSpecSchema(Schema):
+    parameterName = fields.String(required=True)
+    type = fields.String(validate=validate.OneOf(["DOUBLE", "INTEGER", "CATEGORICAL", "DISCRETE"]))
+    minValue = fields.Float()
+    maxValue = fields.Float()
+    categoricalValues = fields.List(fields.String())
+    discreteValues = fields.List(fields.Float())
+    scaleType = fields.String(validate=validate.OneOf(
+        ["NONE", "UNIT_LINEAR_SCALE", "UNIT_LOG_SCALE", "UNIT_REVERSE_LOG_SCALE"]))
+
+
+class HyperparameterSpecSchema(Schema):
+    goal = fields.String(validate=validate.OneOf(["MAXIMIZE", "MINIMIZE"]))
+    params = fields.List(fields.Nested(ParameterSpecSchema))
+    maxTrials = fields.Integer(validate=_non_negative())
+    maxParallelTrials = fields.Integer(validate=_non_negative())
+    maxFailedTrials = fields.Integer(validate=_non_negative())
+    hyperparameterMetricTag = fields.String()
+    resumePreviousJobId = fields.String()
+    enableTrialEarlyStopping = fields.Boolean()
+    algorithm = fields.String(validate=validate.OneOf(["ALGORITHM_UNSPECIFIED", "GRID_SEARCH", "RANDOM_SEARCH"]))
+
+
+class TrainingInputSchema(Schema):
+    """v1 ``trainingInput`` plus our ``framework``. Loaded as a camelCase dict, stored with the job as is."""
+
+    scaleTier = fields.String(
+        load_default="BASIC",
+        validate=validate.OneOf(SCALE_TIERS, error="unknown tier {input!r}; valid tiers: " + ", ".join(SCALE_TIERS)),
+    )
+    masterType = fields.String()
+    workerType = fields.String()
+    parameterServerType = fields.String()
+    evaluatorType = fields.String()
+    workerCount = Int64(validate=_non_negative())
+    parameterServerCount = Int64(validate=_non_negative())
+    evaluatorCount = Int64(validate=_non_negative())
+    masterConfig = fields.Nested(ReplicaConfigSchema)
+    workerConfig = fields.Nested(ReplicaConfigSchema)
+    parameterServerConfig = fields.Nested(ReplicaConfigSchema)
+    evaluatorConfig = fields.Nested(ReplicaConfigSchema)
+    packageUris = fields.List(fields.String(validate=validate.Length(min=1)), required=True,
+                              validate=validate.Length(min=1, max=100, error="give 1 to 100 package URIs"),
+                              metadata={"description": "store://PROJECT/packages/... URIs of uploaded packages"})
+    pythonModule = fields.String(
+        required=True,
+        validate=validate.Regexp(f"^{PYTHON_MODULE_PATTERN}$", error="must be a dotted Python module name"),
+    )
+    args = fields.List(fields.String(), metadata={"description": "passed to the module literally, no shell"})
+    hyperparameters = fields.Nested(HyperparameterSpecSchema)
+    region = fields.String()
+    jobDir = fields.String()
+    runtimeVersion = fields.String()
+    pythonVersion = fields.String()
+    network = fields.String()
+    serviceAccount = fields.String()
+    useChiefInTfConfig = fields.Boolean()
+    enableWebAccess = fields.Boolean()
+    scheduling = fields.Nested(SchedulingSchema)
+    encryptionConfig = fields.Nested(EncryptionConfigSchema)
+    framework = fields.String(load_default="TENSORFLOW",
+                              metadata={"description": "added field: TENSORFLOW (default) or another "
+                                                       "installed framework plugin, e.g. MXNET"})
+
+
+# ---- Job ------------------------------------------------------------------------------------------
+
+_OUTPUT_ONLY = {"readOnly": True, "description": "output only; ignored on create"}
+
+
+class JobCreateSchema(Schema):
+    """The v1 Job body of ``jobs.create``. Output-only fields (as in a job fetched earlier) are ignored."""
+
+    jobId = fields.String(required=True, validate=validate.Regexp(
+        f"^{RESOURCE_ID_PATTERN}$", error="must start with a letter and hold at most 128 letters, digits or '_'"))
+    trainingInput = fields.Nested(TrainingInputSchema, required=True)
+    labels = _labels_field(load_default=dict)
+    predictionInput = fields.Raw(metadata={"description": "batch prediction jobs are not supported yet"})
+    createTime = fields.Raw(metadata=_OUTPUT_ONLY)
+    startTime = fields.Raw(metadata=_OUTPUT_ONLY)
+    endTime = fields.Raw(metadata=_OUTPUT_ONLY)
+    state = fields.Raw(metadata=_OUTPUT_ONLY)
+    errorMessage = fields.Raw(metadata=_OUTPUT_ONLY)
+    trainingOutput = fields.Raw(metadata=_OUTPUT_ONLY)
+    predictionOutput = fields.Raw(metadata=_OUTPUT_ONLY)
+    jobPosition = fields.Raw(metadata=_OUTPUT_ONLY)
+    etag = fields.Raw(metadata=_OUTPUT_ONLY)
+    step = fields.Raw(metadata=_OUTPUT_ONLY)
+    framework = fields.Raw(metadata=_OUTPUT_ONLY)
+
+    @validates("predictionInput")
+    def _no_prediction(self, value: Any, **kwargs: Any) -> None:
+        raise ValidationError("batch prediction jobs are not supported; send a trainingInput")
+
+    @post_load
+    def _keep_inputs(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        return {"jobId": data["jobId"], "trainingInput": data["trainingInput"], "labels": data["labels"]}
+
+
+class JobSchema(Schema):
+    """The v1 Job resource, dumped from a stored job; ``step`` and ``framework`` are added fields."""
+
+    jobId = fields.String(attribute="job_id")
+    trainingInput = fields.Nested(TrainingInputSchema, attribute="training_input")
+    createTime = Timestamp(attribute="create_time")
+    startTime = Timestamp(attribute="start_time")
+    endTime = Timestamp(attribute="end_time")
+    state = fields.String(validate=validate.OneOf([s.value for s in JobState]))
+    errorMessage = fields.String(attribute="error_message")
+    trainingOutput = fields.Dict(attribute="training_output")
+    labels = fields.Dict(keys=fields.String(), values=fields.String())
+    etag = fields.Method("_etag", metadata={"format": "byte"})
+    step = fields.String(metadata={"description": "added field: the workflow step that owns the job now"})
+    framework = fields.String(metadata={"description": "added field: the framework plugin running the job"})
+
+    def _etag(self, job: Any) -> str:
+        # v1 etags are opaque bytes sent base64-encoded; ours is the row's version counter.
+        return base64.b64encode(str(job.etag).encode()).decode()
+
+    @post_dump
+    def _omit_empty(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        # v1 leaves out unset fields rather than sending null or empty values.
+        return {key: value for key, value in data.items() if value not in (None, "", {})}
+
+
+class ListJobsQuerySchema(Schema):
+    pageSize = fields.Integer(load_default=0, validate=_non_negative(),
+                              metadata={"description": "default 100; larger values are lowered to 1000"})
+    pageToken = fields.String(load_default="")
+    filter = fields.String(load_default="", metadata={
+        "description": 'conditions on state and labels joined by AND, e.g. state=RUNNING AND labels.team="ml"; '
+                       "operators = and !="})
+
+
+class ListJobsResponseSchema(Schema):
+    jobs = fields.List(fields.Nested(JobSchema))
+    nextPageToken = fields.String()
+
+
+class CancelJobRequestSchema(Schema):
+    """v1's empty CancelJobRequest."""
+
+
+class EmptySchema(Schema):
+    """v1's google.protobuf.Empty: ``{}``."""
+
+
+# ---- added endpoints: events and logs -------------------------------------------------------------
+
+
+class EventSchema(Schema):
+    id = fields.Integer()
+    time = Timestamp()
+    kind = fields.String(metadata={"description": "STATE, STEP, or a workflow-specific kind"})
+    node = fields.String(metadata={"description": "the node the event concerns, when one does"})
+    message = fields.String()
+
+    @post_dump
+    def _omit_null(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        return {key: value for key, value in data.items() if value is not None}
+
+
+class EventsQuerySchema(Schema):
+    after = fields.Integer(load_default=0, validate=_non_negative(),
+                           metadata={"description": "only events with a larger id (the last id seen)"})
+
+
+class EventListSchema(Schema):
+    events = fields.List(fields.Nested(EventSchema))
+
+
+class LogsQuerySchema(Schema):
+    node = fields.String(validate=validate.Length(min=1, max=128),
+                         metadata={"description": "one node, e.g. master-0; default every node"})
+    offset = fields.Integer(load_default=0, validate=_non_negative(),
+                            metadata={"description": "byte offset to read from (needs node)"})
+    follow = fields.Boolean(load_default=False, metadata={
+        "description": "stream the node's log as text/plain until the job has ended (needs node)"})
+
+    @validates_schema
+    def _node_for_offset_and_follow(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if "node" not in data:
+            if data.get("offset"):
+                raise ValidationError("offset needs node", field_name="offset")
+            if data.get("follow"):
+                raise ValidationError("follow needs node", field_name="follow")
+
+
+class LogEntrySchema(Schema):
+    node = fields.String()
+    offset = fields.Integer()
+    nextOffset = fields.Integer(metadata={"description": "offset to ask for next"})
+    text = fields.String(metadata={"description": "UTF-8 text; undecodable bytes become U+FFFD"})
+
+
+class LogListSchema(Schema):
+    logs = fields.List(fields.Nested(LogEntrySchema))
+
+
+# ---- packages -------------------------------------------------------------------------------------
+
+
+class PackageUploadSchema(Schema):
+    file = fields.Raw(required=True, metadata={"type": "string", "format": "binary",
+                                               "description": ".tar.gz, .tgz, .tar or .zip"})
+
+
+class PackageSchema(Schema):
+    uri = fields.String(metadata={"description": "store:// URI to put in trainingInput.packageUris"})
+    kind = fields.String(metadata={"description": "sdist (a Python source distribution) or archive"})
+    sha256 = fields.String()
+    size = fields.Integer()
+    filename = fields.String()
+    createTime = Timestamp(attribute="created_at")
+
+
+class PackageListSchema(Schema):
+    packages = fields.List(fields.Nested(PackageSchema))
+
+
+# ---- errors (documentation of the v1 error body; errors.py builds it) -------------------------------
+
+
+class ErrorStatusSchema(Schema):
+    code = fields.Integer(metadata={"description": "HTTP status code"})
+    message = fields.String()
+    status = fields.String(metadata={"description": "e.g. INVALID_ARGUMENT, NOT_FOUND"})
+
+
+class ErrorSchema(Schema):
+    error = fields.Nested(ErrorStatusSchema)

@@ -1,0 +1,106 @@
+"""The Flask application factory of the ``/v1`` REST API.
+
+:func:`create_app` receives every dependency (settings, store, artifact store, framework plugins and
+the function that enqueues a job's first step) and wires them into one app: the resource
+blueprints, bearer-token authentication, v1 error bodies and the OpenAPI document generated from the
+same schemas that validate requests. It creates no connections and starts no workers itself; the CLI
+(or a test) builds the dependencies and passes them in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from flask import Flask, g, request
+from flask_smorest import Api
+from sqlalchemy import text
+
+from cloudml_os import __version__
+from cloudml_os.api import CONVERTERS, EXTENSION, Services, jobs, packages, services
+from cloudml_os.api.schemas import ErrorSchema, Int64
+from cloudml_os.archives import MAX_PACKAGE_BYTES
+from cloudml_os.artifacts.local import LocalArtifactStore
+from cloudml_os.auth import authorize
+from cloudml_os.auth.tokens import token_from_header
+from cloudml_os.config import Settings
+from cloudml_os.errors import register_error_handlers
+from cloudml_os.frameworks.base import Framework
+from cloudml_os.store import Store
+
+# Requests that need no token: the API description and the load balancer's health probe.
+PUBLIC_ENDPOINTS = frozenset({"api-docs.openapi_json", "healthz"})
+MAX_JSON_BODY = 16 << 20
+
+
+class V1Api(Api):
+    """flask-smorest's Api documenting and answering errors with the v1 body instead of its own."""
+
+    ERROR_SCHEMA = ErrorSchema
+
+    def _register_error_handlers(self) -> None:
+        register_error_handlers(self._app)
+
+
+def _authenticate() -> None:
+    """Before every ``/v1`` request: a known bearer token, of the path's project, whose role allows it."""
+    if request.url_rule is None or request.endpoint in PUBLIC_ENDPOINTS or not request.path.startswith("/v1/"):
+        return  # routing errors answer 404/405 on their own; public endpoints need nothing
+    token = token_from_header(services().store, request.headers.get("Authorization"))
+    project = (request.view_args or {}).get("project")
+    if project is not None:
+        authorize(token, project, request.method, request.path.removeprefix("/v1/").split(":", 1)[0])
+    g.token = token
+
+
+def _healthz() -> dict[str, str]:
+    """Liveness and readiness in one: answers only when the database does (else 503 via the handler)."""
+    with services().store.session() as session:
+        session.execute(text("SELECT 1"))
+    return {"status": "ok"}
+
+
+def create_app(settings: Settings, *, store: Store, artifacts: LocalArtifactStore,
+               frameworks: Mapping[str, Framework], start_job: Callable[[int], None]) -> Flask:
+    """Build the API application.
+
+    :param settings: the installation's settings (machine types among them).
+    :param store: the database repository.
+    :param artifacts: where uploaded packages are stored.
+    :param frameworks: framework plugins by ``trainingInput.framework`` name.
+    :param start_job: called with a new job's primary key once its row exists; enqueues the workflow.
+    """
+    app = Flask("cloudml_os")
+    app.config.update(
+        API_TITLE="cloudml-os",
+        API_VERSION=__version__,
+        OPENAPI_VERSION="3.0.3",
+        OPENAPI_URL_PREFIX="/v1",
+        OPENAPI_JSON_PATH="openapi.json",
+        API_SPEC_OPTIONS={
+            "info": {"description": "Cloud ML Engine v1 training API on OpenStack. Every request except "
+                                    "this document needs 'Authorization: Bearer <token>'."},
+            "security": [{"bearerAuth": []}],
+        },
+        MAX_CONTENT_LENGTH=MAX_JSON_BODY,
+        PACKAGE_MAX_BYTES=MAX_PACKAGE_BYTES,
+        LOG_FOLLOW_INTERVAL=0.5,
+    )
+    app.extensions[EXTENSION] = Services(settings=settings, store=store, artifacts=artifacts,
+                                         frameworks=dict(frameworks), start_job=start_job)
+    for name, (converter, _) in CONVERTERS.items():
+        app.url_map.converters[name] = converter
+
+    api = V1Api(app)
+    api.spec.components.security_scheme("bearerAuth", {
+        "type": "http", "scheme": "bearer",
+        "description": "a local API token from 'cloudml-os token create' (cmlos_…)",
+    })
+    api.register_field(Int64, "string", "int64")
+    for converter, schema in CONVERTERS.values():
+        api.register_converter(converter, lambda _converter, schema=schema: dict(schema))
+    api.register_blueprint(jobs.blp)
+    api.register_blueprint(packages.blp)
+
+    app.before_request(_authenticate)
+    app.add_url_rule("/healthz", "healthz", _healthz)
+    return app
