@@ -61,7 +61,7 @@ def test_basic_job_succeeds_and_its_exported_saved_model_predicts(platform, clie
                          capture_output=True, text=True, check=True)
     predictions = json.loads(out.stdout.strip().splitlines()[-1])
     assert predictions == pytest.approx([2.0, 5.0, 8.0], abs=0.5)  # the synthetic data is y = 3x + 2
-    assert "master-0" in client.logs("basic_job")
+    assert "chief-0" in client.logs("basic_job")
     assert_no_node_left(platform, client, job["jobId"])
 
 
@@ -71,8 +71,8 @@ def test_chief_and_two_workers_train_with_multi_worker_mirrored_strategy(platfor
     job = client.wait("mwms_job")
     assert job["state"] == "SUCCEEDED", job.get("errorMessage")
     logs = client.logs("mwms_job")
-    assert set(logs) == {"master-0", "worker-0", "worker-1"}
-    assert "MultiWorkerMirroredStrategy" in logs["master-0"]
+    assert set(logs) == {"chief-0", "worker-0", "worker-1"}
+    assert "MultiWorkerMirroredStrategy" in logs["chief-0"]
     assert_no_node_left(platform, client, job["jobId"])
 
 
@@ -82,8 +82,8 @@ def test_parameter_server_job_succeeds_and_its_servers_are_stopped(platform, cli
     job = client.wait("ps_job")
     assert job["state"] == "SUCCEEDED", job.get("errorMessage")
     logs = client.logs("ps_job")
-    assert set(logs) == {"master-0", "worker-0", "ps-0"}
-    assert "ParameterServerStrategy" in logs["master-0"]
+    assert set(logs) == {"chief-0", "worker-0", "ps-0"}
+    assert "ParameterServerStrategy" in logs["chief-0"]
     assert_no_node_left(platform, client, job["jobId"])
 
 
@@ -91,7 +91,7 @@ def test_a_trainer_that_raises_fails_the_job_with_its_last_log_lines(platform, c
     client.submit("failing_job", package, args=["--fail-at-step", "2"])
     job = client.wait("failing_job")
     assert job["state"] == "FAILED"
-    assert "master-0" in job["errorMessage"]
+    assert "chief-0" in job["errorMessage"]
     assert "Injected failure" in job["errorMessage"]
     assert_no_node_left(platform, client, job["jobId"])
 
@@ -114,4 +114,4 @@ def test_arguments_with_shell_metacharacters_reach_the_trainer_literally(platfor
     job = client.wait("literal_args")
     assert job["state"] == "SUCCEEDED", job.get("errorMessage")
     assert not canary.exists()
-    assert json.dumps(tricky) in client.logs("literal_args")["master-0"]
+    assert json.dumps(tricky) in client.logs("literal_args")["chief-0"]
