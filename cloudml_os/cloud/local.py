@@ -1,0 +1,542 @@
+"""The ``local`` compute driver: each node is an sshd on its own loopback address, like a small VM.
+
+This is the embedded default's compute. A node's sshd runs as PID 1 of its own PID namespace
+(``unshare --pid --fork --kill-child --mount-proc``), so killing that PID 1 ends every process started
+through SSH at once, like powering a VM off. Nodes run in their own session and outlive the worker that
+created them, as VMs outlive the API call that booted them.
+
+All state lives in files under ``settings.data_dir / "nodes"`` (no database), so any worker process can
+continue or delete what another one started::
+
+    slots/N -> "CLUSTER/NODE"      symlink; its atomic creation allocates slot N (address and ports)
+    gpus/I  -> "CLUSTER/NODE"      symlink; allocates host GPU index I
+    locks/CLUSTER.lock             flock held while a cluster is created or deleted
+    clusters/CLUSTER/cluster.json  written last: the cluster is complete
+    clusters/CLUSTER/nodes/NODE/   node.json, hostkey(.pub), sshd_config, authorized_keys, sshd.log,
+                                   unshare.pid, init.pid, work/
+
+Slot N gives the address ``PREFIX.(N // 256).(N % 256)`` and the framework ports
+``local_port_base + N * local_ports_per_node`` onwards. This module must not import paramiko (only
+``cloudml_os.remote`` speaks SSH); it only checks that a node's sshd accepts TCP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from cloudml_os.cloud.base import ClusterSpec, Driver, DriverError, NodeInfo, NodeSpec
+from cloudml_os.config import Settings
+
+SSHD = "/usr/sbin/sshd"
+UNSHARE = "unshare"
+RUN_SSHD = Path("/run/sshd")  # sshd's privilege separation directory; must exist
+# Cluster and node names become path components and symlink targets.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+# sshd_config has no quoting we want to rely on: node paths must be plain.
+_UNSAFE_PATH = re.compile(r"[\s\"'%\\#]")
+# The nodes' sshd get a clean environment, not the worker's (which may hold database passwords).
+_NODE_ENVIRONMENT = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                     "LANG": "C.UTF-8"}
+
+
+class LocalDriver(Driver):
+    """Clusters of sshd "VMs" on this host; see the module docstring for the layout on disk.
+
+    :param settings: installation settings (``data_dir``, ``local_*``, ``runtimes_dir``).
+    :param boot_timeout: seconds a node's sshd may take to accept TCP before creation fails.
+    :param gpu_indices: the host's GPU indices to share out; None detects them with ``nvidia-smi``.
+    """
+
+    name = "local"
+
+    def __init__(self, settings: Settings, *, boot_timeout: float = 15.0,
+                 gpu_indices: Sequence[str] | None = None) -> None:
+        self._settings = settings
+        self._root = settings.data_dir / "nodes"
+        self._boot_timeout = boot_timeout
+        self._host_gpus: list[str] | None = None if gpu_indices is None else [str(i) for i in gpu_indices]
+        # unshare processes this driver instance started; reaped so they do not linger as zombies.
+        self._children: dict[int, subprocess.Popen[bytes]] = {}
+
+    # -- the Driver interface -------------------------------------------------------------------
+
+    def create_cluster(self, spec: ClusterSpec) -> list[NodeInfo]:
+        _check_spec(spec)
+        username = _root_username()
+        self._reap_children()
+        self._make_dirs()
+        with self._cluster_lock(spec.name) as lock_path:
+            cluster_dir = self._cluster_dir(spec.name)
+            if (cluster_dir / "cluster.json").exists():
+                try:
+                    return self._resume(spec, cluster_dir)
+                except (OSError, ValueError, KeyError, TypeError) as exc:
+                    raise DriverError(f"cluster {spec.name}: cannot resume it from {cluster_dir}: "
+                                      f"{exc}") from exc
+            if cluster_dir.exists() or self._owned(self._slots_dir, spec.name):
+                # A create that crashed half way: start over rather than guess what it finished.
+                self._destroy(spec.name)
+            try:
+                return self._build(spec, cluster_dir, username)
+            except BaseException as exc:
+                self._destroy(spec.name)
+                lock_path.unlink(missing_ok=True)
+                if isinstance(exc, DriverError) or not isinstance(exc, Exception):
+                    raise
+                raise DriverError(f"cluster {spec.name}: could not create its nodes: {exc}") from exc
+
+    def delete_cluster(self, name: str) -> None:
+        _check_name(name, "cluster")
+        self._reap_children()
+        if not self._root.exists():
+            return
+        self._make_dirs()
+        with self._cluster_lock(name) as lock_path:
+            self._destroy(name)
+            lock_path.unlink(missing_ok=True)
+
+    def list_clusters(self) -> list[str]:
+        clusters = self._root / "clusters"
+        if not clusters.is_dir():
+            return []
+        return sorted(entry.name for entry in clusters.iterdir() if entry.is_dir())
+
+    # -- creating ------------------------------------------------------------------------------
+
+    def _build(self, spec: ClusterSpec, cluster_dir: Path, username: str) -> list[NodeInfo]:
+        cluster_dir.mkdir(parents=True)
+        nodes: list[tuple[Path, NodeInfo]] = []
+        for node in spec.nodes:
+            node_dir = cluster_dir / "nodes" / node.name
+            node_dir.mkdir(parents=True)
+            owner = f"{spec.name}/{node.name}"
+            slot = self._allocate_slot(owner)
+            gpus = self._allocate_gpus(owner, node)
+            nodes.append((node_dir, self._prepare_node(node_dir, spec, node, slot, gpus, username)))
+        # Boot every node first and wait afterwards, so a cluster boots in the time of one node.
+        started = [(node_dir, info, self._start_node(node_dir, info)) for node_dir, info in nodes]
+        for node_dir, info, pid in started:
+            self._wait_booted(node_dir, info, pid)
+        _write_atomically(cluster_dir / "cluster.json",
+                          json.dumps({"name": spec.name, "nodes": [n.name for n in spec.nodes]}))
+        return [info for _, info in nodes]
+
+    def _resume(self, spec: ClusterSpec, cluster_dir: Path) -> list[NodeInfo]:
+        """Return an existing cluster's nodes, rebooting (same slot, same keys) any whose sshd died."""
+        recorded = json.loads((cluster_dir / "cluster.json").read_text())["nodes"]
+        wanted = [node.name for node in spec.nodes]
+        if recorded != wanted:
+            raise DriverError(f"cluster {spec.name} already exists with nodes {recorded}, not {wanted}")
+        processes = _unshare_processes()
+        nodes = [(cluster_dir / "nodes" / name) for name in recorded]
+        infos = [_load_node(node_dir) for node_dir in nodes]
+        rebooting = []
+        for node_dir, info in zip(nodes, infos, strict=True):
+            unshare_pid = processes.get(str(node_dir / "sshd_config"))
+            if unshare_pid is None or _namespace_init(unshare_pid) is None:
+                self._kill_node(node_dir, processes)
+                rebooting.append((node_dir, info, self._start_node(node_dir, info)))
+            else:
+                rebooting.append((node_dir, info, unshare_pid))
+        for node_dir, info, pid in rebooting:
+            try:
+                self._wait_booted(node_dir, info, pid)
+            except DriverError:
+                if _alive(pid):
+                    raise
+                # It died while being looked at (a node killed a moment ago): boot it once more.
+                self._kill_node(node_dir, _unshare_processes())
+                self._wait_booted(node_dir, info, self._start_node(node_dir, info))
+        return infos
+
+    def _prepare_node(self, node_dir: Path, spec: ClusterSpec, node: NodeSpec, slot: int,
+                      gpus: list[str], username: str) -> NodeInfo:
+        """Write the node's keys, sshd_config and node.json; start nothing."""
+        if _UNSAFE_PATH.search(str(node_dir)):
+            raise DriverError(f"data_dir {self._settings.data_dir} contains characters (whitespace, quotes, "
+                              "%, #, backslash) that cannot be written into an sshd_config")
+        settings = self._settings
+        port_first = settings.local_port_base + slot * settings.local_ports_per_node
+        info = NodeInfo(
+            name=node.name,
+            task_type=node.task_type,
+            task_index=node.task_index,
+            address=_slot_address(settings.local_address_prefix, slot),
+            ssh_port=settings.local_ssh_port,
+            username=username,
+            host_keys=(_write_host_key(node_dir),),
+            port_first=port_first,
+            port_last=port_first + settings.local_ports_per_node - 1,
+            workdir=str(node_dir / "work"),
+            runtime_root=str(settings.runtimes_dir),
+            environment={"CUDA_VISIBLE_DEVICES": ",".join(gpus)},
+        )
+        (node_dir / "work").mkdir()
+        (node_dir / "authorized_keys").write_text(spec.public_key.strip() + "\n")
+        (node_dir / "sshd_config").write_text(_sshd_config(node_dir, info))
+        _write_atomically(node_dir / "node.json", json.dumps({"slot": slot, **dataclasses.asdict(info)}))
+        return info
+
+    def _start_node(self, node_dir: Path, info: NodeInfo) -> int:
+        """Start the node's sshd as PID 1 of a new PID namespace, in its own session; return unshare's pid."""
+        if _accepts_tcp(info.address, info.ssh_port):
+            raise DriverError(f"node {info.name}: {info.address}:{info.ssh_port} is already in use by a "
+                              "process this driver does not manage")
+        RUN_SSHD.mkdir(mode=0o755, parents=True, exist_ok=True)
+        log_path = node_dir / "sshd.log"
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen(
+                [UNSHARE, "--pid", "--fork", "--kill-child", "--mount-proc",
+                 SSHD, "-D", "-f", str(node_dir / "sshd_config"), "-E", str(log_path)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, env=_NODE_ENVIRONMENT,
+            )
+        self._children[process.pid] = process
+        _write_atomically(node_dir / "unshare.pid", f"{process.pid}\n")
+        return process.pid
+
+    def _wait_booted(self, node_dir: Path, info: NodeInfo, unshare_pid: int) -> None:
+        """Wait until the node's sshd accepts TCP; fail early if its namespace died."""
+        deadline = time.monotonic() + self._boot_timeout
+        while True:
+            init_pid = _namespace_init(unshare_pid)
+            if init_pid is not None and _accepts_tcp(info.address, info.ssh_port):
+                _write_atomically(node_dir / "init.pid", f"{init_pid}\n")
+                return
+            if not _alive(unshare_pid):
+                raise DriverError(f"node {info.name}: sshd exited while booting; sshd.log ends with:\n"
+                                  f"{_tail(node_dir / 'sshd.log')}")
+            if time.monotonic() > deadline:
+                raise DriverError(f"node {info.name}: sshd did not accept connections on {info.address}:"
+                                  f"{info.ssh_port} within {self._boot_timeout:g}s; sshd.log ends with:\n"
+                                  f"{_tail(node_dir / 'sshd.log')}")
+            time.sleep(0.02)
+
+    # -- slots and GPUs ------------------------------------------------------------------------
+
+    def _allocate_slot(self, owner: str) -> int:
+        settings = self._settings
+        last_by_port = (65536 - settings.local_port_base) // settings.local_ports_per_node - 1
+        for slot in range(1, min(65535, last_by_port) + 1):
+            if slot % 256 in (0, 255) or not _claim(self._slots_dir / str(slot), owner):
+                continue
+            if _accepts_tcp(_slot_address(settings.local_address_prefix, slot), settings.local_ssh_port):
+                # Someone outside this data_dir (another installation, a test run) listens there.
+                (self._slots_dir / str(slot)).unlink()
+                continue
+            return slot
+        raise DriverError("no free node slot left on this host: every address and port range of "
+                          f"{settings.local_address_prefix}.0.0/16 is taken; delete some clusters")
+
+    def _allocate_gpus(self, owner: str, node: NodeSpec) -> list[str]:
+        if node.gpus <= 0:
+            return []
+        host_gpus = self._detect_gpus()
+        taken: list[str] = []
+        for index in host_gpus:
+            if len(taken) == node.gpus:
+                break
+            if _claim(self._gpus_dir / index, owner):
+                taken.append(index)
+        if len(taken) < node.gpus:
+            for index in taken:
+                (self._gpus_dir / index).unlink(missing_ok=True)
+            if not host_gpus:
+                raise DriverError(f"node {node.name} needs {node.gpus} GPU(s) but this host has no "
+                                  "NVIDIA GPU (nvidia-smi not found or it lists none)")
+            raise DriverError(f"node {node.name} needs {node.gpus} GPU(s) but only {len(taken)} of this "
+                              f"host's {len(host_gpus)} are free")
+        return taken
+
+    def _detect_gpus(self) -> list[str]:
+        if self._host_gpus is None:
+            nvidia_smi = shutil.which("nvidia-smi")
+            self._host_gpus = []
+            if nvidia_smi:
+                result = subprocess.run([nvidia_smi, "--query-gpu=index", "--format=csv,noheader"],
+                                        capture_output=True, text=True, timeout=60, check=False)
+                if result.returncode == 0:
+                    self._host_gpus = [line.strip() for line in result.stdout.splitlines()
+                                       if line.strip().isdigit()]
+        return self._host_gpus
+
+    @staticmethod
+    def _owned(folder: Path, cluster: str) -> list[Path]:
+        """Claims (slots or GPUs) held by any node of ``cluster``."""
+        if not folder.is_dir():
+            return []
+        owned = []
+        for entry in folder.iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(entry).startswith(cluster + "/"):
+                    owned.append(entry)
+        return owned
+
+    # -- deleting ------------------------------------------------------------------------------
+
+    def _destroy(self, name: str) -> None:
+        """Kill every node of the cluster, remove its folder, release its slots and GPUs (lock held)."""
+        cluster_dir = self._cluster_dir(name)
+        nodes_dir = cluster_dir / "nodes"
+        processes = _unshare_processes()
+        for config in list(processes):
+            node_dir = Path(config).parent
+            if node_dir.parent == nodes_dir:
+                self._kill_node(node_dir, processes)
+        try:
+            shutil.rmtree(cluster_dir)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise DriverError(f"cluster {name}: could not remove {cluster_dir}: {exc}") from exc
+        # Released last, so a slot's address is never reused while an old sshd could still hold it.
+        for claim in self._owned(self._slots_dir, name) + self._owned(self._gpus_dir, name):
+            claim.unlink(missing_ok=True)
+
+    def _kill_node(self, node_dir: Path, processes: dict[str, int]) -> None:
+        """SIGKILL the node's namespace PID 1, which ends every process of the node; wait until it is gone.
+
+        The unshare parent reaps PID 1 and exits by itself; it is killed only if it has no child or lingers.
+        """
+        unshare_pid = processes.pop(str(node_dir / "sshd_config"), None)
+        if unshare_pid is None:
+            return
+        init_pid = _namespace_init(unshare_pid)
+        _kill(init_pid if init_pid is not None else unshare_pid)
+        started = time.monotonic()
+        while _alive(unshare_pid) or (init_pid is not None and _alive(init_pid)):
+            self._reap_children()
+            waited = time.monotonic() - started
+            if waited > 2.0:
+                _kill(unshare_pid)
+            if waited > 10.0:
+                raise DriverError(f"node {node_dir.name}: its processes did not exit after SIGKILL")
+            time.sleep(0.01)
+        self._reap_children()
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    @property
+    def _slots_dir(self) -> Path:
+        return self._root / "slots"
+
+    @property
+    def _gpus_dir(self) -> Path:
+        return self._root / "gpus"
+
+    def _cluster_dir(self, name: str) -> Path:
+        return self._root / "clusters" / name
+
+    def _make_dirs(self) -> None:
+        for folder in ("slots", "gpus", "locks", "clusters"):
+            (self._root / folder).mkdir(parents=True, exist_ok=True)
+
+    @contextlib.contextmanager
+    def _cluster_lock(self, name: str) -> Iterator[Path]:
+        """Hold an exclusive flock for one cluster across processes; yields the lock file's path.
+
+        Deleting the lock file while holding it is allowed: a waiter that then gets the lock of the
+        unlinked file notices the path now names another file (or none) and locks again.
+        """
+        path = self._root / "locks" / f"{name}.lock"
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                with contextlib.suppress(FileNotFoundError):
+                    if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                        break
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+        try:
+            yield path
+        finally:
+            os.close(fd)
+
+    def _reap_children(self) -> None:
+        for pid, process in list(self._children.items()):
+            if process.poll() is not None:
+                self._children.pop(pid, None)
+
+
+# -- pure helpers --------------------------------------------------------------------------------
+
+
+def _check_name(name: str, what: str) -> None:
+    if not _NAME.fullmatch(name):
+        raise DriverError(f"{what} name {name!r} must be 1-128 letters, digits, '_', '.' or '-', "
+                          "starting with a letter or digit")
+
+
+def _check_spec(spec: ClusterSpec) -> None:
+    _check_name(spec.name, "cluster")
+    names = [node.name for node in spec.nodes]
+    for name in names:
+        _check_name(name, "node")
+    if len(set(names)) != len(names):
+        raise DriverError(f"cluster {spec.name}: node names must be unique, got {names}")
+    if not spec.nodes:
+        raise DriverError(f"cluster {spec.name}: needs at least one node")
+    key = spec.public_key.strip()
+    if not key or "\n" in key or "\r" in key:
+        raise DriverError(f"cluster {spec.name}: public_key must be one OpenSSH public key line")
+
+
+def _root_username() -> str:
+    if os.geteuid() != 0:
+        raise DriverError("the local driver needs root: each node's sshd runs as PID 1 of its own PID "
+                          "namespace (unshare --pid) and accepts root logins; run the worker as root or "
+                          "use the openstack driver")
+    return pwd.getpwuid(0).pw_name
+
+
+def _slot_address(prefix: str, slot: int) -> str:
+    return f"{prefix}.{slot // 256}.{slot % 256}"
+
+
+def _claim(path: Path, owner: str) -> bool:
+    """Atomically create the symlink ``path -> owner``; False if someone holds it already."""
+    try:
+        os.symlink(owner, path)
+    except FileExistsError:
+        return False
+    return True
+
+
+def _write_host_key(node_dir: Path) -> str:
+    """Generate the node's ed25519 host key in OpenSSH format; return its public key line."""
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                           serialization.PublicFormat.OpenSSH).decode()
+    fd = os.open(node_dir / "hostkey", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        file.write(private)
+    (node_dir / "hostkey.pub").write_text(public + "\n")
+    return public
+
+
+def _sshd_config(node_dir: Path, info: NodeInfo) -> str:
+    set_env = " ".join(f"{key}={value}" for key, value in info.environment.items())
+    lines = [
+        f"ListenAddress {info.address}",
+        f"Port {info.ssh_port}",
+        f"HostKey {node_dir}/hostkey",
+        f"AuthorizedKeysFile {node_dir}/authorized_keys",
+        f"PidFile {node_dir}/sshd.pid",
+        "UsePAM no",
+        "StrictModes no",
+        "PermitRootLogin prohibit-password",
+        "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no",
+        "PrintMotd no",
+        "X11Forwarding no",
+        "Subsystem sftp internal-sftp",
+        # Every session sees the node's GPUs only, as on a VM given just those devices.
+        *([f"SetEnv {set_env}"] if set_env else []),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _load_node(node_dir: Path) -> NodeInfo:
+    state = json.loads((node_dir / "node.json").read_text())
+    fields = {field.name for field in dataclasses.fields(NodeInfo)}
+    values = {key: value for key, value in state.items() if key in fields}
+    values["host_keys"] = tuple(values["host_keys"])
+    return NodeInfo(**values)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _accepts_tcp(address: str, port: int) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _proc_state(pid: int) -> str | None:
+    """The process's state letter from /proc, or None if it does not exist."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def _alive(pid: int) -> bool:
+    """Running and not a zombie (a zombie has already released everything it held)."""
+    return _proc_state(pid) not in (None, "Z", "X")
+
+
+def _namespace_init(unshare_pid: int) -> int | None:
+    """Host pid of the namespace's PID 1 (the only child of ``unshare --fork``), if alive."""
+    try:
+        children = Path(f"/proc/{unshare_pid}/task/{unshare_pid}/children").read_text().split()
+    except OSError:
+        return None
+    for child in children:
+        if _alive(int(child)):
+            return int(child)
+    return None
+
+
+def _unshare_processes() -> dict[str, int]:
+    """Live ``unshare … sshd -f CONFIG`` processes on this host, by CONFIG path.
+
+    Found from /proc rather than pid files, so a node whose pid was never recorded (a crash right after
+    it started) is still found and killed.
+    """
+    found: dict[str, int] = {}
+    for entry in _proc_entries():
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if not argv or os.path.basename(argv[0]) != UNSHARE.encode() or b"-f" not in argv:
+            continue
+        index = argv.index(b"-f") + 1
+        if index < len(argv) and _alive(entry):
+            found[os.fsdecode(argv[index])] = entry
+    return found
+
+
+def _proc_entries() -> Iterable[int]:
+    return (int(name) for name in os.listdir("/proc") if name.isdigit())
+
+
+def _tail(path: Path, limit: int = 2000) -> str:
+    try:
+        data = path.read_bytes()[-limit:]
+    except OSError:
+        return "(no log)"
+    return data.decode(errors="replace").strip() or "(empty log)"

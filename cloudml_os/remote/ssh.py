@@ -1,0 +1,496 @@
+"""Run commands and move files on one node over SSH (paramiko), with the node's host keys pinned.
+
+A :class:`NodeSession` is one SSH connection to one node, opened once per workflow step and reused for
+all of that step's commands, uploads and log reads. Host keys come from the driver (known before the
+first connection) and are pinned: an unknown or different key is refused, never learned. Every command
+reaches the remote shell built by :func:`build_command` from an argv, so nothing unquoted does.
+
+Long-running work (trainers, model servers) is started detached by :meth:`NodeSession.start_process`
+under a process folder that records its pid and, when it ends, its exit code; a later session (from a
+redelivered task, after a worker crash) finds it there. Remote scripts are POSIX ``/bin/sh`` (dash on
+Debian) and get their values as positional parameters, never pasted into the script text.
+
+This is the only package that imports paramiko. Messages never contain private keys.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import io
+import math
+import posixpath
+import re
+import secrets
+import select
+import shlex
+import stat
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import paramiko
+import tenacity
+
+if TYPE_CHECKING:
+    from cloudml_os.cloud.base import NodeInfo
+    from cloudml_os.config import Settings
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_READ_CHUNK = 65536
+
+
+class RemoteError(RuntimeError):
+    """Something failed on or on the way to a node; the message names the node and what failed."""
+
+
+class HostKeyMismatch(RemoteError):
+    """The node presented a host key other than the pinned one: never retried, never accepted."""
+
+
+class CommandFailed(RemoteError):
+    """A checked command exited non-zero; ``result`` holds its exit code and output."""
+
+    def __init__(self, message: str, result: CommandResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+@dataclasses.dataclass(frozen=True)
+class CommandResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessStatus:
+    """A detached process's state. ``lost``: no exit code was recorded and the process is gone
+    (its node rebooted, or it never started)."""
+
+    running: bool
+    exit_code: int | None
+    lost: bool
+
+
+# -- command building (pure) --------------------------------------------------------------------
+
+
+def quote_argv(argv: Sequence[str]) -> str:
+    """Quote an argv for a POSIX shell so that each element arrives as one literal argument.
+
+    The first word is always single-quoted, so that ``X=1`` is run as a program name instead of being
+    taken as a variable assignment, and a reserved word (``if``) as a command.
+    """
+    if not argv:
+        raise ValueError("argv must not be empty")
+    first = "'" + argv[0].replace("'", "'\"'\"'") + "'"
+    return " ".join([first, *(shlex.quote(arg) for arg in argv[1:])])
+
+
+def build_command(argv: Sequence[str], env: Mapping[str, str] | None = None, cwd: str | None = None) -> str:
+    """The shell command line that runs ``argv`` with ``env`` added to the environment, in ``cwd``.
+
+    Names in ``env`` must be shell variable names; values, the directory and every argument are quoted.
+
+    :raises ValueError: on an empty argv or an invalid variable name.
+    """
+    parts = []
+    if cwd is not None:
+        parts.append(f"cd {shlex.quote(cwd)}")
+    if env:
+        for name in env:
+            if not _ENV_NAME.fullmatch(name):
+                raise ValueError(f"invalid environment variable name {name!r}")
+        parts.append("export " + " ".join(shlex.quote(f"{name}={value}") for name, value in env.items()))
+    parts.append(quote_argv(argv))
+    return " && ".join(parts)
+
+
+def script_argv(script: str, *args: str) -> list[str]:
+    """argv running a POSIX ``script`` with ``args`` as ``$1``, ``$2``…, so values never enter its text."""
+    return ["/bin/sh", "-c", script, "sh", *args]
+
+
+# The detached process machinery. PROC_DIR holds: output.log (combined stdout and stderr), wrapper_pid
+# (the shell that waits for the process), pid (the process, leader of its own session and process group)
+# and, once it ended, exit_code. Files are written to a temporary name and renamed, so readers never see
+# half a number.
+
+# $1 wrapper script, $2 proc dir, $3 cwd, $4… argv. `mkdir` of the proc dir is the lock that makes a
+# redelivered start a no-op. Waits until the pid is recorded so stop_process can always find it.
+_START_SCRIPT = r"""
+w=$1; d=$2
+mkdir -p -- "$(dirname -- "$d")" || exit 1
+if ! mkdir -- "$d" 2>/dev/null; then
+  [ -d "$d" ] && exit 0
+  echo "cannot create $d" >&2; exit 1
+fi
+: > "$d/output.log" || exit 1
+shift
+setsid /bin/sh -c "$w" sh "$@" </dev/null >/dev/null 2>&1 &
+i=0
+while [ ! -e "$d/pid" ] && [ ! -e "$d/exit_code" ]; do
+  i=$((i + 1))
+  if [ "$i" -gt 400 ]; then echo "process did not start within 20s" >&2; exit 1; fi
+  sleep 0.05
+done
+"""
+
+# $1 proc dir, $2 cwd, $3… argv. The process gets its own session (setsid) so that stop_process can
+# signal its whole process group without hitting this wrapper, which must live on to record the exit code.
+_WRAPPER_SCRIPT = r"""
+d=$1; cwd=$2; shift 2
+record() { echo "$2" > "$d/.$1.tmp" && mv -f "$d/.$1.tmp" "$d/$1"; }
+record wrapper_pid $$
+if ! cd "$cwd" 2>>"$d/output.log"; then record exit_code 126; exit 0; fi
+setsid -- "$@" </dev/null >>"$d/output.log" 2>&1 &
+child=$!
+record pid "$child"
+wait "$child"
+record exit_code $?
+"""
+
+# A wrapper is alive if the pid recorded is a live process whose argv holds this proc dir: after a node
+# reboot the same pid may belong to something else.
+_ALIVE_FUNCTION = r"""
+alive() {
+  [ -s "$d/wrapper_pid" ] || return 1
+  w=$(cat "$d/wrapper_pid")
+  { tr '\0' '\n' < "/proc/$w/cmdline"; } 2>/dev/null | grep -qxF -e "$d"
+}
+"""
+
+# $1 proc dir. Prints "exited CODE", "running" or "lost".
+_STATUS_SCRIPT = "d=$1\n" + _ALIVE_FUNCTION + r"""
+if [ -s "$d/exit_code" ]; then echo "exited $(cat "$d/exit_code")"
+elif alive; then echo running
+elif [ -s "$d/exit_code" ]; then echo "exited $(cat "$d/exit_code")"
+else echo lost
+fi
+"""
+
+# $1 proc dir, $2 grace in tenths of a second. TERM to the process group, KILL after the grace, then
+# wait for the wrapper to record the exit code.
+_STOP_SCRIPT = "d=$1; ticks=$2\n" + _ALIVE_FUNCTION + r"""
+alive || exit 0
+pg=$(cat "$d/pid" 2>/dev/null)
+[ -n "$pg" ] || exit 0
+kill -s TERM -- "-$pg" 2>/dev/null
+i=0
+while alive && [ "$i" -lt "$ticks" ]; do sleep 0.1; i=$((i + 1)); done
+alive && kill -s KILL -- "-$pg" 2>/dev/null
+i=0
+while alive && [ "$i" -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+"""
+
+
+def start_process_argv(proc_dir: str, argv: Sequence[str], cwd: str) -> list[str]:
+    """argv of the remote command that starts ``argv`` detached under ``proc_dir`` (see start_process)."""
+    if not argv:
+        raise ValueError("argv must not be empty")
+    if not proc_dir.startswith("/") or not cwd.startswith("/"):
+        raise ValueError("proc_dir and cwd must be absolute paths")
+    return script_argv(_START_SCRIPT, _WRAPPER_SCRIPT, proc_dir.rstrip("/") or "/", cwd, *argv)
+
+
+def parse_process_status(output: str) -> ProcessStatus:
+    """Turn the status script's one line into a :class:`ProcessStatus`."""
+    words = output.split()
+    if words == ["running"]:
+        return ProcessStatus(running=True, exit_code=None, lost=False)
+    if len(words) == 2 and words[0] == "exited" and words[1].lstrip("-").isdigit():
+        return ProcessStatus(running=False, exit_code=int(words[1]), lost=False)
+    return ProcessStatus(running=False, exit_code=None, lost=True)
+
+
+# -- the session --------------------------------------------------------------------------------
+
+
+class NodeSession:
+    """One SSH connection to one node. Not thread-safe: use one session per node per thread.
+
+    Build with :meth:`connect` (or :func:`connect_node`); use as a context manager to close it.
+    """
+
+    def __init__(self, name: str, client: paramiko.SSHClient) -> None:
+        self.name = name
+        self._client = client
+        self._sftp_client: paramiko.SFTPClient | None = None
+
+    @classmethod
+    def connect(cls, *, name: str, address: str, port: int, username: str, host_keys: Sequence[str],
+                private_key: str, timeout: float, retries: int) -> NodeSession:
+        """Connect with the node's host keys pinned, retrying while the node boots.
+
+        :param host_keys: OpenSSH public key lines the node's sshd must present one of.
+        :param private_key: the cluster's OpenSSH-format private key text (loaded from memory).
+        :param timeout: seconds for each TCP connect, banner and authentication.
+        :param retries: further attempts after the first on refused or timed-out connections.
+        :raises HostKeyMismatch: the node presented another key (no retry).
+        :raises RemoteError: no connection after the retries, authentication refused, bad key text.
+        """
+        if not host_keys:
+            raise RemoteError(f"node {name}: no host key to pin; refusing to connect unverified")
+        pkey = _load_private_key(name, private_key)
+        known_name = address if port == 22 else f"[{address}]:{port}"
+        pinned = [_parse_host_key(name, line) for line in host_keys]
+
+        def attempt() -> paramiko.SSHClient:
+            client = paramiko.SSHClient()
+            for key in pinned:
+                client.get_host_keys().add(known_name, key.get_name(), key)
+            client.set_missing_host_key_policy(paramiko.RejectPolicy())
+            try:
+                client.connect(address, port=port, username=username, pkey=pkey, timeout=timeout,
+                               banner_timeout=timeout, auth_timeout=timeout, allow_agent=False,
+                               look_for_keys=False)
+            except BaseException:
+                client.close()
+                raise
+            return client
+
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(_is_transient),
+            stop=tenacity.stop_after_attempt(max(0, retries) + 1),
+            wait=tenacity.wait_exponential(multiplier=0.05, max=2.0),
+            reraise=True,
+        )
+        try:
+            client = retrying(attempt)
+        except paramiko.BadHostKeyException as exc:
+            raise HostKeyMismatch(
+                f"node {name}: {address}:{port} presented host key {exc.key.get_name()} "
+                f"{exc.key.fingerprint}, which is not the pinned key; refusing to connect") from None
+        except paramiko.AuthenticationException:
+            raise RemoteError(f"node {name}: {username}@{address}:{port} refused the cluster's key") from None
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            raise RemoteError(f"node {name}: cannot connect to {address}:{port} after {retries + 1} "
+                              f"attempt(s): {exc}") from None
+        transport = client.get_transport()
+        if transport is not None:
+            transport.set_keepalive(30)  # a step may hold the session for hours while watching
+        return cls(name, client)
+
+    def __enter__(self) -> NodeSession:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._sftp_client is not None:
+            self._sftp_client.close()
+            self._sftp_client = None
+        self._client.close()
+
+    # -- commands --
+
+    def run(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: str | None = None,
+            timeout: float | None = None, check: bool = True) -> CommandResult:
+        """Run ``argv`` and wait for it; stdout and stderr are decoded as UTF-8 (invalid bytes replaced).
+
+        :param timeout: seconds to wait; on expiry the channel is closed (the remote command may go on).
+        :raises CommandFailed: ``check`` and a non-zero exit code.
+        :raises RemoteError: timeout or a lost connection.
+        """
+        command = build_command(argv, env, cwd)
+        exit_code, stdout, stderr = self._exec(command, timeout, describe=_describe(argv))
+        result = CommandResult(exit_code, stdout.decode(errors="replace"), stderr.decode(errors="replace"))
+        if check and exit_code != 0:
+            raise CommandFailed(f"node {self.name}: {_describe(argv)} exited with {exit_code}: "
+                                f"{result.stderr.strip()[-2000:]}", result)
+        return result
+
+    def start_process(self, proc_dir: str, argv: Sequence[str], *, env: Mapping[str, str], cwd: str) -> None:
+        """Start ``argv`` detached from this session, recording its life under ``proc_dir``.
+
+        It runs in its own session with stdin from /dev/null; stdout and stderr go to
+        ``proc_dir/output.log``, its pid to ``proc_dir/pid`` and, when it ends, its exit code to
+        ``proc_dir/exit_code``. Idempotent: if ``proc_dir`` exists (a redelivered task), nothing starts.
+        """
+        self.run(start_process_argv(proc_dir, argv, cwd), env=env, timeout=60)
+
+    def process_status(self, proc_dir: str) -> ProcessStatus:
+        result = self.run(script_argv(_STATUS_SCRIPT, proc_dir.rstrip("/")), timeout=60)
+        return parse_process_status(result.stdout)
+
+    def stop_process(self, proc_dir: str, grace: float) -> None:
+        """SIGTERM the process's group, SIGKILL it after ``grace`` seconds (TensorFlow workers may ignore
+        SIGTERM), and wait until its exit code is recorded. Does nothing to a finished or absent process."""
+        ticks = max(0, math.ceil(grace * 10))
+        self.run(script_argv(_STOP_SCRIPT, proc_dir.rstrip("/"), str(ticks)), timeout=grace + 30)
+
+    # -- files --
+
+    def put(self, data: bytes | Path, remote_path: str, mode: int = 0o644) -> None:
+        """Upload bytes or a local file, creating parent folders; the file appears whole or not at all."""
+        sftp = self._sftp()
+        folder, base = posixpath.split(remote_path)
+        tmp = posixpath.join(folder, f".{base}.{secrets.token_hex(4)}.part")
+        try:
+            self._makedirs(folder)
+            if isinstance(data, Path):
+                sftp.put(str(data), tmp)
+            else:
+                sftp.putfo(io.BytesIO(data), tmp)
+            sftp.chmod(tmp, mode)
+            sftp.posix_rename(tmp, remote_path)
+        except OSError as exc:
+            try:
+                sftp.remove(tmp)
+            except OSError:
+                pass
+            raise RemoteError(f"node {self.name}: cannot upload to {remote_path}: {exc}") from None
+
+    def read_file(self, remote_path: str, offset: int = 0, limit: int = 1 << 20) -> bytes:
+        """Up to ``limit`` bytes from ``offset`` (for following logs); a missing file reads as ``b""``."""
+        try:
+            with self._sftp().open(remote_path, "rb") as remote:
+                remote.seek(offset)
+                return remote.read(limit)
+        except FileNotFoundError:
+            return b""
+        except OSError as exc:
+            raise RemoteError(f"node {self.name}: cannot read {remote_path}: {exc}") from None
+
+    def get_tree(self, remote_dir: str, local_dir: Path) -> None:
+        """Download a folder recursively (an exported model). Symbolic links are skipped: one could point
+        outside the folder."""
+        sftp = self._sftp()
+        try:
+            local_dir.mkdir(parents=True, exist_ok=True)
+            for entry in sftp.listdir_attr(remote_dir):
+                remote = posixpath.join(remote_dir, entry.filename)
+                if stat.S_ISDIR(entry.st_mode or 0):
+                    self.get_tree(remote, local_dir / entry.filename)
+                elif stat.S_ISREG(entry.st_mode or 0):
+                    sftp.get(remote, str(local_dir / entry.filename))
+        except OSError as exc:
+            raise RemoteError(f"node {self.name}: cannot download {remote_dir}: {exc}") from None
+
+    def find(self, remote_dir: str, file_name: str) -> list[str]:
+        """Folders under ``remote_dir`` (itself included) that hold a file named ``file_name``, sorted.
+        Used to detect exported models; a missing ``remote_dir`` holds none."""
+        sftp = self._sftp()
+        found = []
+        pending = [remote_dir.rstrip("/") or "/"]
+        while pending:
+            folder = pending.pop()
+            try:
+                entries = sftp.listdir_attr(folder)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise RemoteError(f"node {self.name}: cannot list {folder}: {exc}") from None
+            for entry in entries:
+                mode = entry.st_mode or 0
+                if stat.S_ISDIR(mode):
+                    pending.append(posixpath.join(folder, entry.filename))
+                elif entry.filename == file_name and stat.S_ISREG(mode):
+                    found.append(folder)
+        return sorted(found)
+
+    # -- internals --
+
+    def _sftp(self) -> paramiko.SFTPClient:
+        if self._sftp_client is None:
+            try:
+                self._sftp_client = self._client.open_sftp()
+            except (OSError, paramiko.SSHException) as exc:
+                raise RemoteError(f"node {self.name}: cannot open SFTP: {exc}") from None
+        return self._sftp_client
+
+    def _makedirs(self, folder: str) -> None:
+        sftp = self._sftp()
+        path = ""
+        for part in folder.split("/"):
+            path = f"{path}/{part}" if path or folder.startswith("/") else part
+            if not part:
+                continue
+            try:
+                sftp.stat(path)
+            except FileNotFoundError:
+                try:
+                    sftp.mkdir(path)
+                except OSError:
+                    sftp.stat(path)  # created meanwhile by someone else, or raise the real error
+
+    def _exec(self, command: str, timeout: float | None, describe: str) -> tuple[int, bytes, bytes]:
+        """Run a command line; read stdout and stderr together so neither can fill up and block."""
+        transport = self._client.get_transport()
+        if transport is None or not transport.is_active():
+            raise RemoteError(f"node {self.name}: the SSH connection is closed")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            channel = transport.open_session(timeout=timeout)
+        except (OSError, paramiko.SSHException) as exc:
+            raise RemoteError(f"node {self.name}: cannot open a channel: {exc}") from None
+        stdout, stderr = bytearray(), bytearray()
+        try:
+            channel.exec_command(command)
+            channel.shutdown_write()
+            while True:
+                while channel.recv_ready():
+                    stdout += channel.recv(_READ_CHUNK)
+                while channel.recv_stderr_ready():
+                    stderr += channel.recv_stderr(_READ_CHUNK)
+                if channel.eof_received or channel.closed:
+                    break
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise RemoteError(f"node {self.name}: {describe} did not finish within {timeout:g}s")
+                select.select([channel], [], [], 1.0 if remaining is None else min(remaining, 1.0))
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not channel.status_event.wait(remaining):
+                raise RemoteError(f"node {self.name}: {describe} did not finish within {timeout:g}s")
+            while channel.recv_ready():
+                stdout += channel.recv(_READ_CHUNK)
+            while channel.recv_stderr_ready():
+                stderr += channel.recv_stderr(_READ_CHUNK)
+            if not transport.is_active() and channel.exit_status == -1:
+                raise RemoteError(f"node {self.name}: connection lost while running {describe}")
+            return channel.exit_status, bytes(stdout), bytes(stderr)
+        except (OSError, paramiko.SSHException) as exc:
+            raise RemoteError(f"node {self.name}: {describe} failed: {exc}") from None
+        finally:
+            channel.close()
+
+
+def connect_node(node: NodeInfo, private_key: str, settings: Settings) -> NodeSession:
+    """Connect to a node a driver returned, with the timeouts and retries from settings."""
+    return NodeSession.connect(name=node.name, address=node.address, port=node.ssh_port,
+                               username=node.username, host_keys=node.host_keys, private_key=private_key,
+                               timeout=settings.ssh_connect_timeout, retries=settings.ssh_boot_retries)
+
+
+def _describe(argv: Sequence[str]) -> str:
+    text = shlex.join(argv)
+    return f"`{text[:200]}…`" if len(text) > 200 else f"`{text}`"
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Worth retrying while a node boots: refused, reset, timed out, no banner yet."""
+    if isinstance(exc, paramiko.BadHostKeyException | paramiko.AuthenticationException):
+        return False
+    return isinstance(exc, OSError | EOFError | paramiko.SSHException)
+
+
+def _parse_host_key(name: str, line: str) -> paramiko.PKey:
+    fields = line.split()
+    try:
+        key_type, blob = fields[0], fields[1]
+        return paramiko.PKey.from_type_string(key_type, base64.b64decode(blob, validate=True))
+    except (IndexError, binascii.Error, ValueError, paramiko.SSHException, paramiko.UnknownKeyType):
+        raise RemoteError(f"node {name}: host key {line[:80]!r} is not an OpenSSH public key line") from None
+
+
+def _load_private_key(name: str, text: str) -> paramiko.PKey:
+    for key_class in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
+        try:
+            return key_class.from_private_key(io.StringIO(text))
+        except (paramiko.SSHException, ValueError):
+            continue
+    raise RemoteError(f"node {name}: the cluster's private key is not a readable OpenSSH private key")
