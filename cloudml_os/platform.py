@@ -17,14 +17,10 @@ from cloudml_os.workflows.train import TrainingContext
 
 
 def training_context(settings: Settings) -> TrainingContext:
-    from cloudml_os.remote import NodeSession
+    from cloudml_os.remote import connect_node
 
-    def connect(node: Node, private_key: str) -> NodeSession:
-        return NodeSession.connect(
-            name=node.name, address=node.address, port=node.ssh_port, username=node.username,
-            host_keys=node.host_keys, private_key=private_key,
-            timeout=settings.ssh_connect_timeout, retries=settings.ssh_boot_retries,
-        )
+    def connect(node: Node, private_key: str):
+        return connect_node(node, private_key, settings)
 
     return TrainingContext(
         settings=settings,

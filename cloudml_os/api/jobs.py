@@ -83,11 +83,11 @@ def _check_training_input(project: str, training_input: dict[str, Any]) -> None:
             raise InvalidArgument(f"{field}: {uri!r} is not a package of project {project}; upload it with "
                                   f"POST /v1/projects/{project}/packages and use the uri it returns")
     job_dir = training_input.get("jobDir")
-    if job_dir and job_dir.startswith("store://"):
+    if job_dir:
         try:
             dir_project, _ = parse_uri(job_dir)
         except ArtifactError as exc:
-            raise InvalidArgument(f"trainingInput.jobDir: {exc}") from None
+            raise InvalidArgument(f"trainingInput.jobDir: {exc}; job outputs go to the artifact store") from None
         if dir_project != project:
             raise InvalidArgument(f"trainingInput.jobDir: {job_dir!r} is not in project {project}")
 

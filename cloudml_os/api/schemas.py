@@ -23,7 +23,7 @@ SCALE_TIERS = ("BASIC", "STANDARD_1", "PREMIUM_1", "BASIC_GPU", "CUSTOM")
 PYTHON_MODULE_PATTERN = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
 DURATION_PATTERN = r"\d{1,12}(\.\d{1,9})?s"
 MAX_LABELS = 64
-TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # times are stored as naive UTC
+TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"  # RFC 3339 as v1 writes it; times are stored as naive UTC
 
 
 class Int64(fields.Field):

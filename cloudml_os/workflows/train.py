@@ -302,8 +302,8 @@ def run_step(ctx: TrainingContext, job_pk: int, step: Step, seq: int) -> tuple[S
     A delivery whose (step, seq) is no longer the job's is a duplicate and does nothing.
     """
     job = ctx.store.get_job(job_pk)
-    if job is None or job.step != step.value or job.step_seq != seq or step == Step.DONE:
-        return None
+    if job is None or job.step != step.value or job.step_seq != seq or JobState(job.state).is_final:
+        return None  # a duplicate, or a job cancelled while queued (nothing was created for it)
     if job.state == JobState.CANCELLING.value and step != Step.TEARING_DOWN:
         handover = Handover(Step.TEARING_DOWN)
         ctx.store.add_event(job.id, "CANCEL", f"Cancel requested during {step.value}")

@@ -1,0 +1,221 @@
+"""The training workflow's delivery rules, with an in-memory driver and node sessions.
+
+The same steps run for real in tests/integration; here each rule is isolated: duplicates do nothing,
+a cancel wins over any step, every failure still deletes the cluster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from cloudml_os.artifacts.local import LocalArtifactStore
+from cloudml_os.cloud.base import Driver, DriverError, NodeInfo
+from cloudml_os.config import load_settings
+from cloudml_os.frameworks.tensorflow import TensorFlow
+from cloudml_os.remote import ProcessStatus, RemoteError
+from cloudml_os.states import JobState, Step
+from cloudml_os.store import Job, Package, Store, migrate
+from cloudml_os.workflows.train import TrainingContext, run_step
+
+
+class RecordingDriver(Driver):
+    name = "memory"
+
+    def __init__(self, fail_create: bool = False):
+        self.clusters: dict[str, list[NodeInfo]] = {}
+        self.creates: list[str] = []
+        self.deletes: list[str] = []
+        self.fail_create = fail_create
+
+    def create_cluster(self, spec):
+        self.creates.append(spec.name)
+        if self.fail_create:
+            raise DriverError("no capacity for flavor m1.medium")
+        self.clusters.setdefault(spec.name, [
+            NodeInfo(n.name, n.task_type, n.task_index, f"127.9.0.{i + 1}", 22, "root", ("ssh-ed25519 AAAA",),
+                     30000 + 10 * i, 30009 + 10 * i, f"/nodes/{n.name}", "/runtimes")
+            for i, n in enumerate(spec.nodes)])
+        return self.clusters[spec.name]
+
+    def delete_cluster(self, name):
+        self.deletes.append(name)
+        self.clusters.pop(name, None)
+
+    def list_clusters(self):
+        return list(self.clusters)
+
+
+@dataclasses.dataclass
+class FakeSession:
+    """A node as the workflow sees it: processes that exit when the test says so."""
+
+    node: str
+    exits: dict[str, int | None]
+    started: list[str]
+    fail: bool = False
+
+    def __enter__(self):
+        if self.fail:
+            raise RemoteError(f"{self.node}: connection refused")
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def run(self, argv, **kwargs):
+        return type("Result", (), {"exit_code": 0 if argv[0] != "test" or "bootstrap.done" not in argv[-1]
+                                   else 1, "stdout": "", "stderr": ""})()
+
+    def put(self, data, remote_path, mode=0o644):
+        pass
+
+    def start_process(self, proc_dir, argv, *, env, cwd):
+        self.started.append(self.node)
+        self.exits.setdefault(self.node, None)
+
+    def process_status(self, proc_dir):
+        code = self.exits.get(self.node)
+        return ProcessStatus(running=code is None, exit_code=code, lost=False)
+
+    def stop_process(self, proc_dir, grace):
+        self.exits[self.node] = self.exits.get(self.node) if self.exits.get(self.node) is not None else 143
+
+    def read_file(self, path, offset, limit):
+        return b""
+
+    def find(self, remote_dir, name):
+        return []
+
+
+@pytest.fixture
+def world(tmp_path: Path):
+    url = f"sqlite:///{tmp_path}/db.sqlite"
+    migrate(url)
+    store = Store(url)
+    artifacts = LocalArtifactStore(tmp_path / "artifacts")
+    (tmp_path / "artifacts" / "p" / "packages").mkdir(parents=True)
+    (tmp_path / "artifacts" / "p" / "packages" / "t.tar.gz").write_bytes(b"x")
+    store.add(Package(project="p", uri="store://p/packages/t.tar.gz", filename="t.tar.gz", kind="archive",
+                      sha256="0" * 64, size=1))
+    exits: dict[str, int | None] = {}
+    started: list[str] = []
+    driver = RecordingDriver()
+    ctx = TrainingContext(
+        settings=load_settings(environ={}, data_dir=tmp_path), store=store, driver=driver, artifacts=artifacts,
+        frameworks={"TENSORFLOW": TensorFlow()},
+        connect=lambda node, key: FakeSession(node.name, exits, started),
+    )
+    return ctx, driver, exits, started
+
+
+def submit(ctx: TrainingContext, **training_input) -> int:
+    job = ctx.store.create_job(Job(
+        project="p", job_id="j", state="QUEUED", step="PROVISIONING", framework="TENSORFLOW",
+        training_input={"scaleTier": "BASIC", "packageUris": ["store://p/packages/t.tar.gz"],
+                        "pythonModule": "trainer.task", **training_input}))
+    return job.id
+
+
+def deliver(ctx, job_pk, step: Step, seq: int = 0):
+    return run_step(ctx, job_pk, step, seq)
+
+
+def drive(ctx, job_pk, message, limit=50):
+    """Deliver messages the way the task layer does, until none is left."""
+    for _ in range(limit):
+        if message is None:
+            return
+        step, seq, _delay = message
+        message = run_step(ctx, job_pk, step, seq)
+    raise AssertionError("the workflow did not settle")
+
+
+def test_a_job_runs_through_every_step_and_deletes_its_cluster(world):
+    ctx, driver, exits, started = world
+    job_pk = submit(ctx)
+    message = deliver(ctx, job_pk, Step.PROVISIONING)
+    for _ in range(3):
+        message = run_step(ctx, job_pk, *message[:2])
+    assert message[0] == Step.TRAINING
+    assert started == ["chief-0"]
+    exits["chief-0"] = 0
+    drive(ctx, job_pk, message)
+    job = ctx.store.get_job(job_pk)
+    assert (job.state, job.step) == ("SUCCEEDED", "DONE")
+    assert len(driver.creates) == 1
+    assert driver.deletes == driver.creates
+
+
+def test_a_duplicate_delivery_of_a_finished_step_does_nothing(world):
+    ctx, driver, _, _ = world
+    job_pk = submit(ctx)
+    first = deliver(ctx, job_pk, Step.PROVISIONING)
+    assert first == (Step.BOOTSTRAPPING, 0, 0.0)
+    assert deliver(ctx, job_pk, Step.PROVISIONING) is None
+    assert len(driver.creates) == 1
+
+
+def test_a_stale_poll_dies_out_instead_of_doubling(world):
+    ctx, _, _, _ = world
+    job_pk = submit(ctx)
+    message = deliver(ctx, job_pk, Step.PROVISIONING)
+    while message[0] != Step.TRAINING:
+        message = run_step(ctx, job_pk, *message[:2])
+    again = run_step(ctx, job_pk, *message[:2])
+    assert again[:2] == (Step.TRAINING, 1)
+    assert run_step(ctx, job_pk, *message[:2]) is None  # the same poll delivered twice
+
+
+def test_a_cancel_wins_over_the_next_step_and_still_tears_down(world):
+    ctx, driver, _, _ = world
+    job_pk = submit(ctx)
+    message = deliver(ctx, job_pk, Step.PROVISIONING)
+    assert ctx.store.transition(job_pk, [JobState.PREPARING], JobState.CANCELLING)
+    drive(ctx, job_pk, message)
+    assert ctx.store.get_job(job_pk).state == "CANCELLED"
+    assert len(driver.deletes) == 1
+
+
+def test_cancelling_a_queued_job_creates_nothing(world):
+    ctx, driver, _, _ = world
+    job_pk = submit(ctx)
+    assert ctx.store.transition(job_pk, [JobState.QUEUED], JobState.CANCELLED)
+    assert deliver(ctx, job_pk, Step.PROVISIONING) is None
+    assert driver.creates == []
+
+
+def test_a_driver_failure_fails_the_job_with_its_message(world):
+    ctx, driver, _, _ = world
+    driver.fail_create = True
+    job_pk = submit(ctx)
+    drive(ctx, job_pk, deliver(ctx, job_pk, Step.PROVISIONING))
+    job = ctx.store.get_job(job_pk)
+    assert job.state == "FAILED"
+    assert "no capacity" in job.error_message
+    assert len(driver.deletes) == 1  # whatever half-exists is deleted
+
+
+def test_a_worker_exit_code_fails_the_job_and_names_the_node(world):
+    ctx, driver, exits, _ = world
+    job_pk = submit(ctx, scaleTier="CUSTOM", masterType="standard", workerType="standard", workerCount=1)
+    message = deliver(ctx, job_pk, Step.PROVISIONING)
+    while message[0] != Step.TRAINING:
+        message = run_step(ctx, job_pk, *message[:2])
+    exits["worker-0"] = 3
+    drive(ctx, job_pk, message)
+    job = ctx.store.get_job(job_pk)
+    assert job.state == "FAILED"
+    assert "worker-0" in job.error_message
+    assert len(driver.deletes) == 1
+
+
+def test_max_running_time_fails_a_job_that_runs_too_long(world):
+    ctx, driver, _, _ = world
+    job_pk = submit(ctx, scheduling={"maxRunningTime": "0.000001s"})
+    drive(ctx, job_pk, deliver(ctx, job_pk, Step.PROVISIONING))
+    job = ctx.store.get_job(job_pk)
+    assert job.state == "FAILED"
+    assert "maxRunningTime" in job.error_message
