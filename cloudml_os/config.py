@@ -56,7 +56,8 @@ class Settings:
     artifacts_dir: Path | None = None
     runtimes_dir: Path = Path.home() / ".cache" / "cloudml-os" / "runtimes"
     task_queue: str = "cloudml-os"
-    watch_interval: float = 1.0
+    watch_interval: float = 0.25
+    watch_window: float = 5.0
     ssh_connect_timeout: float = 10.0
     ssh_boot_retries: int = 30
     ssh_parallelism: int = 16
@@ -148,6 +149,8 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(f"setting 'api_port': {settings.api_port} is not a TCP port")
     if settings.watch_interval <= 0:
         raise ConfigError("setting 'watch_interval' must be positive")
+    if settings.watch_window < 0:
+        raise ConfigError("setting 'watch_window' must not be negative")
     if settings.local_ports_per_node < 2:
         raise ConfigError("setting 'local_ports_per_node' must be at least 2")
     parts = settings.local_address_prefix.split(".")

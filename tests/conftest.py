@@ -52,7 +52,7 @@ def platform(tmp_path_factory, database_url, tf_runtime) -> Iterator[Platform]:
     queue = f"cloudml-test-{uuid.uuid4().hex[:8]}"
     with start_platform(tmp_path_factory.mktemp("platform"), database_url=database_url, broker_url=AMQP_URL,
                         task_queue=queue, local_address_prefix="127.2", local_port_base=30000,
-                        watch_interval=0.5, stop_grace_seconds=2) as running:
+                        stop_grace_seconds=2) as running:
         yield running
     with kombu.Connection(AMQP_URL) as connection:
         connection.default_channel.queue_delete(queue)

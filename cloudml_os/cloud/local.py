@@ -436,7 +436,9 @@ def _write_host_key(node_dir: Path) -> str:
 
 
 def _sshd_config(node_dir: Path, info: NodeInfo) -> str:
-    set_env = " ".join(f"{key}={value}" for key, value in info.environment.items())
+    # The node's own home, as a VM has: the shell sshd starts reads that .bashrc, not this host's.
+    environment = {"HOME": info.workdir, **info.environment}
+    set_env = " ".join(f"{key}={value}" for key, value in environment.items())
     lines = [
         f"ListenAddress {info.address}",
         f"Port {info.ssh_port}",
@@ -452,7 +454,7 @@ def _sshd_config(node_dir: Path, info: NodeInfo) -> str:
         "X11Forwarding no",
         "Subsystem sftp internal-sftp",
         # Every session sees the node's GPUs only, as on a VM given just those devices.
-        *([f"SetEnv {set_env}"] if set_env else []),
+        f"SetEnv {set_env}",
     ]
     return "\n".join(lines) + "\n"
 

@@ -23,15 +23,17 @@ TRAIN_STEP = "cloudml_os.train_step"
 
 def make_celery(settings: Settings, context_factory: Callable[[], object] | None = None) -> Celery:
     """A Celery app bound to ``settings``; ``context_factory`` builds the workers' TrainingContext lazily."""
-    app = Celery("cloudml_os", broker=settings.broker_url, set_as_current=False)
-    transport_options = {"polling_interval": 0.1} if settings.broker_url.startswith("sqla+") else {}
+    broker_url, transport = settings.broker_url, None
+    if broker_url.startswith("sqla+"):
+        broker_url, transport = broker_url.removeprefix("sqla+"), "cloudml_os.tasks.broker:Transport"
+    app = Celery("cloudml_os", broker=broker_url, set_as_current=False)
     app.conf.update(
+        broker_transport=transport,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         task_ignore_result=True,
         worker_prefetch_multiplier=1,
         task_default_queue=settings.task_queue,
-        broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import re
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -93,14 +94,32 @@ def _role(node: Node, job: Job, ctx: TrainingContext) -> Role:
     return next(r for r in roles if r.task_type == node.task_type and r.task_index == node.task_index)
 
 
-def _each_node(ctx: TrainingContext, cluster: Cluster, action: Callable[[Node, NodeSession], Any]) -> list[Any]:
-    """Run ``action`` on every node with one SSH connection per node, in parallel."""
+class _Sessions:
+    """One SSH connection per node for the length of a step, opened in parallel and always closed."""
 
-    def on_node(node: Node) -> Any:
-        with ctx.connect(node, cluster.private_key) as session:
-            return action(node, session)
+    def __init__(self, ctx: TrainingContext, cluster: Cluster):
+        self.ctx, self.cluster = ctx, cluster
+        self.open: dict[str, NodeSession] = {}
 
-    return fan_out(cluster.nodes, on_node, ctx.settings.ssh_parallelism)
+    def __enter__(self) -> _Sessions:
+        def connect(node: Node) -> None:
+            self.open[node.name] = self.ctx.connect(node, self.cluster.private_key)
+
+        try:
+            fan_out(self.cluster.nodes, connect, self.ctx.settings.ssh_parallelism)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for session in self.open.values():
+            session.close()
+
+    def each(self, action: Callable[[Node, NodeSession], Any]) -> list[Any]:
+        """Run ``action`` on every node in parallel; results in node order."""
+        return fan_out(self.cluster.nodes, lambda node: action(node, self.open[node.name]),
+                       self.ctx.settings.ssh_parallelism)
 
 
 # ---- the steps -------------------------------------------------------------------------------------
@@ -169,7 +188,8 @@ def bootstrap(ctx: TrainingContext, job: Job) -> Handover:
                 raise StepError(f"node {node.name}: installing {local_path.name} failed:\n{tail}")
         session.run(["touch", done_marker])
 
-    _each_node(ctx, cluster, prepare)
+    with _Sessions(ctx, cluster) as sessions:
+        sessions.each(prepare)
     ctx.store.add_event(job.id, "BOOTSTRAP", f"{len(cluster.nodes)} node(s) bootstrapped")
     return Handover(Step.LAUNCHING)
 
@@ -206,7 +226,8 @@ def launch(ctx: TrainingContext, job: Job) -> Handover:
                 *training_input.get("args", []), "--job-dir", node_job_dir(node)]
         session.start_process(process_dir(node), argv, env=env, cwd=job_root(node))
 
-    _each_node(ctx, cluster, start)
+    with _Sessions(ctx, cluster) as sessions:
+        sessions.each(start)
     for node in cluster.nodes:
         ctx.store.update_node(node.id, process_state="RUNNING")
     ctx.store.add_event(job.id, "LAUNCH", f"Trainer started on {len(cluster.nodes)} node(s)")
@@ -214,27 +235,41 @@ def launch(ctx: TrainingContext, job: Job) -> Handover:
 
 
 def watch(ctx: TrainingContext, job: Job) -> Handover:
-    """Fetch new log bytes and exit codes; judge the job by its framework's success policy."""
+    """Poll exit codes and fetch new log bytes; judge the job by its framework's success policy.
+
+    One delivery keeps its connections for ``watch_window`` seconds, polling every ``watch_interval``,
+    then re-sends itself: exits are seen within one interval without a handshake per node per poll,
+    and no message stays unacknowledged for a whole training run.
+    """
     cluster = _cluster(ctx, job)
     framework = ctx.frameworks[job.framework]
-    statuses = _collect(ctx, job, cluster)
-    outcome = framework.outcome([ProcessStatus(_role(n, job, ctx), s.exit_code, s.lost)
-                                 for n, s in zip(cluster.nodes, statuses, strict=True)])
-    if outcome.state == "SUCCEEDED":
-        ctx.store.add_event(job.id, "OUTCOME", outcome.message or "Training succeeded")
-        return Handover(Step.EXPORTING)
-    if outcome.state == "FAILED":
-        failed = outcome.failed_role.node_name if outcome.failed_role else None
-        message = outcome.message
-        if failed:
-            text, _ = ctx.store.read_log(job.id, failed, 0, 1 << 30)
-            tail = "\n".join(text.decode("utf-8", "replace").rstrip().splitlines()[-ERROR_LOG_LINES:])
-            message = f"{message}\nLast log lines of {failed}:\n{tail}"
-        raise StepError(message)
+    roles = [_role(node, job, ctx) for node in cluster.nodes]
     max_running = _seconds(job.training_input.get("scheduling", {}).get("maxRunningTime"))
-    if max_running and job.start_time and (ctx.store.now() - job.start_time).total_seconds() > max_running:
-        raise StepError(f"Job ran longer than scheduling.maxRunningTime ({max_running:g}s)")
-    return Handover(Step.TRAINING, ctx.settings.watch_interval)
+    window_ends = time.monotonic() + ctx.settings.watch_window
+    with _Sessions(ctx, cluster) as sessions:
+        while True:
+            statuses = sessions.each(lambda node, session: _fetch(ctx, job, node, session))
+            outcome = framework.outcome([ProcessStatus(role, status.exit_code, status.lost)
+                                         for role, status in zip(roles, statuses, strict=True)])
+            if outcome.state == "SUCCEEDED":
+                ctx.store.add_event(job.id, "OUTCOME", outcome.message or "Training succeeded")
+                return Handover(Step.EXPORTING)
+            if outcome.state == "FAILED":
+                raise StepError(_with_log_tail(ctx, job, outcome.message, outcome.failed_role))
+            if max_running and job.start_time and (ctx.store.now() - job.start_time).total_seconds() > max_running:
+                raise StepError(f"Job ran longer than scheduling.maxRunningTime ({max_running:g}s)")
+            if time.monotonic() >= window_ends or ctx.store.get_job(job.id).state != JobState.RUNNING.value:
+                return Handover(Step.TRAINING)
+            time.sleep(ctx.settings.watch_interval)
+
+
+def _with_log_tail(ctx: TrainingContext, job: Job, message: str, role: Role | None) -> str:
+    """The failure message followed by the last lines the failed process logged."""
+    if role is None:
+        return message
+    text, _ = ctx.store.read_log(job.id, role.node_name, 0, 1 << 30)
+    tail = "\n".join(text.decode("utf-8", "replace").rstrip().splitlines()[-ERROR_LOG_LINES:])
+    return f"{message}\nLast log lines of {role.node_name}:\n{tail}"
 
 
 def export(ctx: TrainingContext, job: Job) -> Handover:
@@ -267,11 +302,13 @@ def teardown(ctx: TrainingContext, job: Job) -> Handover:
     if cluster is not None:
         ctx.store.update_cluster(cluster.id, state="DELETING")
         if cluster.nodes:
+            def stop(node: Node, session: NodeSession) -> None:
+                session.stop_process(process_dir(node), ctx.settings.stop_grace_seconds)
+                _fetch(ctx, job, node, session)
+
             try:
-                def stop(node: Node, session: NodeSession) -> None:
-                    session.stop_process(process_dir(node), ctx.settings.stop_grace_seconds)
-                _each_node(ctx, cluster, stop)
-                _collect(ctx, job, cluster)
+                with _Sessions(ctx, cluster) as sessions:
+                    sessions.each(stop)
             except (RemoteError, OSError) as exc:  # nodes may be gone already; deletion still runs
                 log.warning("job %s: could not stop trainers before deletion: %s", job.id, exc)
         ctx.driver.delete_cluster(cluster.name)
@@ -350,26 +387,22 @@ def _chief(ctx: TrainingContext, job: Job, cluster: Cluster) -> Node:
     return master or cluster.nodes[0]
 
 
-def _collect(ctx: TrainingContext, job: Job, cluster: Cluster) -> list[Any]:
-    """Per node: append new log bytes to the store and return the trainer's process status."""
-
-    def fetch(node: Node, session: NodeSession) -> Any:
-        status = session.process_status(process_dir(node))
-        offset = node.log_offset
-        while True:
-            data = session.read_file(f"{process_dir(node)}/output.log", offset, LOG_FETCH_LIMIT)
-            if not data:
-                break
-            ctx.store.append_log(job.id, node.id, node.name, offset, data)
-            offset += len(data)
-            if len(data) < LOG_FETCH_LIMIT:
-                break
-        if status.exit_code is not None and node.process_state == "RUNNING":
-            ctx.store.update_node(node.id, process_state="EXITED", exit_code=status.exit_code)
-            ctx.store.add_event(job.id, "PROCESS", f"Trainer exited with code {status.exit_code}", node=node.name)
-        return status
-
-    return _each_node(ctx, cluster, fetch)
+def _fetch(ctx: TrainingContext, job: Job, node: Node, session: NodeSession) -> Any:
+    """Append the node's new log bytes to the store; return its trainer's process status."""
+    status = session.process_status(process_dir(node))
+    while True:
+        data = session.read_file(f"{process_dir(node)}/output.log", node.log_offset, LOG_FETCH_LIMIT)
+        if not data:
+            break
+        ctx.store.append_log(job.id, node.id, node.name, node.log_offset, data)
+        node.log_offset += len(data)
+        if len(data) < LOG_FETCH_LIMIT:
+            break
+    if status.exit_code is not None and node.process_state == "RUNNING":
+        node.process_state = "EXITED"
+        ctx.store.update_node(node.id, process_state="EXITED", exit_code=status.exit_code)
+        ctx.store.add_event(job.id, "PROCESS", f"Trainer exited with code {status.exit_code}", node=node.name)
+    return status
 
 
 def _seconds(duration: str | None) -> float | None:

@@ -100,10 +100,18 @@ def test_cancel_while_running_ends_cancelled_with_no_process_left(platform, clie
     client.submit("cancelled_job", package, args=["--sleep-before-training", "600"])
     running = client.wait("cancelled_job", states={"RUNNING"}, timeout=300)
     assert running["state"] == "RUNNING"
+    follow = client.request("GET", "/jobs/cancelled_job/logs?node=chief-0&follow=true", stream=True)
+    assert follow.status_code == 200
+    followed = ""
+    lines = follow.iter_lines(decode_unicode=True)
+    while "sleeping" not in followed:  # the trainer's log reaches us while it runs
+        followed += next(lines) + "\n"
     response = client.request("POST", "/jobs/cancelled_job:cancel", json={})
     assert response.status_code == 200, response.text
-    job = client.wait("cancelled_job", timeout=120)
+    followed += "".join(line + "\n" for line in lines)  # the stream ends once the job has ended
+    job = client.job("cancelled_job")
     assert job["state"] == "CANCELLED"
+    assert followed == client.logs("cancelled_job")["chief-0"]
     assert_no_node_left(platform, client, job["jobId"])
 
 

@@ -69,6 +69,9 @@ class FakeSession:
         return type("Result", (), {"exit_code": 0 if argv[0] != "test" or "bootstrap.done" not in argv[-1]
                                    else 1, "stdout": "", "stderr": ""})()
 
+    def close(self):
+        pass
+
     def put(self, data, remote_path, mode=0o644):
         pass
 
@@ -104,7 +107,8 @@ def world(tmp_path: Path):
     started: list[str] = []
     driver = RecordingDriver()
     ctx = TrainingContext(
-        settings=load_settings(environ={}, data_dir=tmp_path), store=store, driver=driver, artifacts=artifacts,
+        settings=load_settings(environ={}, data_dir=tmp_path, watch_window=0, watch_interval=0.01),
+        store=store, driver=driver, artifacts=artifacts,
         frameworks={"TENSORFLOW": TensorFlow()},
         connect=lambda node, key: FakeSession(node.name, exits, started),
     )
