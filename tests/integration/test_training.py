@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import subprocess
+import zipfile
 
 import pytest
 
+from tests.conftest import ROOT
 from tests.harness import node_processes
 
 pytestmark = pytest.mark.integration
@@ -123,3 +125,20 @@ def test_arguments_with_shell_metacharacters_reach_the_trainer_literally(platfor
     assert job["state"] == "SUCCEEDED", job.get("errorMessage")
     assert not canary.exists()
     assert json.dumps(tricky) in client.logs("literal_args")["chief-0"]
+
+
+def test_a_plain_zip_archive_is_put_on_the_python_path(platform, client, tmp_path):
+    """Not every trainer is a source distribution: a plain archive of modules runs as it is."""
+    archive = tmp_path / "overhead.zip"
+    trainer = ROOT / "bench" / "trainers" / "overhead" / "overhead_trainer"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        for path in trainer.glob("*.py"):
+            bundle.write(path, f"overhead_trainer/{path.name}")
+    uri = client.upload(archive)
+    response = client.request("POST", "/jobs", json={"jobId": "zip_job", "trainingInput": {
+        "packageUris": [uri], "pythonModule": "overhead_trainer.task", "args": ["--run-seconds", "0"]}})
+    assert response.status_code == 200, response.text
+    job = client.wait("zip_job")
+    assert job["state"] == "SUCCEEDED", job.get("errorMessage")
+    assert "EXIT" in client.logs("zip_job")["chief-0"]
+    assert "exportedModelUri" not in job.get("trainingOutput", {})

@@ -150,7 +150,7 @@ def test_upload_plain_zip_is_an_archive_and_the_same_file_twice_is_one_package(e
     assert env.package_rows() == 1
     listed = env.client.get("/v1/projects/p/packages", headers=env.headers("p", "viewer")).get_json()
     assert [p["uri"] for p in listed["packages"]] == [first["uri"]]
-    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", listed["packages"][0]["createTime"])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", listed["packages"][0]["createTime"])
 
 
 @pytest.mark.parametrize("filename, data, fragment", [
@@ -195,7 +195,7 @@ def test_create_queues_the_job_and_starts_it_once(env):
     assert (job["jobId"], job["state"], job["step"], job["framework"]) == ("job_1", "QUEUED", "PROVISIONING",
                                                                            "TENSORFLOW")
     assert job["labels"] == {"team": "ml"} and isinstance(job["etag"], str)
-    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", job["createTime"])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", job["createTime"])
     assert "startTime" not in job and "endTime" not in job and "errorMessage" not in job
     assert row.training_input["framework"] == "TENSORFLOW" and row.training_input["scaleTier"] == "STANDARD_1"
     assert job["trainingInput"]["args"] == ["--epochs", "3"]
