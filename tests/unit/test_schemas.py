@@ -164,7 +164,7 @@ def test_job_resource_is_v1_shaped():
         "trainingInput": {"scaleTier": "CUSTOM", "masterType": "standard", "workerCount": "4",
                           "packageUris": ["store://p/x.tar.gz"], "pythonModule": "t.task",
                           "framework": "TENSORFLOW"},
-        "labels": {"team": "ml"}, "createTime": "2026-11-27T16:00:00.000000Z",
+        "labels": {"team": "ml"}, "createTime": "2026-11-27T16:00:00.123456Z",
         "startTime": "2026-11-27T16:05:00.000000Z",
         "etag": "Mw==",
     }
