@@ -37,11 +37,9 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 from cloudml_os.cloud.base import ClusterSpec, Driver, DriverError, NodeInfo, NodeSpec
 from cloudml_os.config import Settings
+from cloudml_os.keys import generate_keypair
 
 SSHD = "/usr/sbin/sshd"
 UNSHARE = "unshare"
@@ -423,13 +421,9 @@ def _claim(path: Path, owner: str) -> bool:
 
 def _write_host_key(node_dir: Path) -> str:
     """Generate the node's ed25519 host key in OpenSSH format; return its public key line."""
-    key = Ed25519PrivateKey.generate()
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                serialization.NoEncryption())
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                           serialization.PublicFormat.OpenSSH).decode()
+    private, public = generate_keypair()
     fd = os.open(node_dir / "hostkey", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as file:
+    with os.fdopen(fd, "w") as file:
         file.write(private)
     (node_dir / "hostkey.pub").write_text(public + "\n")
     return public
