@@ -25,6 +25,7 @@ import re
 import secrets
 import select
 import shlex
+import socket
 import stat
 import time
 from collections.abc import Mapping, Sequence
@@ -130,13 +131,10 @@ if ! mkdir -- "$d" 2>/dev/null; then
 fi
 : > "$d/output.log" || exit 1
 shift
-setsid /bin/sh -c "$w" sh "$@" </dev/null >/dev/null 2>&1 &
-i=0
-while [ ! -e "$d/pid" ] && [ ! -e "$d/exit_code" ]; do
-  i=$((i + 1))
-  if [ "$i" -gt 400 ]; then echo "process did not start within 20s" >&2; exit 1; fi
-  sleep 0.05
-done
+# The wrapper closes its stdout once it has recorded the pid (or when it exits): reading that pipe to
+# its end waits exactly that long, with no polling. The subshell returns at once; only the pipe is waited on.
+: "$( (setsid /bin/sh -c "$w" sh "$@" </dev/null 2>/dev/null &) )"
+[ -e "$d/pid" ] || [ -e "$d/exit_code" ] || { echo "process did not start" >&2; exit 1; }
 """
 
 # $1 proc dir, $2 cwd, $3… argv. The process gets its own session (setsid) so that stop_process can
@@ -149,6 +147,7 @@ if ! cd "$cwd" 2>>"$d/output.log"; then record exit_code 126; exit 0; fi
 setsid -- "$@" </dev/null >>"$d/output.log" 2>&1 &
 child=$!
 record pid "$child"
+exec >/dev/null
 wait "$child"
 record exit_code $?
 """
@@ -243,12 +242,17 @@ class NodeSession:
             for key in pinned:
                 client.get_host_keys().add(known_name, key.get_name(), key)
             client.set_missing_host_key_policy(paramiko.RejectPolicy())
+            # Our own socket, to switch Nagle off before the handshake: paramiko leaves it on, and SSH's
+            # small request/reply messages then wait for the peer's delayed ACK (~40 ms each time).
+            sock = socket.create_connection((address, port), timeout=timeout)
             try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 client.connect(address, port=port, username=username, pkey=pkey, timeout=timeout,
                                banner_timeout=timeout, auth_timeout=timeout, allow_agent=False,
-                               look_for_keys=False)
+                               look_for_keys=False, sock=sock)
             except BaseException:
                 client.close()
+                sock.close()
                 raise
             return client
 
