@@ -147,7 +147,6 @@ def _wait_http(url: str, process: subprocess.Popen, timeout: float = 60) -> None
 
 def _delete_leftover_nodes(env: dict[str, str]) -> None:
     from cloudml_os.cloud.local import LocalDriver
-
     from cloudml_os.config import load_settings
 
     driver = LocalDriver(load_settings(environ=env))
