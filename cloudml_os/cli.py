@@ -17,8 +17,6 @@ from pathlib import Path
 
 from cloudml_os.config import ConfigError, Settings, load_settings
 
-DEFAULT_RUNTIMES = ("tensorflow-2.21",)
-
 
 def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(
@@ -55,10 +53,10 @@ def cmd_token_create(args: argparse.Namespace) -> int:
 
 
 def cmd_runtime_build(args: argparse.Namespace) -> int:
-    from cloudml_os.runtimes import ensure_runtime
+    from cloudml_os.runtimes import available_runtimes, ensure_runtime
 
     settings = _settings(args)
-    for name in args.names or DEFAULT_RUNTIMES:
+    for name in args.names or available_runtimes():
         print(ensure_runtime(name, settings.runtimes_dir))
     return 0
 
@@ -103,11 +101,11 @@ def cmd_api(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     settings = _settings(args)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    from cloudml_os.runtimes import ensure_runtime
+    from cloudml_os.runtimes import available_runtimes, ensure_runtime
     from cloudml_os.store import migrate
 
     migrate(settings.database_url)
-    for name in DEFAULT_RUNTIMES:
+    for name in available_runtimes():
         ensure_runtime(name, settings.runtimes_dir)
     env = {**os.environ, "CLOUDML_OS_DATA_DIR": str(settings.data_dir),
            "CLOUDML_OS_API_PORT": str(settings.api_port), "CLOUDML_OS_API_HOST": settings.api_host}

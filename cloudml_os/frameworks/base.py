@@ -161,7 +161,19 @@ class Framework(abc.ABC):
 
     @abc.abstractmethod
     def roles(self, topology: Topology, training_input: Mapping[str, Any]) -> list[Role]:
-        """The processes this framework runs for the topology, one node each."""
+        """The processes this framework runs for the topology, one node each.
+
+        :raises TopologyError: when the framework cannot run this topology (checked at submission).
+        """
+
+    def command(self, role: Role, python: str, training_input: Mapping[str, Any], job_dir: str) -> list[str]:
+        """argv of ``role``'s process: the Cloud ML Engine trainer contract, the same for every role."""
+        return [python, "-m", training_input["pythonModule"], *training_input.get("args", []),
+                "--job-dir", job_dir]
+
+    def export_roles(self, roles: list[Role]) -> list[Role]:
+        """Where to look for the exported model (a folder holding ``export_marker``), in order."""
+        return roles[:1]
 
     @abc.abstractmethod
     def environment(self, member: Member, members: list[Member], job: Mapping[str, Any]) -> dict[str, str]:

@@ -67,6 +67,10 @@ class TensorFlow(Framework):
         }
         return {"TF_CONFIG": json.dumps(tf_config, separators=(",", ":"))}
 
+    def export_roles(self, roles: list[Role]) -> list[Role]:
+        """The chief (or master) writes the SavedModel."""
+        return [r for r in roles if r.task_type in ("chief", "master")] or roles[:1]
+
     def outcome(self, processes: list[ProcessStatus]) -> Outcome:
         """Succeeded once the master/chief exited 0, whatever still runs (ps, PS-strategy workers).
 

@@ -222,8 +222,8 @@ def launch(ctx: TrainingContext, job: Job) -> Handover:
             "PYTHONPATH": packages_dir(node),
             "PYTHONUNBUFFERED": "1",
         }
-        argv = [node_python(node, job, framework), "-m", training_input["pythonModule"],
-                *training_input.get("args", []), "--job-dir", node_job_dir(node)]
+        argv = framework.command(member.role, node_python(node, job, framework), training_input,
+                                 node_job_dir(node))
         session.start_process(process_dir(node), argv, env=env, cwd=job_root(node))
 
     with _Sessions(ctx, cluster) as sessions:
@@ -273,26 +273,34 @@ def _with_log_tail(ctx: TrainingContext, job: Job, message: str, role: Role | No
 
 
 def export(ctx: TrainingContext, job: Job) -> Handover:
-    """Copy the chief's exported model to the artifact store and name it on the job."""
+    """Copy the exported model to the artifact store and name it on the job.
+
+    The framework says which processes may have written it; the first whose job directory holds the
+    framework's export marker wins (MXNet's rank 0, for one, is chosen at run time).
+    """
     cluster = _cluster(ctx, job)
     framework = ctx.frameworks[job.framework]
-    chief = _chief(ctx, job, cluster)
+    by_role = {(n.task_type, n.task_index): n for n in cluster.nodes}
+    roles = [_role(node, job, ctx) for node in cluster.nodes]
     destination = job.training_input.get("jobDir") or make_uri(job.project, f"jobs/{job.job_id}")
-    with ctx.connect(chief, cluster.private_key) as session:
-        candidates = session.find(node_job_dir(chief), framework.export_marker)
-        if not candidates:
-            ctx.store.add_event(job.id, "EXPORT", "The trainer exported no model")
-            ctx.store.update_job(job.id, outcome=JobState.SUCCEEDED.value)
-            return Handover(Step.TEARING_DOWN)
-        # Prefer the shallowest export directory (the trainer's top-level model, not a checkpoint copy).
-        source = min(candidates, key=lambda p: (p.count("/"), p))
-        with tempfile.TemporaryDirectory() as tmp:
-            session.get_tree(source, Path(tmp))
-            project, key = parse_uri(destination)
-            uri = ctx.artifacts.put_tree(project, f"{key}/model", Path(tmp))
-    output = {**job.training_output, "exportedModelUri": uri}
-    ctx.store.update_job(job.id, training_output=output, outcome=JobState.SUCCEEDED.value)
-    ctx.store.add_event(job.id, "EXPORT", f"Exported model copied to {uri}", node=chief.name)
+    for role in framework.export_roles(roles):
+        node = by_role[(role.task_type, role.task_index)]
+        with ctx.connect(node, cluster.private_key) as session:
+            candidates = session.find(node_job_dir(node), framework.export_marker)
+            if not candidates:
+                continue
+            # The shallowest export directory is the trainer's model, not a copy inside a checkpoint.
+            source = min(candidates, key=lambda p: (p.count("/"), p))
+            with tempfile.TemporaryDirectory() as tmp:
+                session.get_tree(source, Path(tmp))
+                project, key = parse_uri(destination)
+                uri = ctx.artifacts.put_tree(project, f"{key}/model", Path(tmp))
+        output = {**job.training_output, "exportedModelUri": uri}
+        ctx.store.update_job(job.id, training_output=output, outcome=JobState.SUCCEEDED.value)
+        ctx.store.add_event(job.id, "EXPORT", f"Exported model copied to {uri}", node=node.name)
+        return Handover(Step.TEARING_DOWN)
+    ctx.store.add_event(job.id, "EXPORT", "The trainer exported no model")
+    ctx.store.update_job(job.id, outcome=JobState.SUCCEEDED.value)
     return Handover(Step.TEARING_DOWN)
 
 
@@ -380,11 +388,6 @@ def _cluster(ctx: TrainingContext, job: Job) -> Cluster:
     if cluster is None or not cluster.nodes:
         raise StepError("the job's cluster is missing")
     return cluster
-
-
-def _chief(ctx: TrainingContext, job: Job, cluster: Cluster) -> Node:
-    master = next((n for n in cluster.nodes if n.task_type in ("master", "chief")), None)
-    return master or cluster.nodes[0]
 
 
 def _fetch(ctx: TrainingContext, job: Job, node: Node, session: NodeSession) -> Any:
