@@ -16,7 +16,7 @@ from flask_smorest import Api
 from sqlalchemy import text
 
 from cloudml_os import __version__
-from cloudml_os.api import CONVERTERS, EXTENSION, Services, jobs, packages, services
+from cloudml_os.api import CONVERTERS, EXTENSION, Services, jobs, packages, projects, services
 from cloudml_os.api.schemas import ErrorSchema, Int64
 from cloudml_os.archives import MAX_PACKAGE_BYTES
 from cloudml_os.artifacts.local import LocalArtifactStore
@@ -100,6 +100,7 @@ def create_app(settings: Settings, *, store: Store, artifacts: LocalArtifactStor
         api.register_converter(converter, lambda _converter, schema=schema: dict(schema))
     api.register_blueprint(jobs.blp)
     api.register_blueprint(packages.blp)
+    api.register_blueprint(projects.blp)
 
     app.before_request(_authenticate)
     app.add_url_rule("/healthz", "healthz", _healthz)

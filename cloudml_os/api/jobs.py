@@ -69,8 +69,9 @@ def _check_training_input(project: str, training_input: dict[str, Any]) -> None:
         valid = ", ".join(sorted(svc.frameworks)) or "none installed"
         raise InvalidArgument(f"trainingInput.framework: unknown framework {name!r}; valid: {valid}")
     try:
-        topology_from_training_input(training_input, svc.settings.machine_types)
+        topology = topology_from_training_input(training_input, svc.settings.machine_types)
         svc.frameworks[name].runtime(training_input.get("runtimeVersion"))
+        svc.frameworks[name].roles(topology, training_input)  # e.g. no parameter servers for PyTorch
     except TopologyError as exc:
         raise InvalidArgument(str(exc)) from None
     for index, uri in enumerate(training_input["packageUris"]):

@@ -341,6 +341,29 @@ class PackageListSchema(Schema):
     packages = fields.List(fields.Nested(PackageSchema))
 
 
+# ---- project configuration (v1 getConfig, with added runtimes and machine types) -------------------
+
+
+class RuntimeSchema(Schema):
+    framework = fields.String(metadata={"description": "trainingInput.framework value"})
+    runtimeVersion = fields.String(metadata={"description": "trainingInput.runtimeVersion value"})
+    default = fields.Boolean(metadata={"description": "used when runtimeVersion is not given"})
+
+
+class MachineTypeSchema(Schema):
+    name = fields.String()
+    flavor = fields.String(metadata={"description": "the OpenStack flavor (or local equivalent) it maps to"})
+    gpus = fields.Integer()
+
+
+class ProjectConfigSchema(Schema):
+    serviceAccount = fields.String()
+    serviceAccountProject = fields.String()
+    config = fields.Dict()
+    runtimes = fields.List(fields.Nested(RuntimeSchema))
+    machineTypes = fields.List(fields.Nested(MachineTypeSchema))
+
+
 # ---- errors (documentation of the v1 error body; errors.py builds it) -------------------------------
 
 

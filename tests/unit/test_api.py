@@ -620,3 +620,21 @@ def test_openapi_document_is_public_valid_openapi_3_with_the_jobs_paths(env):
     training_input = doc["components"]["schemas"]["TrainingInput"]
     assert set(training_input["required"]) == {"packageUris", "pythonModule"}
     assert "framework" in training_input["properties"]
+
+
+# ---- project configuration ------------------------------------------------------------------------------
+
+
+def test_get_config_lists_the_runtime_catalogue_and_machine_types(env):
+    response = env.client.get("/v1/projects/p:getConfig", headers=env.headers("p", "viewer"))
+    assert response.status_code == 200, response.get_json()
+    config = response.get_json()
+    assert {"framework": "TENSORFLOW", "runtimeVersion": "2.15", "default": True} in config["runtimes"]
+    standard = next(m for m in config["machineTypes"] if m["name"] == "standard")
+    assert standard["flavor"] and standard["gpus"] == 0
+    assert any(m["gpus"] > 0 for m in config["machineTypes"])
+
+
+def test_get_config_of_another_project_is_not_found(env):
+    response = env.client.get("/v1/projects/other:getConfig", headers=env.admin)
+    assert_v1_error(response, 404, "NOT_FOUND")
