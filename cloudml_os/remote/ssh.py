@@ -318,8 +318,18 @@ class NodeSession:
         self.run(start_process_argv(proc_dir, argv, cwd), env=env, timeout=60)
 
     def process_status(self, proc_dir: str) -> ProcessStatus:
+        """Whether the process runs, ended (with its exit code) or was lost (gone without one)."""
         result = self.run(script_argv(_STATUS_SCRIPT, proc_dir.rstrip("/")), timeout=60)
         return parse_process_status(result.stdout)
+
+    def exit_code(self, proc_dir: str) -> int | None:
+        """The recorded exit code, or None while there is none: one SFTP read, no process on the node.
+
+        Cheap enough to poll often beside a training process; :meth:`process_status` also tells a lost
+        process from a running one, at the cost of a shell and a few forks on the node.
+        """
+        text = self.read_file(f"{proc_dir.rstrip('/')}/exit_code", 0, 64).strip()
+        return int(text) if text.lstrip(b"-").isdigit() else None
 
     def stop_process(self, proc_dir: str, grace: float) -> None:
         """SIGTERM the process's group, SIGKILL it after ``grace`` seconds (TensorFlow workers may ignore

@@ -11,6 +11,7 @@ TEARING_DOWN, which always deletes the cluster before the job reaches its final 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
 import tempfile
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from cloudml_os import remote
 from cloudml_os.artifacts.local import ArtifactError, LocalArtifactStore, make_uri, parse_uri
 from cloudml_os.cloud.base import ClusterSpec, Driver, DriverError, NodeSpec
 from cloudml_os.config import Settings
@@ -248,7 +250,10 @@ def watch(ctx: TrainingContext, job: Job) -> Handover:
     window_ends = time.monotonic() + ctx.settings.watch_window
     with _Sessions(ctx, cluster) as sessions:
         while True:
-            statuses = sessions.each(lambda node, session: _fetch(ctx, job, node, session))
+            # Within the window only exit codes are polled (a file read); the last poll also finds
+            # processes that vanished without one.
+            last = time.monotonic() + ctx.settings.watch_interval >= window_ends
+            statuses = sessions.each(functools.partial(_fetch, ctx, job, thorough=last))
             outcome = framework.outcome([ProcessStatus(role, status.exit_code, status.lost)
                                          for role, status in zip(roles, statuses, strict=True)])
             if outcome.state == "SUCCEEDED":
@@ -390,9 +395,16 @@ def _cluster(ctx: TrainingContext, job: Job) -> Cluster:
     return cluster
 
 
-def _fetch(ctx: TrainingContext, job: Job, node: Node, session: NodeSession) -> Any:
-    """Append the node's new log bytes to the store; return its trainer's process status."""
-    status = session.process_status(process_dir(node))
+def _fetch(ctx: TrainingContext, job: Job, node: Node, session: NodeSession, thorough: bool = True) -> Any:
+    """Append the node's new log bytes to the store; return its trainer's process status.
+
+    ``thorough=False`` only reads the exit code, so a process that vanished without one reads as running.
+    """
+    if thorough:
+        status = session.process_status(process_dir(node))
+    else:
+        code = session.exit_code(process_dir(node))
+        status = remote.ProcessStatus(running=code is None, exit_code=code, lost=False)
     while True:
         data = session.read_file(f"{process_dir(node)}/output.log", node.log_offset, LOG_FETCH_LIMIT)
         if not data:

@@ -137,6 +137,7 @@ def train_synchronously(args: argparse.Namespace, strategy: tf.distribute.Strate
     LOG.info("training with %s: %d replica(s), global batch %d, %d epochs of %d steps",
              strategy_name, strategy.num_replicas_in_sync, global_batch, args.epochs, steps_per_epoch)
     step = 0
+    training_started = time.monotonic()
     for epoch in range(1, args.epochs + 1):
         total = 0.0
         for _ in range(steps_per_epoch):
@@ -144,6 +145,8 @@ def train_synchronously(args: argparse.Namespace, strategy: tf.distribute.Strate
             failer.before(step)
             total += float(train_step(iterator))
         LOG.info("epoch %d/%d step %d loss %.6f", epoch, args.epochs, step, total / steps_per_epoch)
+    # This task's own samples per second of training (start-up and rendezvous excluded), for benchmarks.
+    LOG.info("THROUGHPUT samples_per_second=%.1f", step * args.batch_size / (time.monotonic() - training_started))
     return model
 
 

@@ -1,0 +1,150 @@
+"""Distributed training throughput: orchestrated by the platform versus started by hand, per framework.
+
+For each framework one small distributed job runs twice per round, in alternating order:
+- orchestrated: submitted to a running platform (API → Celery → nodes), as users do;
+- by hand: on a cluster of the same local driver, the same package installed the same way, each process
+  started over SSH with exactly the environment and command the framework plugin computes.
+Each example trainer logs ``THROUGHPUT samples_per_second=…`` for its own training loop; the figure is
+the sum over the processes that train. Target: orchestrated / by hand ≥ 0.98.
+
+    .venv/bin/python -m bench.framework_throughput [--rounds 3] [--frameworks TENSORFLOW MXNET PYTORCH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from cloudml_os.cloud.base import ClusterSpec, NodeSpec
+from cloudml_os.cloud.local import LocalDriver
+from cloudml_os.config import load_settings
+from cloudml_os.frameworks.base import Member, ProcessStatus, load_frameworks, topology_from_training_input
+from cloudml_os.keys import generate_keypair
+from cloudml_os.remote import connect_node, fan_out
+from cloudml_os.runtimes import ensure_runtime, runtime_dirname
+from tests.harness import build_sdist, start_platform
+
+ROOT = Path(__file__).resolve().parents[1]
+THROUGHPUT = re.compile(r"THROUGHPUT samples_per_second=([0-9.]+)")
+
+# A distributed topology per framework, and the arguments that make training last a few seconds.
+JOBS = {
+    "TENSORFLOW": ("tensorflow", {"scaleTier": "CUSTOM", "masterType": "standard", "workerType": "standard",
+                                  "workerCount": 1}, ["--epochs", "10", "--samples", "16384"]),
+    "MXNET": ("mxnet", {"scaleTier": "CUSTOM", "masterType": "standard", "workerType": "standard",
+                        "workerCount": 1, "parameterServerType": "standard", "parameterServerCount": 1},
+              ["--epochs", "3"]),
+    "PYTORCH": ("pytorch", {"scaleTier": "CUSTOM", "masterType": "standard", "workerType": "standard",
+                            "workerCount": 1}, ["--epochs", "3"]),
+}
+
+
+def _throughput(logs: dict[str, str]) -> float:
+    return sum(float(v) for text in logs.values() for v in THROUGHPUT.findall(text))
+
+
+def orchestrated(client, package_uri: str, framework: str, training_input: dict, args: list[str]) -> float:
+    job_id = f"tp_{framework.lower()}_{uuid.uuid4().hex[:6]}"
+    body = {"jobId": job_id, "trainingInput": {**training_input, "framework": framework,
+                                               "packageUris": [package_uri], "pythonModule": "trainer.task",
+                                               "args": args}}
+    response = client.request("POST", "/jobs", json=body)
+    assert response.status_code == 200, response.text
+    job = client.wait(job_id, timeout=600)
+    assert job["state"] == "SUCCEEDED", job
+    return _throughput(client.logs(job_id))
+
+
+def by_hand(driver: LocalDriver, settings, framework, package: Path, training_input: dict, args: list[str]) -> float:
+    """The same processes, environment and command, started over SSH without the platform."""
+    training_input = {**training_input, "pythonModule": "trainer.task", "args": args}
+    roles = framework.roles(topology_from_training_input(training_input, settings.machine_types), training_input)
+    private_key, public_key = generate_keypair()
+    name = f"by-hand-{uuid.uuid4().hex[:8]}"
+    nodes = driver.create_cluster(ClusterSpec(name, tuple(
+        NodeSpec(r.node_name, r.task_type, r.task_index, r.machine_type.flavor) for r in roles), public_key))
+    try:
+        by_name = {n.name: n for n in nodes}
+        members = [Member(r, by_name[r.node_name].address, by_name[r.node_name].port_first,
+                          by_name[r.node_name].port_last) for r in roles]
+        body = {"jobId": name, "trainingInput": training_input}
+        python = f"{settings.runtimes_dir}/{runtime_dirname(framework.runtime(None))}/bin/python"
+
+        def start(member: Member) -> None:
+            node = by_name[member.role.node_name]
+            site, job_dir = f"{node.workdir}/site", f"{node.workdir}/out"
+            with connect_node(node, private_key, settings) as session:
+                session.put(package, f"{node.workdir}/{package.name}")
+                session.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--no-build-isolation",
+                             "--target", site, f"{node.workdir}/{package.name}"])
+                env = {**node.environment, **framework.environment(member, members, body),
+                       "PYTHONPATH": site, "PYTHONUNBUFFERED": "1"}
+                session.start_process(f"{node.workdir}/proc", framework.command(member.role, python, training_input,
+                                                                                 job_dir), env=env, cwd=node.workdir)
+
+        fan_out(members, start, settings.ssh_parallelism, describe=lambda m: m.role.node_name)
+        while True:
+            def status(member: Member) -> ProcessStatus:
+                node = by_name[member.role.node_name]
+                with connect_node(node, private_key, settings) as session:
+                    state = session.process_status(f"{node.workdir}/proc")
+                return ProcessStatus(member.role, state.exit_code, state.lost)
+
+            outcome = framework.outcome(fan_out(members, status, settings.ssh_parallelism))
+            if outcome.state != "RUNNING":
+                assert outcome.state == "SUCCEEDED", outcome.message
+                break
+            time.sleep(0.5)
+        logs = {}
+        for node in nodes:
+            with connect_node(node, private_key, settings) as session:
+                logs[node.name] = session.read_file(f"{node.workdir}/proc/output.log", 0, 1 << 24).decode()
+        return _throughput(logs)
+    finally:
+        driver.delete_cluster(name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--frameworks", nargs="*", default=list(JOBS))
+    args = parser.parse_args()
+    frameworks = load_frameworks()
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        settings = load_settings(environ={}, data_dir=tmp / "by-hand", local_address_prefix="127.8",
+                                 local_port_base=50000, local_ssh_port=2622)
+        driver = LocalDriver(settings)
+        with start_platform(tmp / "platform", local_address_prefix="127.4", local_port_base=40000) as platform:
+            client = platform.client("bench")
+            for name in args.frameworks:
+                example, training_input, trainer_args = JOBS[name]
+                framework = frameworks[name]
+                runtime = ensure_runtime(framework.runtime(None), settings.runtimes_dir)
+                package = build_sdist(ROOT / "examples" / example, tmp / f"sdist-{example}", runtime / "bin" / "python")
+                uri = client.upload(package)
+                ours, hand = [], []
+                for round_ in range(args.rounds):  # alternate which goes first
+                    for orchestrated_turn in ((True, False) if round_ % 2 == 0 else (False, True)):
+                        if orchestrated_turn:
+                            ours.append(orchestrated(client, uri, name, training_input, trainer_args))
+                        else:
+                            hand.append(by_hand(driver, settings, framework, package, training_input, trainer_args))
+                results[name] = (ours, hand)
+    print(f"\nDistributed training throughput (samples/s summed over training processes), "
+          f"median of {args.rounds} rounds, 2 CPU cores")
+    print(f"  {'framework':12s} {'orchestrated':>14s} {'by hand':>10s} {'ratio':>7s}  target >= 0.98")
+    for name, (ours, hand) in results.items():
+        a, b = statistics.median(ours), statistics.median(hand)
+        print(f"  {name:12s} {a:14.1f} {b:10.1f} {a / b:7.3f}  {'ok' if a / b >= 0.98 else 'below'}"
+              f"   (runs: ours {', '.join(f'{v:.0f}' for v in ours)}; by hand {', '.join(f'{v:.0f}' for v in hand)})")
+
+
+if __name__ == "__main__":
+    main()
