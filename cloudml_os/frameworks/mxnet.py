@@ -10,8 +10,9 @@ A master alone is plain local training: one process, no ``DMLC_*`` variables.
 Each process learns its role and the cluster from ``DMLC_*`` variables and binds one port: the
 scheduler ``DMLC_PS_ROOT_URI:DMLC_PS_ROOT_PORT``, the others ``DMLC_NODE_HOST:PORT`` (ps-lite reads
 ``PORT``, not a ``DMLC_`` name). Both are the member's own address and first port, so nodes that share
-one network stack on distinct loopback addresses never collide. This module runs in the control plane
-and must not import MXNet.
+one network stack on distinct loopback addresses do not collide. Should that port be taken anyway, a
+worker or server silently binds a random port in 10000-50000 instead (ps-lite's retry) while the
+scheduler fails to start. This module runs in the control plane and must not import MXNet.
 """
 
 from __future__ import annotations

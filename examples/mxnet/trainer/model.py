@@ -1,0 +1,105 @@
+"""The model, its training loop on a kvstore, and its export; only workers import this module.
+
+Every worker generates the same data set (same seed) and trains on its shard: samples
+``rank::num_workers``. Under ``dist_sync`` the servers sum the workers' gradients each step, so a step
+is one update with the mean gradient of the global batch, and every worker pulls the same weights.
+The worker of rank 0 exports ``JOB_DIR/model/model-symbol.json`` and ``model-0000.params``: a
+``SymbolBlock`` whose input is ``data``, float32 of shape [N, 1].
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+
+import mxnet as mx
+import numpy as np
+from mxnet import autograd, gluon
+
+LOG = logging.getLogger("trainer")
+TRUE_SLOPE, TRUE_INTERCEPT = 3.0, 2.0
+EXPORT_PREFIX = "model"  # HybridBlock.export writes PREFIX-symbol.json and PREFIX-0000.params
+
+
+def make_data(samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The same samples in every process (same seed), so sharding splits one data set."""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-1.0, 1.0, size=(samples, 1)).astype("float32")
+    y = (TRUE_SLOPE * x + TRUE_INTERCEPT + rng.normal(0.0, 0.1, size=(samples, 1))).astype("float32")
+    return x, y
+
+
+def build_model() -> gluon.HybridBlock:
+    net = gluon.nn.HybridSequential()
+    net.add(gluon.nn.Dense(1, in_units=1))
+    net.initialize(mx.init.Normal(0.1))
+    net.hybridize()
+    return net
+
+
+def model_params(net: gluon.HybridBlock) -> dict[str, float]:
+    dense = net[0]
+    return {"weight": float(dense.weight.data().asnumpy().ravel()[0]),
+            "bias": float(dense.bias.data().asnumpy().ravel()[0])}
+
+
+def train_and_export(args: argparse.Namespace, kvstore_type: str) -> gluon.HybridBlock:
+    """Train on this worker's shard, print throughput and final parameters, export on rank 0.
+
+    :raises RuntimeError: at ``--fail-at-step`` on the failing rank.
+    """
+    kvstore = mx.kv.create(kvstore_type)  # dist_*: waits until every worker and server has joined
+    rank, num_workers = kvstore.rank, kvstore.num_workers
+    LOG.info("worker rank %d of %d, kvstore %s, MXNet %s", rank, num_workers, kvstore.type, mx.__version__)
+    mx.random.seed(args.seed)
+    x, y = make_data(args.samples, args.seed)
+    x, y = x[rank::num_workers], y[rank::num_workers]
+    # Every worker takes the same number of steps: under dist_sync a missing push would block the rest.
+    steps_per_epoch = max(1, (args.samples // num_workers) // args.batch_size)
+    # dist_sync sums the workers' gradients before the update; dist_async applies each push alone.
+    step_scale = args.batch_size * (num_workers if kvstore_type == "dist_sync" else 1)
+    fail_rank = args.fail_rank if args.fail_rank >= 0 else num_workers - 1
+    fail_at_step = args.fail_at_step if rank == fail_rank else 0
+
+    net = build_model()
+    trainer = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": args.learning_rate},
+                            kvstore=kvstore)
+    loss_function = gluon.loss.L2Loss()
+    order = np.random.default_rng(args.seed + rank)
+    LOG.info("training: %d samples in this shard, batch %d, %d epochs of %d steps",
+             len(x), args.batch_size, args.epochs, steps_per_epoch)
+    started = time.monotonic()
+    step = 0
+    for epoch in range(1, args.epochs + 1):
+        permutation = order.permutation(len(x))
+        total = 0.0
+        for batch in range(steps_per_epoch):
+            step += 1
+            if step == fail_at_step:
+                raise RuntimeError(f"Injected failure at step {step} (--fail-at-step, rank {rank})")
+            indexes = permutation[batch * args.batch_size:(batch + 1) * args.batch_size]
+            data, label = mx.nd.array(x[indexes]), mx.nd.array(y[indexes])
+            with autograd.record():
+                loss = loss_function(net(data), label)
+            loss.backward()
+            trainer.step(step_scale)
+            total += float(loss.mean().asscalar())
+        LOG.info("epoch %d/%d step %d loss %.6f", epoch, args.epochs, step, total / steps_per_epoch)
+    elapsed = time.monotonic() - started
+    params = model_params(net)
+    LOG.info("trained in %.2f s: y = %.3f x + %.3f (true: %.1f x + %.1f)", elapsed, params["weight"],
+             params["bias"], TRUE_SLOPE, TRUE_INTERCEPT)
+    print(f"THROUGHPUT samples_per_second={step * args.batch_size / elapsed:.1f}", flush=True)
+    print(f"PARAMS {json.dumps(params, sort_keys=True)}", flush=True)
+    if rank == 0:
+        export(net, os.path.join(args.job_dir, "model"))
+    return net
+
+
+def export(net: gluon.HybridBlock, export_dir: str) -> None:
+    os.makedirs(export_dir, exist_ok=True)
+    net.export(os.path.join(export_dir, EXPORT_PREFIX), epoch=0)
+    LOG.info("exported %s-symbol.json and %s-0000.params to %s", EXPORT_PREFIX, EXPORT_PREFIX, export_dir)
