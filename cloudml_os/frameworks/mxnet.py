@@ -13,6 +13,11 @@ scheduler ``DMLC_PS_ROOT_URI:DMLC_PS_ROOT_PORT``, the others ``DMLC_NODE_HOST:PO
 one network stack on distinct loopback addresses do not collide. Should that port be taken anyway, a
 worker or server silently binds a random port in 10000-50000 instead (ps-lite's retry) while the
 scheduler fails to start. This module runs in the control plane and must not import MXNet.
+
+A worker whose trainer raises would not exit: the interpreter's shutdown runs MXNet's kvstore
+finalisation, which waits at a barrier for workers that will never come. The command therefore runs the
+trainer module under a small launcher that ends the process at once, with code 1, on an uncaught
+exception, and lets a normal or ``sys.exit`` ending take its usual course.
 """
 
 from __future__ import annotations
@@ -25,6 +30,23 @@ from cloudml_os.frameworks.base import Framework, Member, Outcome, ProcessStatus
 WORKER, SERVER, SCHEDULER = "worker", "server", "scheduler"
 # The order failures are reported in: a worker's own error explains more than a server it stranded.
 REPORT_ORDER = (WORKER, SERVER, SCHEDULER)
+
+
+# Runs ``python -c LAUNCHER MODULE ARGS…`` as ``python -m MODULE ARGS…`` would, except that an uncaught
+# exception ends the process at once instead of in MXNet's kvstore shutdown.
+LAUNCHER = """\
+import os, runpy, sys, traceback
+module = sys.argv.pop(1)
+try:
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+except SystemExit:
+    raise
+except BaseException:
+    traceback.print_exc()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
+"""
 
 
 class MXNet(Framework):
@@ -58,6 +80,11 @@ class MXNet(Framework):
         roles.extend(Role(SERVER, index, servers.machine_type) for index in range(servers.count))
         roles.append(Role(SCHEDULER, 0, servers.machine_type))
         return roles
+
+    def command(self, role: Role, python: str, training_input: Mapping[str, Any], job_dir: str) -> list[str]:
+        """The trainer contract, run under :data:`LAUNCHER` so that a failing worker exits instead of hanging."""
+        return [python, "-c", LAUNCHER, training_input["pythonModule"], *training_input.get("args", []),
+                "--job-dir", job_dir]
 
     def environment(self, member: Member, members: list[Member], job: Mapping[str, Any]) -> dict[str, str]:
         """``DMLC_*`` and ``PORT`` for ``member``; nothing for a job without a scheduler (local training)."""

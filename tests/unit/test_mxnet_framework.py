@@ -1,5 +1,8 @@
 """The MXNet plugin: ps-lite roles, DMLC_* environments on shared-host nodes, and the job's success policy."""
 
+import subprocess
+import sys
+
 import pytest
 
 from cloudml_os import runtimes
@@ -258,3 +261,34 @@ def test_a_scheduler_crash_fails():
 def test_a_worker_failure_is_reported_before_the_server_it_stranded():
     outcome = FRAMEWORK.outcome(distributed(worker_exits=(None, 2), server_exits=("lost",), scheduler_exit=1))
     assert outcome.message == "worker-1 exited with code 2"
+
+
+def _run_launcher(tmp_path, body: str, *args: str) -> subprocess.CompletedProcess:
+    (tmp_path / "launched_trainer.py").write_text(body)
+    role = MXNet().roles(*_single_worker())[0]
+    argv = MXNet().command(role, sys.executable, {"pythonModule": "launched_trainer", "args": list(args)}, "/out")
+    return subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          env={"PYTHONPATH": str(tmp_path)})
+
+
+def _single_worker():
+    training_input = {"scaleTier": "BASIC"}
+    return topology_from_training_input(training_input, DEFAULT_MACHINE_TYPES), training_input
+
+
+def test_the_command_runs_the_trainer_module_with_its_arguments(tmp_path):
+    done = _run_launcher(tmp_path, "import sys\nprint(sys.argv[1:])\n", "--note", "$(id); x")
+    assert done.returncode == 0
+    assert done.stdout.strip() == str(["--note", "$(id); x", "--job-dir", "/out"])
+
+
+def test_an_uncaught_exception_ends_the_process_at_once_with_code_1(tmp_path):
+    # The atexit hook stands for MXNet's kvstore shutdown, which would wait for the other workers.
+    body = "import atexit, time\natexit.register(time.sleep, 600)\nraise RuntimeError('Injected failure')\n"
+    done = _run_launcher(tmp_path, body)
+    assert done.returncode == 1
+    assert "Injected failure" in done.stderr
+
+
+def test_sys_exit_keeps_its_code(tmp_path):
+    assert _run_launcher(tmp_path, "import sys\nsys.exit(3)\n").returncode == 3

@@ -10,8 +10,8 @@ Every process of the job runs this module; ``DMLC_ROLE`` says what it becomes:
   have finished, then this process exits 0.
 
 MXNet is imported only after the role is known, so a server logs what it is before it serves. A
-worker that fails exits at once with code 1: a normal exit would run MXNet's kvstore shutdown, which
-waits at a barrier for the other workers and so would never end.
+failure is simply raised: on cloudml-os the MXNet plugin runs trainers under a launcher that ends a
+failed process at once (a normal exit would wait in MXNet's kvstore shutdown for the other workers).
 """
 
 from __future__ import annotations
@@ -71,14 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(args.sleep_before_training)
     from trainer import model  # imports MXNet, which connects a worker to the scheduler
 
-    try:
-        model.train_and_export(args, args.kvstore or ("dist_sync" if role else "local"))
-    except Exception:
-        LOG.exception("training failed")
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
+    model.train_and_export(args, args.kvstore or ("dist_sync" if role else "local"))
     return 0
 
 
