@@ -21,13 +21,27 @@ PG_ADMIN_URL = os.environ.get("CLOUDML_OS_TEST_PG", "postgresql+psycopg://postgr
 AMQP_URL = os.environ.get("CLOUDML_OS_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
 
 
-@pytest.fixture(scope="session")
-def tf_runtime() -> Path:
-    """The TensorFlow node runtime, built once per machine (cached across runs)."""
+def node_runtime(name: str) -> Path:
+    """A framework's node runtime, built once per machine (cached across runs)."""
     from cloudml_os.config import load_settings
     from cloudml_os.runtimes import ensure_runtime
 
-    return ensure_runtime("tensorflow-2.21", load_settings(environ={}).runtimes_dir)
+    return ensure_runtime(name, load_settings(environ={}).runtimes_dir)
+
+
+@pytest.fixture(scope="session")
+def tf_runtime() -> Path:
+    return node_runtime("tensorflow-2.21")
+
+
+@pytest.fixture(scope="session")
+def mxnet_runtime() -> Path:
+    return node_runtime("mxnet-1.9")
+
+
+@pytest.fixture(scope="session")
+def pytorch_runtime() -> Path:
+    return node_runtime("pytorch-2.13")
 
 
 @pytest.fixture(scope="session")
@@ -60,6 +74,18 @@ def platform(tmp_path_factory, database_url, tf_runtime) -> Iterator[Platform]:
 
 @pytest.fixture(scope="session")
 def tf_package(tmp_path_factory, tf_runtime) -> Path:
-    """The example TensorFlow trainer as a source distribution, built once."""
+    """The example trainers as source distributions, built once."""
     return build_sdist(ROOT / "examples" / "tensorflow", tmp_path_factory.mktemp("sdist"),
                        tf_runtime / "bin" / "python")
+
+
+@pytest.fixture(scope="session")
+def mxnet_package(tmp_path_factory, mxnet_runtime) -> Path:
+    return build_sdist(ROOT / "examples" / "mxnet", tmp_path_factory.mktemp("sdist"),
+                       mxnet_runtime / "bin" / "python")
+
+
+@pytest.fixture(scope="session")
+def pytorch_package(tmp_path_factory, pytorch_runtime) -> Path:
+    return build_sdist(ROOT / "examples" / "pytorch", tmp_path_factory.mktemp("sdist"),
+                       pytorch_runtime / "bin" / "python")

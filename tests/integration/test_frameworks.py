@@ -13,8 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
-from tests.harness import build_sdist
 from tests.integration.test_training import assert_no_node_left
 
 pytestmark = pytest.mark.integration
@@ -63,23 +61,14 @@ def client(platform):
 # ---- MXNet ------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def mxnet_runtime() -> Path:
-    from cloudml_os.config import load_settings
-    from cloudml_os.runtimes import ensure_runtime
-
-    return ensure_runtime("mxnet-1.9", load_settings(environ={}).runtimes_dir)
-
-
 @pytest.fixture(scope="module")
-def mxnet_package(client, tmp_path_factory, mxnet_runtime):
-    sdist = build_sdist(ROOT / "examples" / "mxnet", tmp_path_factory.mktemp("mxnet"), mxnet_runtime / "bin" / "python")
-    return client.upload(sdist)
+def mxnet_uri(client, mxnet_package):
+    return client.upload(mxnet_package)
 
 
-def test_a_single_mxnet_worker_trains_and_its_exported_model_predicts(platform, client, mxnet_package,
+def test_a_single_mxnet_worker_trains_and_its_exported_model_predicts(platform, client, mxnet_uri,
                                                                        mxnet_runtime):
-    client.submit("mxnet_single", mxnet_package, framework="MXNET")
+    client.submit("mxnet_single", mxnet_uri, framework="MXNET")
     job = client.wait("mxnet_single")
     assert job["state"] == "SUCCEEDED", job.get("errorMessage")
     predictions = predict(mxnet_runtime, MXNET_PREDICT, model_dir(platform, job))
@@ -88,8 +77,8 @@ def test_a_single_mxnet_worker_trains_and_its_exported_model_predicts(platform, 
 
 
 def test_mxnet_dist_sync_workers_end_equal_and_the_scheduler_and_server_are_stopped(platform, client,
-                                                                                    mxnet_package, mxnet_runtime):
-    client.submit("mxnet_dist", mxnet_package, framework="MXNET", scaleTier="CUSTOM", masterType="standard",
+                                                                                    mxnet_uri, mxnet_runtime):
+    client.submit("mxnet_dist", mxnet_uri, framework="MXNET", scaleTier="CUSTOM", masterType="standard",
                   workerType="standard", workerCount=1, parameterServerType="standard", parameterServerCount=1)
     job = client.wait("mxnet_dist")
     assert job["state"] == "SUCCEEDED", job.get("errorMessage")
@@ -103,8 +92,8 @@ def test_mxnet_dist_sync_workers_end_equal_and_the_scheduler_and_server_are_stop
     assert_no_node_left(platform, client, "mxnet_dist")
 
 
-def test_an_mxnet_worker_that_raises_fails_the_job_instead_of_hanging(platform, client, mxnet_package):
-    client.submit("mxnet_failing", mxnet_package, framework="MXNET", scaleTier="CUSTOM", masterType="standard",
+def test_an_mxnet_worker_that_raises_fails_the_job_instead_of_hanging(platform, client, mxnet_uri):
+    client.submit("mxnet_failing", mxnet_uri, framework="MXNET", scaleTier="CUSTOM", masterType="standard",
                   workerType="standard", workerCount=1, parameterServerType="standard", parameterServerCount=1,
                   args=["--fail-at-step", "5", "--epochs", "50"])
     job = client.wait("mxnet_failing", timeout=180)  # a hang in the kvstore would never get here

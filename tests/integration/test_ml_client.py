@@ -55,3 +55,29 @@ def test_the_ml_v1_client_sees_v1_errors(ml):
         ml.projects().jobs().get(name="projects/ml-client/jobs/no_such_job").execute()
     assert raised.value.resp.status == 404
     assert raised.value.error_details == "" or raised.value.reason
+
+
+@pytest.mark.parametrize("framework, package_fixture, runtime_version", [
+    ("TENSORFLOW", "tf_package", "2.21"),
+    ("MXNET", "mxnet_package", "1.9"),
+    ("PYTORCH", "pytorch_package", "2.13"),
+])
+def test_the_ml_v1_client_runs_every_framework_with_the_added_field(platform, ml, request, framework,
+                                                                    package_fixture, runtime_version):
+    uploader = platform.client("ml-client", "member")
+    uri = uploader.upload(request.getfixturevalue(package_fixture))
+    job_id = f"client_{framework.lower()}"
+    body = {"jobId": job_id, "trainingInput": {
+        "scaleTier": "BASIC", "packageUris": [uri], "pythonModule": "trainer.task", "region": "local",
+        "framework": framework, "runtimeVersion": runtime_version, "args": ["--epochs", "2"]}}
+    created = ml.projects().jobs().create(parent="projects/ml-client", body=body).execute()
+    assert created["trainingInput"]["framework"] == framework
+    job = uploader.wait(job_id)
+    assert job["state"] == "SUCCEEDED", job.get("errorMessage")
+    assert job["trainingOutput"]["exportedModelUri"].endswith(f"jobs/{job_id}/model")
+
+
+def test_get_config_through_the_client_lists_every_framework(ml):
+    config = ml.projects().getConfig(name="projects/ml-client").execute()
+    frameworks = {(r["framework"], r["runtimeVersion"]) for r in config["runtimes"]}
+    assert frameworks >= {("TENSORFLOW", "2.21"), ("MXNET", "1.9"), ("PYTORCH", "2.13")}

@@ -1,0 +1,15 @@
+"""The example trainer package, built as Cloud ML Engine trainers are: ``python setup.py sdist``.
+
+PyTorch is not a dependency here: the runtime (``trainingInput.runtimeVersion``) provides it, and the
+node installs this package with ``--no-deps``.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="trainer",
+    version="0.1.0",
+    description="cloudml-os example: linear regression with PyTorch, single process or DistributedDataParallel",
+    packages=find_packages(include=["trainer", "trainer.*"]),
+    python_requires=">=3.10",
+)
