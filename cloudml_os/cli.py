@@ -89,6 +89,9 @@ def cmd_api(args: argparse.Namespace) -> int:
             self.cfg.set("workers", 1)
             self.cfg.set("threads", args.threads)
             self.cfg.set("timeout", 0)  # log following holds a request open
+            # Clients such as the ml v1 library keep connections idle between calls for a while; a
+            # short keep-alive closes them under the client, which then fails its next write.
+            self.cfg.set("keepalive", 120)
             self.cfg.set("accesslog", "-")
 
         def load(self):

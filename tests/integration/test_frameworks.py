@@ -101,3 +101,44 @@ def test_an_mxnet_worker_that_raises_fails_the_job_instead_of_hanging(platform, 
     assert "Injected failure" in job["errorMessage"]
     assert re.search(r"worker-\d exited with code 1", job["errorMessage"])
     assert_no_node_left(platform, client, "mxnet_failing")
+
+
+# ---- PyTorch ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pytorch_uri(client, pytorch_package):
+    return client.upload(pytorch_package)
+
+
+def test_two_pytorch_ranks_synchronise_gradients_and_export_torchscript(platform, client, pytorch_uri,
+                                                                        pytorch_runtime):
+    client.submit("pytorch_ddp", pytorch_uri, framework="PYTORCH", scaleTier="CUSTOM", masterType="standard",
+                  workerType="standard", workerCount=1, args=["--epochs", "2"])
+    job = client.wait("pytorch_ddp")
+    assert job["state"] == "SUCCEEDED", job.get("errorMessage")
+    logs = client.logs("pytorch_ddp")
+    params = params_by_node(logs)
+    assert set(params) == {"master-0", "worker-0"}
+    assert params["master-0"] == params["worker-0"]  # DDP all-reduced every gradient
+    predictions = predict(pytorch_runtime, PYTORCH_PREDICT, model_dir(platform, job))
+    assert predictions == pytest.approx([2.0, 5.0, 8.0], abs=0.5)
+    assert_no_node_left(platform, client, "pytorch_ddp")
+
+
+def test_a_failing_pytorch_rank_fails_the_job(platform, client, pytorch_uri):
+    client.submit("pytorch_failing", pytorch_uri, framework="PYTORCH", scaleTier="CUSTOM", masterType="standard",
+                  workerType="standard", workerCount=1, args=["--fail-at-step", "5", "--fail-rank", "1"])
+    job = client.wait("pytorch_failing", timeout=180)
+    assert job["state"] == "FAILED"
+    assert "exited with code" in job["errorMessage"]
+    assert "Injected failure" in client.logs("pytorch_failing")["worker-0"]
+    assert_no_node_left(platform, client, "pytorch_failing")
+
+
+def test_a_topology_pytorch_cannot_run_is_refused(client, pytorch_uri):
+    response = client.request("POST", "/jobs", json={"jobId": "pytorch_with_ps", "trainingInput": {
+        "framework": "PYTORCH", "scaleTier": "STANDARD_1", "packageUris": [pytorch_uri],
+        "pythonModule": "trainer.task"}})
+    assert response.status_code == 400
+    assert "parameterServerCount" in response.json()["error"]["message"]
