@@ -128,11 +128,21 @@ class Member:
 
 @dataclasses.dataclass(frozen=True)
 class ProcessStatus:
-    """``exit_code`` None while running; ``lost`` when the process vanished without an exit code."""
+    """``exit_code`` None while running; ``lost`` when the process vanished without an exit code;
+    ``ended_at`` when it ended (epoch seconds), where known."""
 
     role: Role
     exit_code: int | None
     lost: bool = False
+    ended_at: float | None = None
+
+
+def failure_order(process: ProcessStatus) -> tuple[bool, float]:
+    """Sort key putting the failure that came first first: one collective's failure makes its peers
+    fail a moment later, and the first is the one worth reporting. Processes whose end time is unknown
+    (lost ones, say) follow the timed ones; combine with a framework's own tie-break.
+    """
+    return (process.ended_at is None, process.ended_at or 0.0)
 
 
 @dataclasses.dataclass(frozen=True)

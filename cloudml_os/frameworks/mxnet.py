@@ -25,7 +25,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from cloudml_os.frameworks.base import Framework, Member, Outcome, ProcessStatus, Role, Topology, TopologyError
+from cloudml_os.frameworks.base import (
+    Framework,
+    Member,
+    Outcome,
+    ProcessStatus,
+    Role,
+    Topology,
+    TopologyError,
+    failure_order,
+)
 
 WORKER, SERVER, SCHEDULER = "worker", "server", "scheduler"
 # The order failures are reported in: a worker's own error explains more than a server it stranded.
@@ -125,8 +134,10 @@ class MXNet(Framework):
         return Outcome("RUNNING")
 
 
-def _report_rank(process: ProcessStatus) -> tuple[int, int]:
+def _report_rank(process: ProcessStatus) -> tuple:
+    """The first failure first; among simultaneous ones a worker's, whose own error explains most."""
     task_type = process.role.task_type
-    return (REPORT_ORDER.index(task_type) if task_type in REPORT_ORDER else len(REPORT_ORDER),
+    return (*failure_order(process),
+            REPORT_ORDER.index(task_type) if task_type in REPORT_ORDER else len(REPORT_ORDER),
             process.role.task_index)
 

@@ -20,7 +20,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from cloudml_os.frameworks.base import Framework, Member, Outcome, ProcessStatus, Role, Topology, TopologyError
+from cloudml_os.frameworks.base import (
+    Framework,
+    Member,
+    Outcome,
+    ProcessStatus,
+    Role,
+    Topology,
+    TopologyError,
+    failure_order,
+)
 
 MASTER, WORKER = "master", "worker"
 
@@ -84,12 +93,11 @@ class PyTorch(Framework):
 
         A rank that stopped leaves the others blocked in their next collective (NCCL: until a timeout of
         minutes) or failing in it (Gloo: "Connection closed by peer"), so one failure ends the job. When
-        several failed before one look, their exit order is unknown: a lost process is named first (its
-        peers' errors are usually its consequence), then the lowest failed rank, and the message lists
-        the others.
+        several failed before one look, a lost process is named first (its peers' errors are usually its
+        consequence), then the one that ended first, then the lowest rank; the message lists the others.
         """
         failed = sorted((p for p in processes if p.lost or p.exit_code not in (None, 0)),
-                        key=lambda p: (not p.lost, _rank_key(p.role)))
+                        key=lambda p: (not p.lost, *failure_order(p), _rank_key(p.role)))
         if failed:
             first, others = failed[0], failed[1:]
             message = f"{first.role.node_name} {_how_it_ended(first)}"

@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from cloudml_os.frameworks.base import Framework, Member, Outcome, ProcessStatus, Role, Topology
+from cloudml_os.frameworks.base import Framework, Member, Outcome, ProcessStatus, Role, Topology, failure_order
 
 # Cloud ML Engine replica group -> TensorFlow task type; see primary_task_type for "master".
 TASK_TYPES = {"master": "master", "worker": "worker", "parameterServer": "ps", "evaluator": "evaluator"}
@@ -94,8 +94,8 @@ class TensorFlow(Framework):
 
 
 def _chief_first(processes: list[ProcessStatus]) -> list[ProcessStatus]:
-    """The chief's failure is the one worth reporting when several failed together."""
-    return sorted(processes, key=lambda p: p.role.task_type not in ("master", "chief"))
+    """The first failure is the one worth reporting; among simultaneous ones, the chief's."""
+    return sorted(processes, key=lambda p: (*failure_order(p), p.role.task_type not in ("master", "chief")))
 
 
 def _version(text: str) -> tuple[int, ...]:

@@ -74,6 +74,7 @@ class ProcessStatus:
     running: bool
     exit_code: int | None
     lost: bool
+    ended_at: float | None = None  # when the exit code was recorded (node clock, epoch seconds), if known
 
 
 # -- command building (pure) --------------------------------------------------------------------
@@ -322,14 +323,21 @@ class NodeSession:
         result = self.run(script_argv(_STATUS_SCRIPT, proc_dir.rstrip("/")), timeout=60)
         return parse_process_status(result.stdout)
 
-    def exit_code(self, proc_dir: str) -> int | None:
-        """The recorded exit code, or None while there is none: one SFTP read, no process on the node.
+    def exit_status(self, proc_dir: str) -> ProcessStatus:
+        """Running, or ended with the recorded exit code and its time: SFTP only, no process on the node.
 
-        Cheap enough to poll often beside a training process; :meth:`process_status` also tells a lost
-        process from a running one, at the cost of a shell and a few forks on the node.
+        Cheap enough to poll often beside a training process, but it cannot tell a lost process from a
+        running one; :meth:`process_status` can, at the cost of a shell and a few forks on the node.
         """
-        text = self.read_file(f"{proc_dir.rstrip('/')}/exit_code", 0, 64).strip()
-        return int(text) if text.lstrip(b"-").isdigit() else None
+        path = f"{proc_dir.rstrip('/')}/exit_code"
+        text = self.read_file(path, 0, 64).strip()
+        if not text.lstrip(b"-").isdigit():
+            return ProcessStatus(running=True, exit_code=None, lost=False)
+        try:
+            ended_at = self._sftp().stat(path).st_mtime
+        except OSError:
+            ended_at = None
+        return ProcessStatus(running=False, exit_code=int(text), lost=False, ended_at=ended_at)
 
     def stop_process(self, proc_dir: str, grace: float) -> None:
         """SIGTERM the process's group, SIGKILL it after ``grace`` seconds (TensorFlow workers may ignore

@@ -20,7 +20,6 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from cloudml_os import remote
 from cloudml_os.artifacts.local import ArtifactError, LocalArtifactStore, make_uri, parse_uri
 from cloudml_os.cloud.base import ClusterSpec, Driver, DriverError, NodeSpec
 from cloudml_os.config import Settings
@@ -254,7 +253,7 @@ def watch(ctx: TrainingContext, job: Job) -> Handover:
             # processes that vanished without one.
             last = time.monotonic() + ctx.settings.watch_interval >= window_ends
             statuses = sessions.each(functools.partial(_fetch, ctx, job, thorough=last))
-            outcome = framework.outcome([ProcessStatus(role, status.exit_code, status.lost)
+            outcome = framework.outcome([ProcessStatus(role, status.exit_code, status.lost, status.ended_at)
                                          for role, status in zip(roles, statuses, strict=True)])
             if outcome.state == "SUCCEEDED":
                 ctx.store.add_event(job.id, "OUTCOME", outcome.message or "Training succeeded")
@@ -400,11 +399,7 @@ def _fetch(ctx: TrainingContext, job: Job, node: Node, session: NodeSession, tho
 
     ``thorough=False`` only reads the exit code, so a process that vanished without one reads as running.
     """
-    if thorough:
-        status = session.process_status(process_dir(node))
-    else:
-        code = session.exit_code(process_dir(node))
-        status = remote.ProcessStatus(running=code is None, exit_code=code, lost=False)
+    status = session.process_status(process_dir(node)) if thorough else session.exit_status(process_dir(node))
     while True:
         data = session.read_file(f"{process_dir(node)}/output.log", node.log_offset, LOG_FETCH_LIMIT)
         if not data:

@@ -36,8 +36,8 @@ def environments(training_input, members=None):
     return {m.role.node_name: FRAMEWORK.environment(m, members, job) for m in members}
 
 
-def status(task_type, index=0, exit_code=None, lost=False):
-    return ProcessStatus(Role(task_type, index, DEFAULT_MACHINE_TYPES["standard"]), exit_code, lost)
+def status(task_type, index=0, exit_code=None, lost=False, ended_at=None):
+    return ProcessStatus(Role(task_type, index, DEFAULT_MACHINE_TYPES["standard"]), exit_code, lost, ended_at)
 
 
 # --- plugin metadata ---------------------------------------------------------------------------
@@ -238,6 +238,13 @@ def test_several_failures_name_the_lowest_rank_and_list_the_others():
     outcome = FRAMEWORK.outcome(processes)
     assert outcome.failed_role.node_name == "master-0"
     assert outcome.message == "master-0 exited with code 134; also failed: worker-1 exited with code 1"
+
+
+def test_the_rank_that_failed_first_is_named_when_its_peers_failed_in_the_collective_after_it():
+    processes = [status("master", exit_code=1, ended_at=1000.6), status("worker", 0, exit_code=1, ended_at=1000.1)]
+    outcome = FRAMEWORK.outcome(processes)
+    assert outcome.failed_role.node_name == "worker-0"
+    assert outcome.message == "worker-0 exited with code 1; also failed: master-0 exited with code 1"
 
 
 # --- export ---------------------------------------------------------------------------------

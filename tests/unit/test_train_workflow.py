@@ -83,8 +83,8 @@ class FakeSession:
         code = self.exits.get(self.node)
         return ProcessStatus(running=code is None, exit_code=code, lost=False)
 
-    def exit_code(self, proc_dir):
-        return self.exits.get(self.node)
+    def exit_status(self, proc_dir):
+        return self.process_status(proc_dir)
 
     def stop_process(self, proc_dir, grace):
         self.exits[self.node] = self.exits.get(self.node) if self.exits.get(self.node) is not None else 143
