@@ -73,11 +73,12 @@ class Job(Base):
 
 
 class Cluster(Base):
-    """The nodes one job runs on; ``name`` is deterministic so that a repeated create finds them."""
+    """The nodes one job (or one serving replica) runs on; ``name`` is deterministic so that a repeated
+    create finds them."""
 
     __tablename__ = "clusters"
     id: Mapped[int] = mapped_column(primary_key=True)
-    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), index=True)
     name: Mapped[str] = mapped_column(String(128), unique=True)
     driver: Mapped[str] = mapped_column(String(32))
     state: Mapped[str] = mapped_column(String(16))  # CREATING, READY, DELETING, DELETED
@@ -137,3 +138,92 @@ class LogChunk(Base):
     node: Mapped[str] = mapped_column(String(128))
     offset: Mapped[int] = mapped_column(BigInteger)
     data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class Model(Base):
+    """A Cloud ML Engine v1 model: a name grouping versions, one of them the default."""
+
+    __tablename__ = "models"
+    __table_args__ = (UniqueConstraint("project", "name"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project: Mapped[str] = mapped_column(String(63))
+    name: Mapped[str] = mapped_column(String(128))
+    description: Mapped[str] = mapped_column(Text, default="")
+    labels: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    default_version: Mapped[str | None] = mapped_column(String(128))
+    create_time: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    etag: Mapped[int] = mapped_column(default=1)
+
+
+class Version(Base):
+    """A deployed model version: ``replicas`` serving nodes behind the router."""
+
+    __tablename__ = "versions"
+    __table_args__ = (UniqueConstraint("model_id", "name"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), index=True)
+    name: Mapped[str] = mapped_column(String(128))
+    state: Mapped[str] = mapped_column(String(16))  # CREATING, READY, UPDATING, FAILED, DELETING, DELETED
+    deployment_uri: Mapped[str] = mapped_column(String(1024))
+    framework: Mapped[str] = mapped_column(String(32))
+    runtime_version: Mapped[str] = mapped_column(String(32))
+    machine_type: Mapped[str] = mapped_column(String(64))
+    replicas: Mapped[int] = mapped_column(default=1)
+    # Active health checks, HAProxy's semantics: probe every ``interval`` s, ``timeout`` s each; a
+    # replica is up after ``rise`` successes in a row and down after ``fall`` failures in a row.
+    health: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    description: Mapped[str] = mapped_column(Text, default="")
+    labels: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    error_message: Mapped[str] = mapped_column(Text, default="")
+    create_time: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    etag: Mapped[int] = mapped_column(default=1)
+
+
+class Replica(Base):
+    """One serving node of a version, in a single-node cluster of its own so it can be replaced alone."""
+
+    __tablename__ = "replicas"
+    __table_args__ = (UniqueConstraint("version_id", "name"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"), index=True)
+    name: Mapped[str] = mapped_column(String(64))  # replica-0, replica-1… (never reused)
+    cluster_name: Mapped[str] = mapped_column(String(128), unique=True)
+    # PROVISIONING, STARTING (server loading), READY (in the pool), EJECTED (out of the pool, being
+    # replaced), DELETING, DELETED
+    state: Mapped[str] = mapped_column(String(16))
+    address: Mapped[str | None] = mapped_column(String(255))
+    port: Mapped[int | None]
+    healthy: Mapped[bool] = mapped_column(default=False)
+    replaces: Mapped[int | None] = mapped_column(ForeignKey("replicas.id"))
+    create_time: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    ready_time: Mapped[dt.datetime | None]
+    ejected_time: Mapped[dt.datetime | None]
+
+
+class VersionEvent(Base):
+    """What happened to a version and its replicas: deployments, probes failing, ejections, replacements."""
+
+    __tablename__ = "version_events"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"), index=True)
+    time: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    kind: Mapped[str] = mapped_column(String(32))
+    replica: Mapped[str | None] = mapped_column(String(64))
+    message: Mapped[str] = mapped_column(Text)
+
+
+class Operation(Base):
+    """A v1 long-running operation (version create, delete, scale)."""
+
+    __tablename__ = "operations"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)  # the id in projects/P/operations/NAME
+    project: Mapped[str] = mapped_column(String(63), index=True)
+    kind: Mapped[str] = mapped_column(String(32))  # CREATE_VERSION, DELETE_VERSION, UPDATE_VERSION
+    version_id: Mapped[int | None] = mapped_column(ForeignKey("versions.id"))
+    target: Mapped[str] = mapped_column(String(512))  # projects/P/models/M/versions/V
+    done: Mapped[bool] = mapped_column(default=False)
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    create_time: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    end_time: Mapped[dt.datetime | None]
