@@ -4,7 +4,8 @@ Every worker generates the same data set (same seed) and trains on its shard: sa
 ``rank::num_workers``. Under ``dist_sync`` the servers sum the workers' gradients each step, so a step
 is one update with the mean gradient of the global batch, and every worker pulls the same weights.
 The worker of rank 0 exports ``JOB_DIR/model/model-symbol.json`` and ``model-0000.params``: a
-``SymbolBlock`` whose input is ``data``, float32 of shape [N, 1].
+``SymbolBlock`` whose input is ``data``, float32 of shape [N, 1]; and ``warmup.json``, the instances the
+model server predicts before it reports ready.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from mxnet import autograd, gluon
 LOG = logging.getLogger("trainer")
 TRUE_SLOPE, TRUE_INTERCEPT = 3.0, 2.0
 EXPORT_PREFIX = "model"  # HybridBlock.export writes PREFIX-symbol.json and PREFIX-0000.params
+WARMUP_INSTANCES = [[0.0], [1.0]]
 
 
 def make_data(samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -102,4 +104,6 @@ def train_and_export(args: argparse.Namespace, kvstore_type: str) -> gluon.Hybri
 def export(net: gluon.HybridBlock, export_dir: str) -> None:
     os.makedirs(export_dir, exist_ok=True)
     net.export(os.path.join(export_dir, EXPORT_PREFIX), epoch=0)
+    with open(os.path.join(export_dir, "warmup.json"), "w") as handle:
+        json.dump(WARMUP_INSTANCES, handle)
     LOG.info("exported %s-symbol.json and %s-0000.params to %s", EXPORT_PREFIX, EXPORT_PREFIX, export_dir)

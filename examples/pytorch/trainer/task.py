@@ -12,7 +12,8 @@ The same trainer runs under cloudml-os, under ``torchrun`` and on Cloud ML Engin
 The backend is ``nccl`` when CUDA is available (one GPU per process, ``cuda:LOCAL_RANK``), ``gloo``
 otherwise. Gloo listens on ``NODE_ADDR`` when cloudml-os sets it (see :func:`gloo_backend`).
 Rank 0 exports TorchScript to ``JOB_DIR/model/model.pt``: ``torch.jit.load`` it and call it on a
-float32 tensor of shape [N, 1] to get y of shape [N, 1], without this package.
+float32 tensor of shape [N, 1] to get y of shape [N, 1], without this package. Beside it, ``warmup.json``
+holds the instances the model server predicts before it reports ready.
 
 Besides progress, each training rank prints ``THROUGHPUT samples_per_second=…`` (its own samples over its
 own training time, start-up and rendezvous excluded) and ``PARAMS {"weight": …, "bias": …}`` at full
@@ -38,6 +39,7 @@ from torch.utils.data.distributed import DistributedSampler
 LOG = logging.getLogger("trainer")
 TRUE_SLOPE, TRUE_INTERCEPT = 3.0, 2.0
 GLOO_ON_NODE_ADDRESS = "gloo_node_addr"
+WARMUP_INSTANCES = [[0.0], [1.0]]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -142,6 +144,8 @@ def export(model: nn.Module, export_dir: str) -> str:
     path = os.path.join(export_dir, "model.pt")
     scripted = torch.jit.script(model.to("cpu").eval())
     torch.jit.save(scripted, path)
+    with open(os.path.join(export_dir, "warmup.json"), "w") as handle:
+        json.dump(WARMUP_INSTANCES, handle)
     LOG.info("exported TorchScript to %s", path)
     return path
 
