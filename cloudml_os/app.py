@@ -1,7 +1,8 @@
 """The Flask application factory of the ``/v1`` REST API.
 
-:func:`create_app` receives every dependency (settings, store, artifact store, framework plugins and
-the function that enqueues a job's first step) and wires them into one app: the resource
+:func:`create_app` receives every dependency (settings, store, artifact store, framework plugins, the
+functions that enqueue a job's first step and a serving operation, and the one that forwards a
+prediction to a replica) and wires them into one app: the resource
 blueprints, bearer-token authentication, v1 error bodies and the OpenAPI document generated from the
 same schemas that validate requests. It creates no connections and starts no workers itself; the CLI
 (or a test) builds the dependencies and passes them in.
@@ -16,7 +17,19 @@ from flask_smorest import Api
 from sqlalchemy import text
 
 from cloudml_os import __version__
-from cloudml_os.api import CONVERTERS, EXTENSION, Services, jobs, packages, projects, services
+from cloudml_os.api import (
+    CONVERTERS,
+    EXTENSION,
+    Services,
+    jobs,
+    models,
+    no_operation_queue,
+    no_prediction,
+    operations,
+    packages,
+    projects,
+    services,
+)
 from cloudml_os.api.schemas import ErrorSchema, Int64
 from cloudml_os.archives import MAX_PACKAGE_BYTES
 from cloudml_os.artifacts.local import LocalArtifactStore
@@ -60,7 +73,9 @@ def _healthz() -> dict[str, str]:
 
 
 def create_app(settings: Settings, *, store: Store, artifacts: LocalArtifactStore,
-               frameworks: Mapping[str, Framework], start_job: Callable[[int], None]) -> Flask:
+               frameworks: Mapping[str, Framework], start_job: Callable[[int], None],
+               start_operation: Callable[[int], None] = no_operation_queue,
+               predict: Callable[[int, str, bytes], tuple[int, bytes]] = no_prediction) -> Flask:
     """Build the API application.
 
     :param settings: the installation's settings (machine types among them).
@@ -68,6 +83,11 @@ def create_app(settings: Settings, *, store: Store, artifacts: LocalArtifactStor
     :param artifacts: where uploaded packages are stored.
     :param frameworks: framework plugins by ``trainingInput.framework`` name.
     :param start_job: called with a new job's primary key once its row exists; enqueues the workflow.
+    :param start_operation: called with a new Operation's primary key (version create, delete, scale)
+        once its rows exist; enqueues the serving workflow. Without it, those requests answer 503.
+    :param predict: ``(version primary key, model name, request body) -> (HTTP status, body)`` from one
+        of the version's replicas; raises :class:`~cloudml_os.errors.Unavailable` when none can answer.
+        Without it, predictions answer 503.
     """
     app = Flask("cloudml_os")
     app.config.update(
@@ -77,7 +97,7 @@ def create_app(settings: Settings, *, store: Store, artifacts: LocalArtifactStor
         OPENAPI_URL_PREFIX="/v1",
         OPENAPI_JSON_PATH="openapi.json",
         API_SPEC_OPTIONS={
-            "info": {"description": "Cloud ML Engine v1 training API on OpenStack. Every request except "
+            "info": {"description": "Cloud ML Engine v1 training and serving API on OpenStack. Every request except "
                                     "this document needs 'Authorization: Bearer <token>'."},
             "security": [{"bearerAuth": []}],
         },
@@ -86,7 +106,8 @@ def create_app(settings: Settings, *, store: Store, artifacts: LocalArtifactStor
         LOG_FOLLOW_INTERVAL=0.5,
     )
     app.extensions[EXTENSION] = Services(settings=settings, store=store, artifacts=artifacts,
-                                         frameworks=dict(frameworks), start_job=start_job)
+                                         frameworks=dict(frameworks), start_job=start_job,
+                                         start_operation=start_operation, predict=predict)
     for name, (converter, _) in CONVERTERS.items():
         app.url_map.converters[name] = converter
 
@@ -101,6 +122,8 @@ def create_app(settings: Settings, *, store: Store, artifacts: LocalArtifactStor
     api.register_blueprint(jobs.blp)
     api.register_blueprint(packages.blp)
     api.register_blueprint(projects.blp)
+    api.register_blueprint(models.blp)
+    api.register_blueprint(operations.blp)
 
     app.before_request(_authenticate)
     app.add_url_rule("/healthz", "healthz", _healthz)

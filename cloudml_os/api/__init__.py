@@ -1,6 +1,6 @@
 """The ``/v1`` REST API: pieces every resource blueprint shares.
 
-The blueprints (``jobs``, ``packages``) hold no state of their own: the dependencies that
+The blueprints (``jobs``, ``packages``, ``models``, ``operations``…) hold no state of their own: the dependencies that
 ``create_app`` was given sit in ``app.extensions`` as one :class:`Services` and views reach them with
 :func:`services`. Request bodies and query strings are parsed by :class:`V1Parser`, which turns
 marshmallow's errors into one 400 ``INVALID_ARGUMENT`` naming the fields, as v1 does, instead of
@@ -21,13 +21,24 @@ from werkzeug.routing import BaseConverter
 
 from cloudml_os.artifacts.local import LocalArtifactStore
 from cloudml_os.config import Settings
-from cloudml_os.errors import InvalidArgument, flatten_messages
+from cloudml_os.errors import InvalidArgument, Unavailable, flatten_messages
 from cloudml_os.frameworks.base import Framework
 from cloudml_os.store import Store
 
 EXTENSION = "cloudml_os"
 PROJECT_ID_PATTERN = r"[a-z][a-z0-9-]{0,61}"
-RESOURCE_ID_PATTERN = r"[A-Za-z][A-Za-z0-9_]{0,127}"  # v1 job (and model) ids
+RESOURCE_ID_PATTERN = r"[A-Za-z][A-Za-z0-9_]{0,127}"  # v1 job, model and version ids
+OPERATION_ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"
+
+
+def no_operation_queue(operation_pk: int) -> None:
+    """``start_operation`` of an app built without one: creating a version answers 503."""
+    raise RuntimeError("create_app was given no start_operation; model versions cannot be deployed")
+
+
+def no_prediction(version_pk: int, model: str, body: bytes) -> tuple[int, bytes]:
+    """``predict`` of an app built without a router."""
+    raise Unavailable("Online prediction is not configured on this server.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +50,11 @@ class Services:
     artifacts: LocalArtifactStore
     frameworks: Mapping[str, Framework]
     start_job: Callable[[int], None]
+    # Enqueues the serving workflow for an Operation row (version create, delete, scale).
+    start_operation: Callable[[int], None] = no_operation_queue
+    # (version row id, model name, request body) -> (HTTP status, body) from one of the version's replicas;
+    # raises cloudml_os.errors.Unavailable when no replica can answer.
+    predict: Callable[[int, str, bytes], tuple[int, bytes]] = no_prediction
 
 
 def services() -> Services:
@@ -58,9 +74,16 @@ class ResourceIdConverter(BaseConverter):
     regex = RESOURCE_ID_PATTERN
 
 
+class OperationIdConverter(BaseConverter):
+    """``<operation_id:o>``: a server-assigned operation id (no ``:``, so ``operations/<o>:cancel`` routes)."""
+
+    regex = OPERATION_ID_PATTERN
+
+
 CONVERTERS: dict[str, tuple[type[BaseConverter], dict[str, str]]] = {
     "project": (ProjectIdConverter, {"type": "string", "pattern": f"^{PROJECT_ID_PATTERN}$"}),
     "resource_id": (ResourceIdConverter, {"type": "string", "pattern": f"^{RESOURCE_ID_PATTERN}$"}),
+    "operation_id": (OperationIdConverter, {"type": "string", "pattern": f"^{OPERATION_ID_PATTERN}$"}),
 }
 
 

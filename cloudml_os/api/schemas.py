@@ -14,7 +14,18 @@ import re
 import unicodedata
 from typing import Any
 
-from marshmallow import Schema, ValidationError, fields, post_dump, post_load, validate, validates, validates_schema
+from marshmallow import (
+    EXCLUDE,
+    INCLUDE,
+    Schema,
+    ValidationError,
+    fields,
+    post_dump,
+    post_load,
+    validate,
+    validates,
+    validates_schema,
+)
 
 from cloudml_os.api import RESOURCE_ID_PATTERN
 from cloudml_os.states import JobState
@@ -375,3 +386,333 @@ class ErrorStatusSchema(Schema):
 
 class ErrorSchema(Schema):
     error = fields.Nested(ErrorStatusSchema)
+
+
+# ---- models, versions, operations, prediction (v1 Model, Version, Operation; added fields marked) -----
+
+MAX_NODES = 32
+VERSION_STATES = ("CREATING", "READY", "UPDATING", "FAILED", "DELETING")
+HEALTH_CHECK_DEFAULTS = {"interval": 1.0, "timeout": 1.0, "rise": 2, "fall": 3}
+OPERATION_METADATA_TYPE = "type.googleapis.com/google.cloud.ml.v1.OperationMetadata"
+_RESOURCE_ID = validate.Regexp(f"^{RESOURCE_ID_PATTERN}$",
+                               error="must start with a letter and hold at most 128 letters, digits or '_'")
+_UNSUPPORTED = {"description": "not supported: the version is served by the framework's model server"}
+
+
+class _OmitEmpty(Schema):
+    """A response schema leaving out unset fields, as v1 does, rather than sending null or empty values."""
+
+    @post_dump
+    def _omit_empty(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        return {key: value for key, value in data.items() if value not in (None, "", {})}
+
+
+def _etag_of(row: Any) -> str:
+    # v1 etags are opaque bytes sent base64-encoded; ours is the row's version counter.
+    return base64.b64encode(str(row.etag).encode()).decode()
+
+
+class ManualScalingSchema(Schema):
+    nodes = fields.Integer(required=True, validate=validate.Range(
+        min=1, max=MAX_NODES, error=f"must be between 1 and {MAX_NODES}"))
+
+
+class AutoScalingSchema(Schema):
+    """Accepted for v1 clients; served as a fixed pool of ``minNodes`` replicas (no autoscaling yet)."""
+
+    minNodes = fields.Integer(required=True, validate=validate.Range(
+        min=1, max=MAX_NODES, error=f"must be between 1 and {MAX_NODES}"))
+    maxNodes = fields.Integer(metadata={"description": "accepted and ignored"})
+    metrics = fields.List(fields.Raw(), metadata={"description": "accepted and ignored"})
+
+
+class HealthCheckSchema(Schema):
+    """Added: the health monitor's active checks (HAProxy semantics). A replica leaves the pool after
+    ``fall`` failed probes in a row and rejoins after ``rise`` good ones."""
+
+    interval = fields.Float(load_default=HEALTH_CHECK_DEFAULTS["interval"], validate=validate.Range(
+        min=0, min_inclusive=False, max=3600, error="must be more than 0 and at most 3600 seconds"),
+        metadata={"description": "seconds between probes of one replica (default 1)"})
+    timeout = fields.Float(load_default=HEALTH_CHECK_DEFAULTS["timeout"], validate=validate.Range(
+        min=0, min_inclusive=False, max=3600, error="must be more than 0 and at most 3600 seconds"),
+        metadata={"description": "seconds a probe may take, at most interval (default 1)"})
+    rise = fields.Integer(load_default=HEALTH_CHECK_DEFAULTS["rise"], validate=validate.Range(
+        min=1, max=100, error="must be between 1 and 100"),
+        metadata={"description": "good probes in a row before a replica serves again (default 2)"})
+    fall = fields.Integer(load_default=HEALTH_CHECK_DEFAULTS["fall"], validate=validate.Range(
+        min=1, max=100, error="must be between 1 and 100"),
+        metadata={"description": "failed probes in a row before a replica is ejected (default 3)"})
+
+    @validates_schema
+    def _timeout_within_interval(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if data.get("timeout", 0) > data.get("interval", float("inf")):
+            raise ValidationError("must not exceed interval", field_name="timeout")
+
+
+class ModelCreateSchema(Schema):
+    """The v1 Model body of ``models.create``; output-only fields (as in a fetched model) are ignored."""
+
+    name = fields.String(required=True, validate=_RESOURCE_ID)
+    description = fields.String(load_default="")
+    labels = _labels_field(load_default=dict)
+    regions = fields.List(fields.String(), validate=validate.Length(max=1, error="at most one region"),
+                          metadata={"description": "accepted and ignored: the installation's cloud serves"})
+    onlinePredictionLogging = fields.Boolean(metadata={"description": "accepted and ignored"})
+    onlinePredictionConsoleLogging = fields.Boolean(metadata={"description": "accepted and ignored"})
+    defaultVersion = fields.Raw(metadata=_OUTPUT_ONLY)
+    etag = fields.Raw(metadata=_OUTPUT_ONLY)
+
+    @post_load
+    def _keep_inputs(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        return {"name": data["name"], "description": data["description"], "labels": data["labels"]}
+
+
+class VersionNameSchema(Schema):
+    name = fields.String(required=True, metadata={"description": "a version id or its full resource name"})
+
+
+class ModelPatchSchema(Schema):
+    """The v1 Model body of ``models.patch``: only the fields named in ``updateMask`` are read."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    description = fields.String()
+    labels = _labels_field()
+    defaultVersion = fields.Nested(VersionNameSchema)
+
+
+class UpdateMaskQuerySchema(Schema):
+    updateMask = fields.String(required=True, validate=validate.Length(min=1), metadata={
+        "description": "comma-separated fields to change, e.g. description,labels"})
+
+
+class VersionCreateSchema(Schema):
+    """The v1 Version body of ``versions.create`` plus our ``healthCheck``; output-only fields are ignored."""
+
+    name = fields.String(required=True, validate=_RESOURCE_ID)
+    description = fields.String(load_default="")
+    deploymentUri = fields.String(required=True, validate=validate.Length(min=1), metadata={
+        "description": "store://PROJECT/... folder of an exported model (a training job's export)"})
+    framework = fields.String(load_default="TENSORFLOW", metadata={
+        "description": "TENSORFLOW (default) or another installed framework plugin, e.g. MXNET, PYTORCH"})
+    runtimeVersion = fields.String(metadata={"description": "default: the framework's default runtime"})
+    machineType = fields.String(metadata={"description": "an installation machine type; default standard"})
+    manualScaling = fields.Nested(ManualScalingSchema)
+    autoScaling = fields.Nested(AutoScalingSchema)
+    pythonVersion = fields.String(metadata={"description": "accepted; the runtime decides the Python version"})
+    labels = _labels_field(load_default=dict)
+    healthCheck = fields.Nested(HealthCheckSchema, load_default=lambda: dict(HEALTH_CHECK_DEFAULTS),
+                                metadata={"description": "added field"})
+    packageUris = fields.Raw(metadata=_UNSUPPORTED)
+    predictionClass = fields.Raw(metadata=_UNSUPPORTED)
+    container = fields.Raw(metadata=_UNSUPPORTED)
+    routes = fields.Raw(metadata=_UNSUPPORTED)
+    acceleratorConfig = fields.Raw(metadata=_UNSUPPORTED)
+    explanationConfig = fields.Raw(metadata=_UNSUPPORTED)
+    serviceAccount = fields.Raw(metadata=_UNSUPPORTED)
+    requestLoggingConfig = fields.Raw(metadata=_UNSUPPORTED)
+    createTime = fields.Raw(metadata=_OUTPUT_ONLY)
+    lastUseTime = fields.Raw(metadata=_OUTPUT_ONLY)
+    lastMigrationTime = fields.Raw(metadata=_OUTPUT_ONLY)
+    lastMigrationModelId = fields.Raw(metadata=_OUTPUT_ONLY)
+    state = fields.Raw(metadata=_OUTPUT_ONLY)
+    errorMessage = fields.Raw(metadata=_OUTPUT_ONLY)
+    isDefault = fields.Raw(metadata=_OUTPUT_ONLY)
+    etag = fields.Raw(metadata=_OUTPUT_ONLY)
+    replicas = fields.Raw(metadata=_OUTPUT_ONLY)
+
+    @validates("packageUris", "predictionClass", "container", "routes", "acceleratorConfig", "explanationConfig",
+               "serviceAccount", "requestLoggingConfig")
+    def _unsupported(self, value: Any, **kwargs: Any) -> None:
+        raise ValidationError("not supported: custom prediction routines, containers and accelerators are not "
+                              "available; the framework's model server serves deploymentUri")
+
+    @validates_schema
+    def _one_scaling(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if "manualScaling" in data and "autoScaling" in data:
+            raise ValidationError("give manualScaling or autoScaling, not both", field_name="autoScaling")
+
+    @post_load
+    def _keep_inputs(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        nodes = data["autoScaling"]["minNodes"] if "autoScaling" in data else data.get("manualScaling",
+                                                                                        {"nodes": 1})["nodes"]
+        kept = {key: data[key] for key in ("name", "description", "deploymentUri", "framework", "labels",
+                                           "healthCheck")}
+        return {**kept, "runtimeVersion": data.get("runtimeVersion"), "machineType": data.get("machineType"),
+                "nodes": nodes}
+
+
+class VersionPatchSchema(Schema):
+    """The v1 Version body of ``versions.patch``: only the fields named in ``updateMask`` are read."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    description = fields.String()
+    labels = _labels_field()
+    manualScaling = fields.Nested(ManualScalingSchema)
+    autoScaling = fields.Nested(AutoScalingSchema)
+
+
+class SetDefaultVersionRequestSchema(Schema):
+    """v1's empty SetDefaultVersionRequest."""
+
+
+class ReplicaSchema(Schema):
+    """Added: one serving node of a version."""
+
+    name = fields.String(metadata={"description": "replica-0, replica-1, … (never reused)"})
+    state = fields.String(metadata={"description": "PROVISIONING, STARTING, READY, EJECTED, FAILED, DELETING"})
+    healthy = fields.Boolean(metadata={"description": "in the router's pool"})
+    address = fields.Method("_address", metadata={"description": "host:port of its model server"})
+
+    def _address(self, replica: Any) -> str | None:
+        return f"{replica.address}:{replica.port}" if replica.address and replica.port else None
+
+    @post_dump
+    def _omit_null(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        return {key: value for key, value in data.items() if value is not None}
+
+
+class VersionSchema(_OmitEmpty):
+    """The v1 Version resource, dumped from a view holding the row, its replicas and whether it is the default;
+    ``healthCheck`` and ``replicas`` are added fields."""
+
+    name = fields.String(metadata={"description": "projects/PROJECT/models/MODEL/versions/VERSION"})
+    description = fields.String(attribute="version.description")
+    isDefault = fields.Boolean(attribute="is_default")
+    deploymentUri = fields.String(attribute="version.deployment_uri")
+    createTime = Timestamp(attribute="version.create_time")
+    state = fields.String(attribute="version.state", metadata={
+        "enum": list(VERSION_STATES), "description": "a finished delete operation shows DELETED"})
+    errorMessage = fields.String(attribute="version.error_message")
+    framework = fields.String(attribute="version.framework")
+    runtimeVersion = fields.String(attribute="version.runtime_version")
+    machineType = fields.String(attribute="version.machine_type")
+    manualScaling = fields.Method("_scaling", metadata={"type": "object", "properties": {
+        "nodes": {"type": "integer"}}})
+    labels = fields.Dict(attribute="version.labels", keys=fields.String(), values=fields.String())
+    etag = fields.Method("_etag", metadata={"format": "byte"})
+    healthCheck = fields.Nested(HealthCheckSchema, attribute="version.health", metadata={"description": "added"})
+    replicas = fields.List(fields.Nested(ReplicaSchema), metadata={"description": "added: the serving nodes"})
+
+    def _scaling(self, view: Any) -> dict[str, int]:
+        return {"nodes": view.version.replicas}
+
+    def _etag(self, view: Any) -> str:
+        return _etag_of(view.version)
+
+
+class ModelSchema(_OmitEmpty):
+    """The v1 Model resource, dumped from a view holding the row and its default version."""
+
+    name = fields.String(metadata={"description": "projects/PROJECT/models/MODEL"})
+    description = fields.String(attribute="model.description")
+    labels = fields.Dict(attribute="model.labels", keys=fields.String(), values=fields.String())
+    defaultVersion = fields.Nested(VersionSchema, attribute="default_version")
+    etag = fields.Method("_etag", metadata={"format": "byte"})
+
+    def _etag(self, view: Any) -> str:
+        return _etag_of(view.model)
+
+
+class _ListQuerySchema(Schema):
+    pageSize = fields.Integer(load_default=0, validate=_non_negative(),
+                              metadata={"description": "default 100; larger values are lowered to 1000"})
+    pageToken = fields.String(load_default="")
+
+
+class ListModelsQuerySchema(_ListQuerySchema):
+    filter = fields.String(load_default="", metadata={
+        "description": 'conditions on labels joined by AND, e.g. labels.team="ml"; operators = and !='})
+
+
+class ListModelsResponseSchema(Schema):
+    models = fields.List(fields.Nested(ModelSchema))
+    nextPageToken = fields.String()
+
+
+class ListVersionsQuerySchema(_ListQuerySchema):
+    filter = fields.String(load_default="", metadata={
+        "description": "conditions on state and labels joined by AND, e.g. state=READY AND labels.team=ml"})
+
+
+class ListVersionsResponseSchema(Schema):
+    versions = fields.List(fields.Nested(VersionSchema))
+    nextPageToken = fields.String()
+
+
+class VersionEventSchema(Schema):
+    """Added: something that happened to a version or one of its replicas."""
+
+    id = fields.Integer()
+    time = Timestamp()
+    kind = fields.String(metadata={"description": "STATE, OPERATION, REPLICA, EJECTED, REPLACING, …"})
+    replica = fields.String(metadata={"description": "the replica the event concerns, when one does"})
+    message = fields.String()
+
+    @post_dump
+    def _omit_null(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        return {key: value for key, value in data.items() if value is not None}
+
+
+class VersionEventListSchema(Schema):
+    events = fields.List(fields.Nested(VersionEventSchema))
+
+
+class OperationMetadataSchema(_OmitEmpty):
+    """v1 OperationMetadata, dumped from a view holding the operation row, its model name and version."""
+
+    type = fields.Constant(OPERATION_METADATA_TYPE, data_key="@type", metadata={"type": "string"})
+    createTime = Timestamp(attribute="operation.create_time")
+    endTime = Timestamp(attribute="operation.end_time")
+    operationType = fields.String(attribute="operation.kind", metadata={"enum": [
+        "CREATE_VERSION", "DELETE_VERSION", "UPDATE_VERSION", "DELETE_MODEL", "UPDATE_MODEL"]})
+    modelName = fields.String(attribute="model_name")
+    version = fields.Nested(VersionSchema)
+    isCancellationRequested = fields.Boolean(attribute="operation.cancel_requested")
+
+
+class OperationErrorSchema(Schema):
+    """v1 google.rpc.Status; ``status`` (the code's name) is an added field."""
+
+    code = fields.Integer(metadata={"description": "google.rpc.Code, e.g. 13 (INTERNAL), 1 (CANCELLED)"})
+    message = fields.String()
+    status = fields.String()
+
+
+class OperationSchema(_OmitEmpty):
+    """v1 google.longrunning.Operation."""
+
+    name = fields.String(metadata={"description": "projects/PROJECT/operations/OPERATION"})
+    metadata = fields.Nested(OperationMetadataSchema)
+    done = fields.Boolean()
+    error = fields.Nested(OperationErrorSchema)
+    response = fields.Dict(metadata={"description": "when done without error: the Version (create, update), "
+                                                    "the Model (model update) or Empty (deletes), with @type"})
+
+
+class ListOperationsQuerySchema(_ListQuerySchema):
+    filter = fields.String(load_default="", metadata={
+        "description": "conditions on done and operationType joined by AND, e.g. done=false"})
+
+
+class ListOperationsResponseSchema(Schema):
+    operations = fields.List(fields.Nested(OperationSchema))
+    nextPageToken = fields.String()
+
+
+class PredictRequestSchema(Schema):
+    """v1 online prediction body; the whole body, other keys included, goes to the model server as sent."""
+
+    class Meta:
+        unknown = INCLUDE
+
+    instances = fields.List(fields.Raw(allow_none=True), required=True,
+                            validate=validate.Length(min=1, error="must hold at least one instance"))
+    signature_name = fields.String()
+
+
+class PredictResponseSchema(Schema):
+    predictions = fields.List(fields.Raw(), metadata={"description": "the model server's answer, passed through"})
