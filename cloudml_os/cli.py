@@ -74,6 +74,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from cloudml_os.platform import run_monitor
+
+    run_monitor(_settings(args))
+    return 0
+
+
 def cmd_api(args: argparse.Namespace) -> int:
     from gunicorn.app.base import BaseApplication
 
@@ -118,6 +125,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     children = [
         subprocess.Popen([*command, "worker"], env=env),
         subprocess.Popen([*command, "api"], env=env),
+        subprocess.Popen([*command, "monitor"], env=env),
     ]
     base = f"http://{settings.api_host}:{settings.api_port}"
     data_flag = f" --data-dir {settings.data_dir}" if getattr(args, "data_dir", None) else ""
@@ -171,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--concurrency", type=int, default=8)
     worker.add_argument("--loglevel", default="INFO")
     worker.set_defaults(func=cmd_worker)
+
+    monitor = commands.add_parser("monitor", parents=[common], help="probe serving replicas; eject and replace")
+    monitor.set_defaults(func=cmd_monitor)
 
     db = commands.add_parser("db", parents=[common], help="database maintenance")
     db = db.add_subparsers(dest="db_command", required=True)

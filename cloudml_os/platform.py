@@ -1,39 +1,120 @@
-"""Wiring: builds the real store, driver, artifact store and plugins from settings, for each process.
+"""Wiring: builds the real store, driver, artifact store, plugins, router and monitor from settings.
 
 The only place where concrete implementations are chosen; everything else receives them as arguments.
 """
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
+
 from flask import Flask
+from sqlalchemy import select
 
 from cloudml_os.artifacts.local import LocalArtifactStore
 from cloudml_os.cloud.base import load_driver
 from cloudml_os.config import Settings, load_settings
 from cloudml_os.frameworks.base import load_frameworks
 from cloudml_os.store import Node, Store
-from cloudml_os.tasks import job_starter, make_celery
+from cloudml_os.store.models import Replica, Version
+from cloudml_os.tasks import job_starter, make_celery, operation_starter, replica_replacer
+from cloudml_os.workflows.serve import ServingContext, eject
 from cloudml_os.workflows.train import TrainingContext
 
+ENDPOINTS_TTL = 0.2  # seconds the API trusts its list of a version's healthy replicas
 
-def training_context(settings: Settings) -> TrainingContext:
+
+def _connect(settings: Settings):
     from cloudml_os.remote import connect_node
 
     def connect(node: Node, private_key: str):
         return connect_node(node, private_key, settings)
 
+    return connect
+
+
+def training_context(settings: Settings) -> TrainingContext:
     return TrainingContext(
         settings=settings,
         store=Store(settings.database_url),
         driver=load_driver(settings),
         artifacts=LocalArtifactStore(settings.artifacts_root),
         frameworks=load_frameworks(),
-        connect=connect,
+        connect=_connect(settings),
+    )
+
+
+def serving_context(settings: Settings) -> ServingContext:
+    return ServingContext(
+        settings=settings,
+        store=Store(settings.database_url),
+        driver=load_driver(settings),
+        artifacts=LocalArtifactStore(settings.artifacts_root),
+        frameworks=load_frameworks(),
+        connect=_connect(settings),
+        replace=replica_replacer(make_celery(settings)),
     )
 
 
 def worker_celery(settings: Settings):
-    return make_celery(settings, lambda: training_context(settings))
+    return make_celery(settings, lambda: training_context(settings), lambda: serving_context(settings))
+
+
+class HealthyReplicas:
+    """The router's view of a version's pool: READY, healthy replicas from the database, cached briefly."""
+
+    def __init__(self, store: Store, ttl: float = ENDPOINTS_TTL):
+        self.store, self.ttl = store, ttl
+        self._cache: dict[int, tuple[float, list]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, version_id: int) -> list:
+        from cloudml_os.serving.router import Endpoint
+
+        now = time.monotonic()
+        with self._lock:
+            cached = self._cache.get(version_id)
+            if cached and now - cached[0] < self.ttl:
+                return cached[1]
+        with self.store.session() as session:
+            rows = session.execute(select(Replica.id, Replica.name, Replica.address, Replica.port).where(
+                Replica.version_id == version_id, Replica.state == "READY", Replica.healthy.is_(True))).all()
+        endpoints = [Endpoint(replica_id=r.id, name=r.name, address=r.address, port=r.port) for r in rows]
+        with self._lock:
+            self._cache[version_id] = (now, endpoints)
+        return endpoints
+
+    def forget(self, version_id: int) -> None:
+        with self._lock:
+            self._cache.pop(version_id, None)
+
+
+def predictor(settings: Settings, store: Store, replace: Callable[[int], None]):
+    """``predict(version_id, model_name, body)`` through the router, ejecting replicas that fail."""
+    from cloudml_os.errors import Unavailable
+    from cloudml_os.serving.router import NoReplicaAvailable, Router
+
+    pool = HealthyReplicas(store)
+
+    def on_failure(endpoint, reason: str) -> None:
+        eject(store, endpoint.replica_id, f"router: {reason}", replace)
+        with store.session() as session:
+            version_id = session.scalar(select(Replica.version_id).where(Replica.id == endpoint.replica_id))
+        if version_id is not None:
+            pool.forget(version_id)
+
+    router = Router(pool, on_failure)
+
+    def predict(version_id: int, model_name: str, body: bytes) -> tuple[int, bytes]:
+        try:
+            response = router.forward(version_id, f"/v1/models/{model_name}:predict", body,
+                                      {"Content-Type": "application/json"})
+        except NoReplicaAvailable as exc:
+            raise Unavailable(f"No replica of this version can answer now: {exc}") from None
+        return response.status, response.body
+
+    return predict
 
 
 def wsgi_app(settings: Settings | None = None) -> Flask:
@@ -41,10 +122,37 @@ def wsgi_app(settings: Settings | None = None) -> Flask:
     from cloudml_os.app import create_app
 
     settings = settings or load_settings()
+    store = Store(settings.database_url)
+    celery = make_celery(settings)
     return create_app(
         settings,
-        store=Store(settings.database_url),
+        store=store,
         artifacts=LocalArtifactStore(settings.artifacts_root),
         frameworks=load_frameworks(),
-        start_job=job_starter(make_celery(settings)),
+        start_job=job_starter(celery),
+        start_operation=operation_starter(celery),
+        predict=predictor(settings, store, replica_replacer(celery)),
     )
+
+
+def run_monitor(settings: Settings) -> None:
+    """The health monitor process: probes every READY replica, ejects those that fail (see eject)."""
+    from cloudml_os.serving.monitor import HealthMonitor, Target
+
+    store = Store(settings.database_url)
+    replace = replica_replacer(make_celery(settings))
+
+    def targets() -> list[Target]:
+        with store.session() as session:
+            rows = session.execute(select(Replica.id, Replica.address, Replica.port, Replica.healthy, Version.health)
+                                   .join(Version, Version.id == Replica.version_id)
+                                   .where(Replica.state == "READY")).all()
+        return [Target(key=r.id, address=r.address, port=r.port, initially_healthy=r.healthy,
+                       **{k: v for k, v in (r.health or {}).items() if k in ("interval", "timeout", "rise", "fall")})
+                for r in rows]
+
+    def on_change(target: Target, healthy: bool, reason: str) -> None:
+        if not healthy:
+            eject(store, target.key, f"health check: {reason}", replace)
+
+    HealthMonitor(targets, on_change).run_forever()

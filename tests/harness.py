@@ -113,7 +113,7 @@ def start_platform(data_dir: Path, **settings: str) -> Iterator[Platform]:
     logs.mkdir(parents=True, exist_ok=True)
     processes = []
     try:
-        for name in ("worker", "api"):
+        for name in ("worker", "monitor", "api"):  # the API last: its health ends the wait
             with (logs / f"{name}.log").open("w") as log:
                 processes.append(subprocess.Popen([sys.executable, "-m", "cloudml_os.cli", name], env=env,
                                                   stdout=log, stderr=subprocess.STDOUT))

@@ -19,10 +19,14 @@ from cloudml_os.states import Step
 log = logging.getLogger(__name__)
 
 TRAIN_STEP = "cloudml_os.train_step"
+SERVE_OPERATION = "cloudml_os.serve_operation"
+REPLACE_REPLICA = "cloudml_os.replace_replica"
 
 
-def make_celery(settings: Settings, context_factory: Callable[[], object] | None = None) -> Celery:
-    """A Celery app bound to ``settings``; ``context_factory`` builds the workers' TrainingContext lazily."""
+def make_celery(settings: Settings, context_factory: Callable[[], object] | None = None,
+                serving_context_factory: Callable[[], object] | None = None) -> Celery:
+    """A Celery app bound to ``settings``; the factories build the workers' Training- and ServingContext
+    lazily (an app without them only sends tasks)."""
     broker_url, transport = settings.broker_url, None
     if broker_url.startswith("sqla+"):
         broker_url, transport = broker_url.removeprefix("sqla+"), "cloudml_os.tasks.broker:Transport"
@@ -40,12 +44,15 @@ def make_celery(settings: Settings, context_factory: Callable[[], object] | None
     )
     state: dict[str, object] = {}
 
-    def context() -> object:
-        if "context" not in state:
-            if context_factory is None:
+    def built(name: str, factory: Callable[[], object] | None) -> object:
+        if name not in state:
+            if factory is None:
                 raise RuntimeError("this Celery app only sends tasks; it has no worker context")
-            state["context"] = context_factory()
-        return state["context"]
+            state[name] = factory()
+        return state[name]
+
+    def context() -> object:
+        return built("training", context_factory)
 
     @app.task(name=TRAIN_STEP, bind=True)
     def train_step(self, job_pk: int, step: str, seq: int) -> None:
@@ -57,7 +64,37 @@ def make_celery(settings: Settings, context_factory: Callable[[], object] | None
             self.app.send_task(TRAIN_STEP, args=(job_pk, next_step.value, next_seq),
                                countdown=delay or None)
 
+    @app.task(name=SERVE_OPERATION)
+    def serve_operation(operation_id: int) -> None:
+        from cloudml_os.workflows.serve import run_operation
+
+        run_operation(built("serving", serving_context_factory), operation_id)
+
+    @app.task(name=REPLACE_REPLICA)
+    def replace_replica(replica_id: int) -> None:
+        from cloudml_os.workflows.serve import replace_replica as replace
+
+        replace(built("serving", serving_context_factory), replica_id)
+
     return app
+
+
+def operation_starter(app: Celery) -> Callable[[int], None]:
+    """The API's way to carry out a version operation (create, delete, scale)."""
+
+    def start_operation(operation_id: int) -> None:
+        app.send_task(SERVE_OPERATION, args=(operation_id,))
+
+    return start_operation
+
+
+def replica_replacer(app: Celery) -> Callable[[int], None]:
+    """How the router and the monitor have an ejected replica replaced."""
+
+    def replace(replica_id: int) -> None:
+        app.send_task(REPLACE_REPLICA, args=(replica_id,))
+
+    return replace
 
 
 def job_starter(app: Celery) -> Callable[[int], None]:

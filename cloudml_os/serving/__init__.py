@@ -1,0 +1,1 @@
+"""Serving: the model server runtime, the health monitor and the router in front of replicas."""

@@ -1,0 +1,295 @@
+"""The serving workflow: a model version as N replica nodes running the model server, kept at N.
+
+Each replica is a single-node cluster of its own, so one can be replaced without touching the others:
+``start_replica`` creates the node, uploads the model and the model server, starts it and waits until
+it reports ready (model loaded, warm-up prediction done); only then does the replica join the pool the
+router sends predictions to. A replica that fails — the router's connection errors or the monitor's
+probes — is ejected at once (:func:`eject`) and a replacement is started in the background
+(:func:`replace_replica`), which deletes the broken node once the new one serves. A rate limit per
+version stops a flapping replica from burning nodes. Every step is idempotent: replica rows are keyed
+by a deterministic cluster name, clusters are found again by name, and state changes are
+compare-and-set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
+
+import requests
+from sqlalchemy import func, select, update
+
+from cloudml_os.artifacts.local import LocalArtifactStore
+from cloudml_os.cloud.base import ClusterSpec, Driver, DriverError, NodeSpec
+from cloudml_os.config import Settings
+from cloudml_os.frameworks.base import Framework
+from cloudml_os.keys import generate_keypair
+from cloudml_os.remote import NodeSession, RemoteError, fan_out
+from cloudml_os.runtimes import runtime_dirname
+from cloudml_os.store import Cluster, Node, Store
+from cloudml_os.store.models import Model, Operation, Replica, Version, VersionEvent, utcnow
+
+log = logging.getLogger(__name__)
+
+MODEL_SERVER = Path(__file__).resolve().parents[1] / "serving" / "runtime" / "model_server.py"
+READY_TIMEOUT = 600.0  # seconds a replica may take to load its model and warm up
+FAILOVER_LIMIT, FAILOVER_WINDOW = 3, dt.timedelta(minutes=10)  # replacements per version per window
+
+
+class ServeError(RuntimeError):
+    """A replica could not be brought up; the message is for the version's owner."""
+
+
+@dataclasses.dataclass
+class ServingContext:
+    """What the serving steps need, passed in whole so tests can swap any piece."""
+
+    settings: Settings
+    store: Store
+    driver: Driver
+    artifacts: LocalArtifactStore
+    frameworks: dict[str, Framework]
+    connect: Callable[[Node, str], NodeSession]
+    replace: Callable[[int], None]  # enqueue replace_replica(replica id)
+
+
+# ---- events and small queries --------------------------------------------------------------------
+
+def add_event(store: Store, version_id: int, kind: str, message: str, replica: str | None = None) -> None:
+    with store.session() as session:
+        session.add(VersionEvent(version_id=version_id, kind=kind, message=message, replica=replica))
+
+
+def _version(store: Store, version_id: int) -> Version:
+    with store.session() as session:
+        return session.get(Version, version_id)
+
+
+def _replicas(store: Store, version_id: int, states: tuple[str, ...]) -> list[Replica]:
+    with store.session() as session:
+        return list(session.scalars(select(Replica).where(Replica.version_id == version_id,
+                                                          Replica.state.in_(states)).order_by(Replica.id)))
+
+
+def _set_replica(store: Store, replica_id: int, expected: tuple[str, ...] | None = None, **fields) -> bool:
+    query = update(Replica).where(Replica.id == replica_id)
+    if expected:
+        query = query.where(Replica.state.in_(expected))
+    with store.session() as session:
+        return bool(session.execute(query.values(**fields)).rowcount)
+
+
+def _new_replica(store: Store, version_id: int, replaces: int | None = None) -> Replica:
+    """A replica row with the next unused index; names are never reused, so events stay unambiguous."""
+    with store.session() as session:
+        count = session.scalar(select(func.count()).select_from(Replica).where(Replica.version_id == version_id))
+        replica = Replica(version_id=version_id, name=f"replica-{count}",
+                          cluster_name=f"cml-serve-{version_id}-r{count}", state="PROVISIONING", replaces=replaces)
+        session.add(replica)
+    return replica
+
+
+# ---- one replica -----------------------------------------------------------------------------------
+
+def start_replica(ctx: ServingContext, version: Version, replica: Replica) -> None:
+    """Create the replica's node, start the model server on it and wait until it is ready.
+
+    :raises ServeError: the node, the upload or the model server failed; the node is deleted again.
+    """
+    framework = ctx.frameworks[version.framework]
+    machine_type = ctx.settings.machine_types[version.machine_type]
+    with ctx.store.session() as session:
+        cluster = session.scalar(select(Cluster).where(Cluster.name == replica.cluster_name))
+        if cluster is None:
+            private_key, public_key = generate_keypair(f"cloudml-os-{replica.cluster_name}")
+            cluster = Cluster(job_id=None, name=replica.cluster_name, driver=ctx.driver.name, state="CREATING",
+                              private_key=private_key, public_key=public_key)
+            session.add(cluster)
+    try:
+        info = ctx.driver.create_cluster(ClusterSpec(
+            replica.cluster_name, (NodeSpec("server-0", "server", 0, machine_type.flavor, machine_type.gpus),),
+            cluster.public_key, labels={"version": str(version.id), "replica": replica.name}))[0]
+        node = Node(name=info.name, task_type=info.task_type, task_index=info.task_index, address=info.address,
+                    ssh_port=info.ssh_port, username=info.username, host_keys=list(info.host_keys),
+                    port_first=info.port_first, port_last=info.port_last, environment=dict(info.environment),
+                    workdir=info.workdir, runtime_root=info.runtime_root)
+        ctx.store.record_nodes(cluster.id, [node])
+        _set_replica(ctx.store, replica.id, state="STARTING", address=info.address, port=info.port_first)
+        model_name = _model_name(ctx.store, version)
+        python = str(PurePosixPath(info.runtime_root) / runtime_dirname(framework.runtime(version.runtime_version))
+                     / "bin" / "python")
+        root = f"{info.workdir}/serving"
+        with ctx.connect(node, cluster.private_key) as session:
+            if session.run(["test", "-x", python], check=False).exit_code != 0:
+                raise ServeError(f"{replica.name}: runtime {python} is missing on the node")
+            for relative, local in ctx.artifacts.walk(version.deployment_uri):
+                session.put(local, f"{root}/model/{relative}")
+            session.put(MODEL_SERVER, f"{root}/model_server.py")
+            session.start_process(f"{root}/process", [
+                python, f"{root}/model_server.py", "--framework", version.framework, "--model-dir", f"{root}/model",
+                "--model-name", model_name, "--host", info.address, "--port", str(info.port_first),
+            ], env={**info.environment, "PYTHONUNBUFFERED": "1"}, cwd=root)
+            _wait_ready(ctx, replica, session, f"{root}/process", info.address, info.port_first)
+    except (DriverError, RemoteError, ServeError, OSError) as exc:
+        ctx.driver.delete_cluster(replica.cluster_name)
+        _set_replica(ctx.store, replica.id, state="FAILED", healthy=False)
+        raise ServeError(f"{replica.name}: {exc}") from None
+    _set_replica(ctx.store, replica.id, expected=("STARTING",), state="READY", healthy=True, ready_time=utcnow())
+    add_event(ctx.store, version.id, "REPLICA", f"{replica.name} ready at {info.address}:{info.port_first}",
+              replica.name)
+
+
+def _wait_ready(ctx: ServingContext, replica: Replica, session: NodeSession, proc_dir: str,
+                address: str, port: int) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT
+    url = f"http://{address}:{port}/v2/health/ready"
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        status = session.exit_status(proc_dir)
+        if not status.running:
+            tail = session.read_file(f"{proc_dir}/output.log", 0, 1 << 20).decode("utf-8", "replace")
+            tail = "\n".join(tail.rstrip().splitlines()[-15:])
+            raise ServeError(f"the model server exited with code {status.exit_code}:\n{tail}")
+        time.sleep(0.2)
+    raise ServeError(f"the model server was not ready within {READY_TIMEOUT:g}s")
+
+
+def _model_name(store: Store, version: Version) -> str:
+    with store.session() as session:
+        return session.get(Model, version.model_id).name
+
+
+def delete_replica(ctx: ServingContext, replica: Replica) -> None:
+    _set_replica(ctx.store, replica.id, state="DELETING", healthy=False)
+    ctx.driver.delete_cluster(replica.cluster_name)
+    with ctx.store.session() as session:
+        session.execute(update(Cluster).where(Cluster.name == replica.cluster_name)
+                        .values(state="DELETED", deleted_at=utcnow()))
+    _set_replica(ctx.store, replica.id, state="DELETED")
+
+
+# ---- failover --------------------------------------------------------------------------------------
+
+def eject(store: Store, replica_id: int, reason: str, replace: Callable[[int], None]) -> bool:
+    """Take a failed replica out of the pool at once and have it replaced, unless the version's
+    failover rate limit is reached (then it stays out and an event says why). Returns whether this
+    call ejected it (the router and the monitor may both notice the same failure)."""
+    if not _set_replica(store, replica_id, expected=("READY",), state="EJECTED", healthy=False,
+                        ejected_time=utcnow()):
+        return False
+    with store.session() as session:
+        replica = session.get(Replica, replica_id)
+        recent = session.scalar(select(func.count()).select_from(Replica).where(
+            Replica.version_id == replica.version_id, Replica.replaces.is_not(None),
+            Replica.create_time > utcnow() - FAILOVER_WINDOW))
+    add_event(store, replica.version_id, "EJECTED", f"{replica.name} ejected: {reason}", replica.name)
+    if recent >= FAILOVER_LIMIT:
+        add_event(store, replica.version_id, "FAILOVER_LIMIT",
+                  f"{replica.name} not replaced: {recent} replacements in the last "
+                  f"{FAILOVER_WINDOW.total_seconds() / 60:g} minutes (limit {FAILOVER_LIMIT})", replica.name)
+        return True
+    replace(replica_id)
+    return True
+
+
+def replace_replica(ctx: ServingContext, replica_id: int) -> None:
+    """Bring up a new replica for an ejected one, then delete the broken node. Idempotent."""
+    with ctx.store.session() as session:
+        old = session.get(Replica, replica_id)
+        if old is None or old.state != "EJECTED":
+            return
+        new = session.scalar(select(Replica).where(Replica.replaces == replica_id))
+        version = session.get(Version, old.version_id)
+    if version.state in ("DELETING", "DELETED"):
+        return
+    if new is None:
+        new = _new_replica(ctx.store, version.id, replaces=replica_id)
+        add_event(ctx.store, version.id, "REPLACING", f"{new.name} replaces {old.name}", new.name)
+    if new.state in ("PROVISIONING", "STARTING"):
+        try:
+            start_replica(ctx, version, new)
+        except ServeError as exc:
+            add_event(ctx.store, version.id, "ERROR", f"replacement failed: {exc}", new.name)
+            raise
+    delete_replica(ctx, old)
+    add_event(ctx.store, version.id, "REPLACED", f"{old.name} replaced by {new.name} and deleted", old.name)
+
+
+# ---- operations ------------------------------------------------------------------------------------
+
+def run_operation(ctx: ServingContext, operation_id: int) -> None:
+    """Carry out a version operation (create, delete, scale) to the end; safe to run again."""
+    with ctx.store.session() as session:
+        operation = session.get(Operation, operation_id)
+    if operation is None or operation.done:
+        return
+    version = _version(ctx.store, operation.version_id)
+    try:
+        if operation.cancel_requested and operation.kind != "DELETE_VERSION":
+            raise ServeError("the operation was cancelled")
+        if operation.kind == "DELETE_VERSION":
+            _delete_version(ctx, version)
+        else:
+            _scale_to(ctx, version)
+    except ServeError as exc:
+        if operation.kind == "CREATE_VERSION":  # a version that never served keeps no node
+            _delete_version(ctx, version)
+        _finish(ctx.store, operation, version, error=str(exc))
+        return
+    _finish(ctx.store, operation, version)
+
+
+def _scale_to(ctx: ServingContext, version: Version) -> None:
+    """Start replicas until ``version.replicas`` serve (in parallel), or delete the extra ones."""
+    serving = _replicas(ctx.store, version.id, ("PROVISIONING", "STARTING", "READY"))
+    for _ in range(version.replicas - len(serving)):
+        serving.append(_new_replica(ctx.store, version.id))
+    extra = [r for r in serving if r.state == "READY"][version.replicas:] if len(serving) > version.replicas else []
+    for replica in extra:
+        delete_replica(ctx, replica)
+        add_event(ctx.store, version.id, "SCALE", f"{replica.name} removed", replica.name)
+    pending = [r for r in serving if r.state in ("PROVISIONING", "STARTING")]
+    errors = []
+
+    def start(replica: Replica) -> None:
+        try:
+            start_replica(ctx, version, replica)
+        except ServeError as exc:
+            errors.append(str(exc))
+
+    fan_out(pending, start, ctx.settings.ssh_parallelism)
+    if errors:
+        raise ServeError("; ".join(errors))
+
+
+def _delete_version(ctx: ServingContext, version: Version) -> None:
+    for replica in _replicas(ctx.store, version.id, ("PROVISIONING", "STARTING", "READY", "EJECTED", "FAILED",
+                                                     "DELETING")):
+        delete_replica(ctx, replica)
+    add_event(ctx.store, version.id, "DELETED", "Version deleted; every replica node is gone")
+
+
+def _finish(store: Store, operation: Operation, version: Version, error: str | None = None) -> None:
+    with store.session() as session:
+        if operation.kind == "DELETE_VERSION":
+            state = "DELETED" if error is None else "FAILED"
+        elif operation.kind == "CREATE_VERSION" and error is not None:
+            state = "FAILED"
+        else:
+            state = "READY"  # a failed scale-up leaves the replicas that serve serving
+        session.execute(update(Version).where(Version.id == version.id)
+                        .values(state=state, error_message=error or "", etag=Version.etag + 1))
+        session.execute(update(Operation).where(Operation.id == operation.id).values(
+            done=True, end_time=utcnow(),
+            error={"code": 13, "message": error} if error else None))
+        session.add(VersionEvent(version_id=version.id, kind="OPERATION",
+                                 message=f"{operation.kind} {'failed: ' + error if error else 'done'}; "
+                                         f"version {state}"))

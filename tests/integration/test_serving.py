@@ -1,0 +1,250 @@
+"""Models, versions and online prediction on real serving nodes, with health-checked failover.
+
+Real training jobs produce the models; versions become replica nodes running the model server; the
+API's router and the monitor process keep the pool healthy while the tests kill and freeze replicas.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import google.oauth2.credentials
+import pytest
+import requests
+from googleapiclient import discovery
+
+from tests.harness import node_processes
+from tests.integration.test_frameworks import MXNET_PREDICT, PYTORCH_PREDICT, model_dir, predict
+from tests.integration.test_training import PREDICT as TENSORFLOW_PREDICT
+
+pytestmark = pytest.mark.integration
+
+INSTANCES = [[0.0], [1.0], [2.0], [-1.5]]
+FAST_HEALTH = {"interval": 0.5, "timeout": 0.5, "rise": 2, "fall": 2}
+
+
+@pytest.fixture(scope="module")
+def client(platform):
+    return platform.client("team-serving")
+
+
+def trained(client, job_id: str, package_path, framework: str) -> dict:
+    uri = client.upload(package_path)
+    client.submit(job_id, uri, framework=framework, args=["--epochs", "2"])
+    job = client.wait(job_id)
+    assert job["state"] == "SUCCEEDED", job.get("errorMessage")
+    return job
+
+
+@pytest.fixture(scope="module")
+def tf_job(client, tf_package):
+    return trained(client, "serve_tf_training", tf_package, "TENSORFLOW")
+
+
+@pytest.fixture(scope="module")
+def model(client):
+    response = client.request("POST", "/models", json={"name": "regression", "description": "y = 3x + 2"})
+    assert response.status_code == 200, response.text
+    return "regression"
+
+
+def deploy(client, model: str, version: str, job: dict, framework: str, runtime: str, nodes: int = 1,
+           health: dict | None = None) -> dict:
+    body = {"name": version, "deploymentUri": job["trainingOutput"]["exportedModelUri"], "framework": framework,
+            "runtimeVersion": runtime, "machineType": "standard", "manualScaling": {"nodes": nodes}}
+    if health:
+        body["healthCheck"] = health
+    response = client.request("POST", f"/models/{model}/versions", json=body)
+    assert response.status_code == 200, response.text
+    operation = response.json()
+    assert operation["done"] is False
+    operation_id = operation["name"].rsplit("/", 1)[1]
+    deadline = time.monotonic() + 600
+    while not operation["done"]:
+        assert time.monotonic() < deadline, operation
+        time.sleep(0.5)
+        operation = client.request("GET", f"/operations/{operation_id}").json()
+    assert "error" not in operation, operation
+    version = client.request("GET", f"/models/{model}/versions/{version}").json()
+    assert version["state"] == "READY", version
+    return version
+
+
+def predict_via_api(client, path: str, instances=INSTANCES) -> requests.Response:
+    return client.request("POST", path, json={"instances": instances})
+
+
+def replicas(client, model: str, version: str) -> list[dict]:
+    return client.request("GET", f"/models/{model}/versions/{version}").json().get("replicas", [])
+
+
+def version_events(client, model: str, version: str) -> list[str]:
+    response = client.request("GET", f"/models/{model}/versions/{version}/events")
+    assert response.status_code == 200, response.text
+    return [e["message"] for e in response.json()["events"]]
+
+
+def wait_for(condition, timeout: float = 300, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not met in time")
+
+
+def flatten(predictions) -> list[float]:
+    out = []
+    for p in predictions:
+        out.extend(flatten(p) if isinstance(p, list) else [p])
+    return out
+
+
+@pytest.fixture(scope="module")
+def tf_version(client, model, tf_job):
+    return deploy(client, model, "tf_v1", tf_job, "TENSORFLOW", "2.21", nodes=2, health=FAST_HEALTH)
+
+
+def test_predictions_through_the_router_equal_loading_the_model_directly(platform, client, model, tf_job,
+                                                                         tf_version, tf_runtime):
+    assert len([r for r in tf_version["replicas"] if r["state"] == "READY"]) == 2
+    response = predict_via_api(client, f"/models/{model}/versions/tf_v1:predict")
+    assert response.status_code == 200, response.text
+    direct = predict(tf_runtime, TENSORFLOW_PREDICT.replace("[[0.0], [1.0], [2.0]]", str(INSTANCES)),
+                     model_dir(platform, tf_job))
+    assert flatten(response.json()["predictions"]) == pytest.approx(direct, abs=1e-5)
+    # The first version is the model's default: the model-level :predict uses it.
+    default = predict_via_api(client, f"/models/{model}:predict")
+    assert default.status_code == 200 and default.json() == response.json()
+
+
+def test_the_ml_v1_client_predicts(platform, client, model, tf_version):
+    ml = discovery.build("ml", "v1", static_discovery=True,
+                         client_options={"api_endpoint": platform.base_url + "/"},
+                         credentials=google.oauth2.credentials.Credentials(client.token))
+    result = ml.projects().predict(name=f"projects/{client.project}/models/{model}/versions/tf_v1",
+                                   body={"instances": INSTANCES}).execute()
+    assert flatten(result["predictions"]) == pytest.approx([2.0, 5.0, 8.0, -2.5], abs=0.5)
+
+
+def test_bad_instances_unknown_versions_and_other_projects_get_v1_errors(platform, client, model, tf_version):
+    bad = predict_via_api(client, f"/models/{model}/versions/tf_v1:predict", instances=[["not a number"]])
+    assert bad.status_code == 400
+    assert bad.json()["error"]["status"] == "INVALID_ARGUMENT" and bad.json()["error"]["message"]
+    assert predict_via_api(client, f"/models/{model}/versions/nope:predict").status_code == 404
+    assert predict_via_api(client, "/models/nope:predict").status_code == 404
+    other = platform.client("team-elsewhere")
+    other.project = client.project
+    assert predict_via_api(other, f"/models/{model}/versions/tf_v1:predict").status_code == 404
+
+
+def test_killing_a_replica_node_under_load_loses_no_request_and_it_is_replaced(platform, client, model,
+                                                                                  tf_version):
+    before = {r["name"] for r in replicas(client, model, "tf_v1") if r["state"] == "READY"}
+    assert len(before) == 2
+    failures, successes, stop = [], [], threading.Event()
+
+    def load() -> None:
+        session = requests.Session()
+        url = f"{client.base_url}/v1/projects/{client.project}/models/{model}/versions/tf_v1:predict"
+        while not stop.is_set():
+            response = session.post(url, json={"instances": INSTANCES}, timeout=30,
+                                    headers={"Authorization": f"Bearer {client.token}"})
+            (successes if response.status_code == 200 else failures).append(response.status_code)
+
+    thread = threading.Thread(target=load)
+    thread.start()
+    try:
+        time.sleep(1.0)
+        victim = sorted(before)[0]
+        kill_node(platform, victim)
+        wait_for(lambda: len([r for r in replicas(client, model, "tf_v1")
+                              if r["state"] == "READY" and r["name"] not in before]) == 1)
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert failures == []
+    assert len(successes) > 10
+    messages = version_events(client, model, "tf_v1")
+    assert any(victim in m and "ejected" in m for m in messages), messages
+    assert any(victim in m and "replaced by" in m for m in messages), messages
+    assert len([r for r in replicas(client, model, "tf_v1") if r["state"] == "READY"]) == 2
+
+
+def kill_node(platform, replica: str) -> None:
+    """SIGKILL the node's PID 1: every process of the node ends at once, like a VM losing power."""
+    pids = node_processes(f"/clusters/{serving_cluster(platform, replica)}/")
+    assert pids
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def serving_cluster(platform, replica: str) -> str:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(platform.env["CLOUDML_OS_DATABASE_URL"])
+    with engine.connect() as connection:
+        name = connection.execute(text("SELECT cluster_name FROM replicas WHERE name = :n "
+                                       "ORDER BY id DESC"), {"n": replica}).scalar()
+    engine.dispose()
+    return name
+
+
+def test_a_frozen_replica_is_ejected_and_replaced_and_does_not_come_back(platform, client, model, tf_version):
+    ready = sorted(r["name"] for r in replicas(client, model, "tf_v1") if r["state"] == "READY")
+    victim = ready[0]
+    server = node_processes(f"/clusters/{serving_cluster(platform, victim)}/")
+    server = [pid for pid in server  # the python process itself, not the shell that waits for it
+              if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"python")
+              and b"model_server.py" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(server) == 1
+    os.kill(server[0], signal.SIGSTOP)
+    try:
+        wait_for(lambda: any(victim in m and "ejected" in m for m in version_events(client, model, "tf_v1")))
+        wait_for(lambda: any(victim in m and "replaced by" in m for m in version_events(client, model, "tf_v1")))
+    finally:
+        try:
+            os.kill(server[0], signal.SIGCONT)
+        except ProcessLookupError:
+            pass  # deleted with its node, as it should be
+    time.sleep(2)
+    now = {r["name"]: r for r in replicas(client, model, "tf_v1")}
+    assert victim not in now or now[victim]["state"] in ("DELETED", "DELETING")
+    assert len([r for r in now.values() if r["state"] == "READY"]) == 2
+    response = predict_via_api(client, f"/models/{model}/versions/tf_v1:predict")
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize("framework, runtime, package_fixture, runtime_fixture, script", [
+    ("MXNET", "1.9", "mxnet_package", "mxnet_runtime", MXNET_PREDICT),
+    ("PYTORCH", "2.13", "pytorch_package", "pytorch_runtime", PYTORCH_PREDICT),
+])
+def test_mxnet_and_pytorch_versions_serve_what_they_trained(platform, client, model, request, framework,
+                                                             runtime, package_fixture, runtime_fixture, script):
+    job = trained(client, f"serve_{framework.lower()}_training", request.getfixturevalue(package_fixture), framework)
+    version = f"{framework.lower()}_v1"
+    deploy(client, model, version, job, framework, runtime)
+    response = predict_via_api(client, f"/models/{model}/versions/{version}:predict")
+    assert response.status_code == 200, response.text
+    direct = predict(request.getfixturevalue(runtime_fixture), script.replace("[[0.0], [1.0], [2.0]]", str(INSTANCES)),
+                     model_dir(platform, job))
+    assert flatten(response.json()["predictions"]) == pytest.approx(direct, abs=1e-5)
+
+
+def test_deleting_a_version_leaves_no_node_process(platform, client, model):
+    names = [serving_cluster(platform, r["name"]) for r in replicas(client, model, "pytorch_v1")]
+    response = client.request("DELETE", f"/models/{model}/versions/pytorch_v1")
+    assert response.status_code == 200, response.text
+    operation_id = response.json()["name"].rsplit("/", 1)[1]
+    wait_for(lambda: client.request("GET", f"/operations/{operation_id}").json()["done"])
+    for name in names:
+        assert node_processes(f"/clusters/{name}/") == []
