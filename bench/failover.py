@@ -1,0 +1,141 @@
+"""Failover of a 2-replica TensorFlow version on a real platform (API + router, monitor, worker).
+
+Two faults, one after the other, each measured from the fault to what the platform recorded:
+- passive: a replica's node is killed (SIGKILL of its PID 1) under a steady request loop; the router
+  sees the connection fail, ejects it, and retries the request elsewhere;
+- active: another replica's model server is frozen (SIGSTOP) with no traffic; only the monitor's
+  probes can notice (default health check: interval 1 s, timeout 1 s, rise 2, fall 3).
+Printed: time to eject, failed client requests, time back to 2 healthy replicas, beside the defaults
+of the anchors (Kubernetes/KServe readiness probes: 10 s period x 3 failures = 30 s; Octavia's health
+manager: heartbeat timeout 60 s).
+
+    .venv/bin/python -m bench.failover
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+from sqlalchemy import create_engine, text
+
+from cloudml_os.config import load_settings
+from cloudml_os.runtimes import ensure_runtime
+from tests.harness import build_sdist, node_processes, start_platform
+
+ROOT = Path(__file__).resolve().parents[1]
+INSTANCES = {"instances": [[0.0], [1.0]]}
+
+
+def _events(client, version: str) -> list[dict]:
+    return client.request("GET", f"/models/m/versions/{version}/events").json()["events"]
+
+
+def _time(value: str) -> float:
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def _ready(client, version: str) -> list[dict]:
+    replicas = client.request("GET", f"/models/m/versions/{version}").json().get("replicas", [])
+    return [r for r in replicas if r["state"] == "READY" and r["healthy"]]
+
+
+def _cluster(database_url: str, replica: str) -> str:
+    engine = create_engine(database_url)
+    with engine.connect() as connection:
+        name = connection.execute(text("SELECT cluster_name FROM replicas WHERE name = :n"), {"n": replica}).scalar()
+    engine.dispose()
+    return name
+
+
+def _wait(condition, timeout: float = 300.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise TimeoutError
+
+
+def _ejected_at(client, version: str, replica: str) -> float:
+    event = _wait(lambda: next((e for e in _events(client, version)
+                                if e.get("replica") == replica and e["kind"] == "EJECTED"), None))
+    return _time(event["time"]), event["message"]
+
+
+def main() -> None:
+    settings = load_settings(environ={})
+    runtime = ensure_runtime("tensorflow-2.21", settings.runtimes_dir)
+    with tempfile.TemporaryDirectory() as tmp, start_platform(Path(tmp), local_address_prefix="127.4",
+                                                              local_port_base=40000) as platform:
+        database_url = f"sqlite:///{tmp}/cloudml-os.db"
+        client = platform.client("bench")
+        package = client.upload(build_sdist(ROOT / "examples" / "tensorflow", Path(tmp), runtime / "bin" / "python"))
+        client.submit("train", package, args=["--epochs", "1"])
+        job = client.wait("train")
+        assert job["state"] == "SUCCEEDED", job
+        assert client.request("POST", "/models", json={"name": "m"}).status_code == 200
+        response = client.request("POST", "/models/m/versions", json={
+            "name": "v1", "deploymentUri": job["trainingOutput"]["exportedModelUri"], "framework": "TENSORFLOW",
+            "runtimeVersion": "2.21", "machineType": "standard", "manualScaling": {"nodes": 2}})
+        assert response.status_code == 200, response.text
+        _wait(lambda: len(_ready(client, "v1")) == 2)
+
+        # Passive: kill a node under load.
+        failures, successes, stop = [], [], threading.Event()
+        url = f"{client.base_url}/v1/projects/bench/models/m/versions/v1:predict"
+
+        def load() -> None:
+            session = requests.Session()
+            while not stop.is_set():
+                answer = session.post(url, json=INSTANCES, headers={"Authorization": f"Bearer {client.token}"},
+                                      timeout=60)
+                (successes if answer.status_code == 200 else failures).append(answer.status_code)
+
+        loader = threading.Thread(target=load)
+        loader.start()
+        time.sleep(2)
+        victim = _ready(client, "v1")[0]["name"]
+        killed = time.time()
+        for pid in node_processes(f"/clusters/{_cluster(database_url, victim)}/"):
+            os.kill(pid, signal.SIGKILL)
+        passive_eject, passive_reason = _ejected_at(client, "v1", victim)
+        _wait(lambda: len(_ready(client, "v1")) == 2 and victim not in {r["name"] for r in _ready(client, "v1")})
+        passive_back = time.time()
+        stop.set()
+        loader.join()
+
+        # Active: freeze a model server, no traffic.
+        victim = _ready(client, "v1")[0]["name"]
+        server = [pid for pid in node_processes(f"/clusters/{_cluster(database_url, victim)}/")
+                  if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"python")]
+        frozen = time.time()
+        os.kill(server[0], signal.SIGSTOP)
+        active_eject, active_reason = _ejected_at(client, "v1", victim)
+        _wait(lambda: len(_ready(client, "v1")) == 2 and victim not in {r["name"] for r in _ready(client, "v1")})
+        active_back = time.time()
+        try:
+            os.kill(server[0], signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+    print("\nFailover of a 2-replica TensorFlow version (2 CPU cores, local nodes; default health check 1 s / 1 s / "
+          "rise 2 / fall 3)")
+    print(f"  {'':34s} {'eject':>8s} {'target':>7s} {'failed requests':>16s} {'back to 2 healthy':>18s}")
+    print(f"  {'passive (node killed, under load)':34s} {passive_eject - killed:7.2f}s {'<= 1s':>7s} "
+          f"{len(failures):>10d} of {len(failures) + len(successes):<5d} {passive_back - killed:16.1f}s")
+    print(f"  {'active (server frozen, no load)':34s} {active_eject - frozen:7.2f}s {'<= 3s':>7s} "
+          f"{'-':>16s} {active_back - frozen:16.1f}s")
+    print("  anchors' defaults: Kubernetes/KServe readiness 10 s x 3 = 30 s to eject; Octavia heartbeat timeout 60 s")
+    print(f"  passive reason: {passive_reason}\n  active reason:  {active_reason}")
+
+
+if __name__ == "__main__":
+    main()
