@@ -33,7 +33,12 @@ MAX_BODY = 64 * 1024  # a readiness answer is a few bytes; more than this is not
 
 @dataclass(frozen=True)
 class Target:
-    """A replica to probe. ``key`` identifies it across refreshes (e.g. the replica id)."""
+    """A replica to probe.
+
+    ``key`` identifies it across refreshes (e.g. the replica id); ``interval`` and ``timeout`` are seconds;
+    ``fall`` consecutive failed probes make a healthy target unhealthy, ``rise`` consecutive successful ones
+    an unhealthy target healthy; ``initially_healthy`` is its state before any probe (not reported).
+    """
 
     key: Hashable
     address: str
@@ -280,7 +285,7 @@ async def _exchange(probe: _Probe) -> int:
     lines = head.split(b"\r\n")
     version, _, rest = lines[0].partition(b" ")
     code = rest[:3]
-    if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(code) != 3 or not code.isdigit():
+    if version not in (b"HTTP/1.1", b"HTTP/1.0") or not code.isdigit() or len(code) != 3 or rest[3:4] not in b" ":
         raise _Malformed(f"status line {lines[0][:80]!r}")
     status = int(code)
     fields = {}

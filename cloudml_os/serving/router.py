@@ -136,7 +136,7 @@ class Router:
         raise NoReplicaAvailable(f"version {version_id}: no replica answered ({'; '.join(failures)})")
 
     def close(self) -> None:
-        """Close every pooled connection (in-flight requests finish on theirs)."""
+        """Close every pooled connection; for shutdown, once no request is in flight."""
         with self._lock:
             pools, self._pools = list(self._pools.values()), OrderedDict()
         for pool in pools:

@@ -35,10 +35,10 @@ class StubReplica:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
 
             def setup(self) -> None:
                 super().setup()
-                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 stub.connections += 1
 
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)

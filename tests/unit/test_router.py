@@ -37,12 +37,10 @@ class StubReplica:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body go out as two writes: no delayed-ACK stall
 
             def setup(self) -> None:
                 super().setup()
-                # http.server sends headers and body in two writes; without this, Nagle holds the body
-                # back until the client's delayed ACK (40 ms).
-                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 self.served = 0
                 with stub._lock:
                     stub.connections += 1
