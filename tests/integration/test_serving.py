@@ -224,6 +224,23 @@ def test_a_frozen_replica_is_ejected_and_replaced_and_does_not_come_back(platfor
     assert response.status_code == 200
 
 
+def test_scaling_a_version_adds_and_removes_replicas(client, model, tf_version):
+    def scale(nodes: int) -> None:
+        response = client.request("PATCH", f"/models/{model}/versions/tf_v1?updateMask=manualScaling.nodes",
+                                  json={"manualScaling": {"nodes": nodes}})
+        assert response.status_code == 200, response.text
+        operation_id = response.json()["name"].rsplit("/", 1)[1]
+        operation = wait_for(lambda: (lambda o: o if o["done"] else None)(
+            client.request("GET", f"/operations/{operation_id}").json()))
+        assert "error" not in operation, operation
+
+    scale(3)
+    assert len([r for r in replicas(client, model, "tf_v1") if r["state"] == "READY"]) == 3
+    scale(1)
+    assert len([r for r in replicas(client, model, "tf_v1") if r["state"] == "READY"]) == 1
+    assert predict_via_api(client, f"/models/{model}/versions/tf_v1:predict").status_code == 200
+
+
 @pytest.mark.parametrize("framework, runtime, package_fixture, runtime_fixture, script", [
     ("MXNET", "1.9", "mxnet_package", "mxnet_runtime", MXNET_PREDICT),
     ("PYTORCH", "2.13", "pytorch_package", "pytorch_runtime", PYTORCH_PREDICT),
