@@ -38,9 +38,9 @@ JOBS = {
                                   "workerCount": 1}, ["--epochs", "10", "--samples", "16384"]),
     "MXNET": ("mxnet", {"scaleTier": "CUSTOM", "masterType": "standard", "workerType": "standard",
                         "workerCount": 1, "parameterServerType": "standard", "parameterServerCount": 1},
-              ["--epochs", "3"]),
+              ["--epochs", "5", "--samples", "32768"]),
     "PYTORCH": ("pytorch", {"scaleTier": "CUSTOM", "masterType": "standard", "workerType": "standard",
-                            "workerCount": 1}, ["--epochs", "3"]),
+                            "workerCount": 1}, ["--epochs", "6"]),
 }
 
 
@@ -88,22 +88,25 @@ def by_hand(driver: LocalDriver, settings, framework, package: Path, training_in
                                                                                  job_dir), env=env, cwd=node.workdir)
 
         fan_out(members, start, settings.ssh_parallelism, describe=lambda m: m.role.node_name)
-        while True:
-            def status(member: Member) -> ProcessStatus:
-                node = by_name[member.role.node_name]
-                with connect_node(node, private_key, settings) as session:
-                    state = session.process_status(f"{node.workdir}/proc")
-                return ProcessStatus(member.role, state.exit_code, state.lost)
-
-            outcome = framework.outcome(fan_out(members, status, settings.ssh_parallelism))
-            if outcome.state != "RUNNING":
-                assert outcome.state == "SUCCEEDED", outcome.message
-                break
-            time.sleep(0.5)
-        logs = {}
-        for node in nodes:
-            with connect_node(node, private_key, settings) as session:
-                logs[node.name] = session.read_file(f"{node.workdir}/proc/output.log", 0, 1 << 24).decode()
+        # Wait as a person would: one connection per node, a look at the exit codes every second.
+        sessions = {n.name: connect_node(n, private_key, settings) for n in nodes}
+        try:
+            while True:
+                statuses = []
+                for member in members:
+                    node = by_name[member.role.node_name]
+                    state = sessions[node.name].exit_status(f"{node.workdir}/proc")
+                    statuses.append(ProcessStatus(member.role, state.exit_code, state.lost))
+                outcome = framework.outcome(statuses)
+                if outcome.state != "RUNNING":
+                    assert outcome.state == "SUCCEEDED", outcome.message
+                    break
+                time.sleep(1.0)
+            logs = {name: session.read_file(f"{by_name[name].workdir}/proc/output.log", 0, 1 << 24).decode()
+                    for name, session in sessions.items()}
+        finally:
+            for session in sessions.values():
+                session.close()
         return _throughput(logs)
     finally:
         driver.delete_cluster(name)

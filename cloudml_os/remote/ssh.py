@@ -330,13 +330,15 @@ class NodeSession:
         running one; :meth:`process_status` can, at the cost of a shell and a few forks on the node.
         """
         path = f"{proc_dir.rstrip('/')}/exit_code"
-        text = self.read_file(path, 0, 64).strip()
-        if not text.lstrip(b"-").isdigit():
-            return ProcessStatus(running=True, exit_code=None, lost=False)
         try:
-            ended_at = self._sftp().stat(path).st_mtime
-        except OSError:
-            ended_at = None
+            ended_at = self._sftp().stat(path).st_mtime  # one round trip while the process runs
+        except FileNotFoundError:
+            return ProcessStatus(running=True, exit_code=None, lost=False)
+        except OSError as exc:
+            raise RemoteError(f"node {self.name}: cannot read {path}: {exc}") from None
+        text = self.read_file(path, 0, 64).strip()
+        if not text.lstrip(b"-").isdigit():  # renamed into place, so never half-written; be safe anyway
+            return ProcessStatus(running=True, exit_code=None, lost=False)
         return ProcessStatus(running=False, exit_code=int(text), lost=False, ended_at=ended_at)
 
     def stop_process(self, proc_dir: str, grace: float) -> None:

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 ERROR_LOG_LINES = 20
 LOG_FETCH_LIMIT = 1 << 20
+LOG_FETCH_INTERVAL = 1.0  # seconds between log fetches of a running job (what following the logs lags by)
 
 
 class StepError(RuntimeError):
@@ -247,12 +248,17 @@ def watch(ctx: TrainingContext, job: Job) -> Handover:
     roles = [_role(node, job, ctx) for node in cluster.nodes]
     max_running = _seconds(job.training_input.get("scheduling", {}).get("maxRunningTime"))
     window_ends = time.monotonic() + ctx.settings.watch_window
+    logs_due = 0.0
     with _Sessions(ctx, cluster) as sessions:
         while True:
-            # Within the window only exit codes are polled (a file read); the last poll also finds
-            # processes that vanished without one.
-            last = time.monotonic() + ctx.settings.watch_interval >= window_ends
-            statuses = sessions.each(functools.partial(_fetch, ctx, job, thorough=last))
+            # Every poll looks at exit codes (one SFTP stat per node, nothing runs on the node); logs are
+            # fetched every LOG_FETCH_INTERVAL and when a process ends; the window's last poll also finds
+            # processes that vanished without an exit code. Trainers share their nodes' cores with this.
+            now = time.monotonic()
+            last = now + ctx.settings.watch_interval >= window_ends
+            logs = last or now >= logs_due
+            logs_due = now + LOG_FETCH_INTERVAL if logs else logs_due
+            statuses = sessions.each(functools.partial(_fetch, ctx, job, thorough=last, logs=logs))
             outcome = framework.outcome([ProcessStatus(role, status.exit_code, status.lost, status.ended_at)
                                          for role, status in zip(roles, statuses, strict=True)])
             if outcome.state == "SUCCEEDED":
@@ -262,7 +268,7 @@ def watch(ctx: TrainingContext, job: Job) -> Handover:
                 raise StepError(_with_log_tail(ctx, job, outcome.message, outcome.failed_role))
             if max_running and job.start_time and (ctx.store.now() - job.start_time).total_seconds() > max_running:
                 raise StepError(f"Job ran longer than scheduling.maxRunningTime ({max_running:g}s)")
-            if time.monotonic() >= window_ends or ctx.store.get_job(job.id).state != JobState.RUNNING.value:
+            if time.monotonic() >= window_ends or (logs and ctx.store.get_job(job.id).state != JobState.RUNNING.value):
                 return Handover(Step.TRAINING)
             time.sleep(ctx.settings.watch_interval)
 
@@ -394,13 +400,14 @@ def _cluster(ctx: TrainingContext, job: Job) -> Cluster:
     return cluster
 
 
-def _fetch(ctx: TrainingContext, job: Job, node: Node, session: NodeSession, thorough: bool = True) -> Any:
-    """Append the node's new log bytes to the store; return its trainer's process status.
+def _fetch(ctx: TrainingContext, job: Job, node: Node, session: NodeSession, thorough: bool = True,
+           logs: bool = True) -> Any:
+    """Append the node's new log bytes to the store (``logs``); return its trainer's process status.
 
-    ``thorough=False`` only reads the exit code, so a process that vanished without one reads as running.
+    ``thorough=False`` only looks at the exit code, so a process that vanished without one reads as running.
     """
     status = session.process_status(process_dir(node)) if thorough else session.exit_status(process_dir(node))
-    while True:
+    while logs or status.exit_code is not None:
         data = session.read_file(f"{process_dir(node)}/output.log", node.log_offset, LOG_FETCH_LIMIT)
         if not data:
             break
