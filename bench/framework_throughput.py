@@ -55,7 +55,7 @@ def orchestrated(client, package_uri: str, framework: str, training_input: dict,
                                                "args": args}}
     response = client.request("POST", "/jobs", json=body)
     assert response.status_code == 200, response.text
-    job = client.wait(job_id, timeout=600)
+    job = client.wait(job_id, timeout=600, interval=1.0)  # as by_hand looks at its processes: once a second
     assert job["state"] == "SUCCEEDED", job
     return _throughput(client.logs(job_id))
 

@@ -65,13 +65,13 @@ class Client:
         assert response.status_code == 200, response.text
         return response.json()
 
-    def wait(self, job_id: str, states=FINAL_STATES, timeout: float = 600) -> dict:
+    def wait(self, job_id: str, states=FINAL_STATES, timeout: float = 600, interval: float = 0.2) -> dict:
         deadline = time.monotonic() + timeout
         job = self.job(job_id)
         while job["state"] not in states:
             if time.monotonic() > deadline:
                 raise AssertionError(f"job {job_id} still {job['state']}/{job.get('step')} after {timeout}s")
-            time.sleep(0.2)
+            time.sleep(interval)
             job = self.job(job_id)
         return job
 
