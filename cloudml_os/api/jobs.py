@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import base64
 import binascii
-import dataclasses
 import logging
-import re
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from flask import Response, current_app
-from sqlalchemy import ColumnElement, delete, or_, select
+from sqlalchemy import ColumnElement, delete, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from cloudml_os.api import ApiBlueprint, resource_name, services
+from cloudml_os.api.filters import Condition, compare, parse_list_filter
 from cloudml_os.api.schemas import (
     CancelJobRequestSchema,
     EmptySchema,
@@ -139,58 +138,16 @@ def get_job(project: str, job: str) -> Job:
     return _job_or_404(project, job)
 
 
-@dataclasses.dataclass(frozen=True)
-class Condition:
-    """One term of a list filter: ``field`` is ``state`` or ``labels.KEY``; ``op`` is ``=`` or ``!=``."""
-
-    field: str
-    op: str
-    value: str
-
-
-_TERM = re.compile(r'\s*(state|labels\.[^\s=!":()]+)\s*(!=|=)\s*(?:"([^"\\]*)"|([^\s"()]+))\s*')
-_AND = re.compile(r"AND\s+")
-_FILTER_HELP = 'supported: state=STATE, state!=STATE, labels.KEY=VALUE, labels.KEY!=VALUE, joined by AND'
-
-
 def parse_filter(text: str) -> list[Condition]:
-    """Parse a v1-style list filter such as ``state=RUNNING AND labels.team="ml"``.
-
-    Anything else is refused rather than ignored, so that a filter never silently matches more.
+    """Parse a v1-style job filter such as ``state=RUNNING AND labels.team="ml"``.
 
     :raises InvalidArgument: naming what was not understood.
     """
-    conditions: list[Condition] = []
-    position = 0
-    if not text.strip():
-        return conditions
-    while True:
-        match = _TERM.match(text, position)
-        if match is None:
-            raise InvalidArgument(f"filter: cannot parse {text[position:].strip()!r}; {_FILTER_HELP}")
-        field, op = match.group(1), match.group(2)
-        value = match.group(3) if match.group(3) is not None else match.group(4)
-        if field == "state" and value not in JobState.__members__:
-            valid = ", ".join(s.value for s in JobState)
-            raise InvalidArgument(f"filter: unknown state {value!r}; valid: {valid}")
-        conditions.append(Condition(field, op, value))
-        position = match.end()
-        if position == len(text):
-            return conditions
-        joiner = _AND.match(text, position)
-        if joiner is None:
-            raise InvalidArgument(f"filter: expected AND before {text[position:]!r}; {_FILTER_HELP}")
-        position = joiner.end()
+    return parse_list_filter(text, {"state": [s.value for s in JobState], "labels": ()})
 
 
 def _where(condition: Condition) -> ColumnElement[bool]:
-    if condition.field == "state":
-        column = Job.state
-        return column == condition.value if condition.op == "=" else column != condition.value
-    label = Job.labels[condition.field.removeprefix("labels.")].as_string()
-    if condition.op == "=":
-        return label == condition.value
-    return or_(label.is_(None), label != condition.value)  # a job without the label matches !=
+    return compare(Job.labels if condition.field.startswith("labels.") else Job.state, condition)
 
 
 def encode_page_token(job_pk: int) -> str:

@@ -14,7 +14,8 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from cloudml_os.api import ApiBlueprint, resource_name, services
-from cloudml_os.api.models import OperationView, compare, list_page, operation_views, parse_list_filter
+from cloudml_os.api.filters import compare, parse_list_filter
+from cloudml_os.api.models import OperationView, list_page, operation_views
 from cloudml_os.api.schemas import (
     EmptySchema,
     ListOperationsQuerySchema,
