@@ -26,7 +26,7 @@ from cloudml_os.config import load_settings
 from cloudml_os.frameworks.base import Member, ProcessStatus, load_frameworks, topology_from_training_input
 from cloudml_os.keys import generate_keypair
 from cloudml_os.remote import connect_node, fan_out
-from cloudml_os.runtimes import ensure_runtime, runtime_dirname
+from cloudml_os.runtimes import ensure_runtime, runtime_python
 from tests.harness import build_sdist, start_platform
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +73,7 @@ def by_hand(driver: LocalDriver, settings, framework, package: Path, training_in
         members = [Member(r, by_name[r.node_name].address, by_name[r.node_name].port_first,
                           by_name[r.node_name].port_last) for r in roles]
         body = {"jobId": name, "trainingInput": training_input}
-        python = f"{settings.runtimes_dir}/{runtime_dirname(framework.runtime(None))}/bin/python"
+        python = runtime_python(str(settings.runtimes_dir), framework.runtime(None))
 
         def start(member: Member) -> None:
             node = by_name[member.role.node_name]

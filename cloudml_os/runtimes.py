@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 # images/ lies beside the package in the source tree (the package is installed editable).
 RUNTIMES_SOURCE_DIR = Path(__file__).resolve().parent.parent / "images" / "runtimes"
@@ -60,6 +60,11 @@ def runtime_dirname(name: str, requirements: Path | None = None) -> str:
     path = requirements or requirements_file(name)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
     return f"{name}-{digest}"
+
+
+def runtime_python(runtime_root: str, name: str) -> str:
+    """The interpreter of runtime ``name`` on a node whose runtimes live under ``runtime_root``."""
+    return str(PurePosixPath(runtime_root) / runtime_dirname(name) / "bin" / "python")
 
 
 def base_python() -> str:

@@ -96,17 +96,6 @@ class Store:
         with self.session() as session:
             return session.scalar(select(Job).where(Job.project == project, Job.job_id == job_id))
 
-    def list_jobs(self, project: str, *, states: Iterable[str] = (), after_pk: int = 0,
-                  limit: int = 100) -> list[Job]:
-        """Jobs of a project, newest first, ``after_pk`` being the last primary key of the previous page."""
-        query = select(Job).where(Job.project == project).order_by(Job.id.desc()).limit(limit)
-        if states:
-            query = query.where(Job.state.in_(list(states)))
-        if after_pk:
-            query = query.where(Job.id < after_pk)
-        with self.session() as session:
-            return list(session.scalars(query))
-
     def transition(self, job_pk: int, expected: Iterable[JobState], new: JobState, **fields: Any) -> bool:
         """Move the job to ``new`` if it is in one of ``expected``; record an event. Returns whether it moved."""
         values: dict[str, Any] = {"state": new.value, "etag": Job.etag + 1, **fields}

@@ -18,7 +18,7 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Callable
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import requests
 from sqlalchemy import func, select, update
@@ -29,7 +29,7 @@ from cloudml_os.config import Settings
 from cloudml_os.frameworks.base import Framework
 from cloudml_os.keys import generate_keypair
 from cloudml_os.remote import NodeSession, RemoteError, fan_out
-from cloudml_os.runtimes import runtime_dirname
+from cloudml_os.runtimes import runtime_python
 from cloudml_os.store import Cluster, Node, Store
 from cloudml_os.store.models import Model, Operation, Replica, Version, VersionEvent, utcnow
 
@@ -120,8 +120,7 @@ def start_replica(ctx: ServingContext, version: Version, replica: Replica) -> No
         ctx.store.record_nodes(cluster.id, [node])
         _set_replica(ctx.store, replica.id, state="STARTING", address=info.address, port=info.port_first)
         model_name = _model_name(ctx.store, version)
-        python = str(PurePosixPath(info.runtime_root) / runtime_dirname(framework.runtime(version.runtime_version))
-                     / "bin" / "python")
+        python = runtime_python(info.runtime_root, framework.runtime(version.runtime_version))
         root = f"{info.workdir}/serving"
         with ctx.connect(node, cluster.private_key) as session:
             if session.run(["test", "-x", python], check=False).exit_code != 0:

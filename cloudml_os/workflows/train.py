@@ -26,7 +26,7 @@ from cloudml_os.config import Settings
 from cloudml_os.frameworks.base import Framework, Member, ProcessStatus, Role, topology_from_training_input
 from cloudml_os.keys import generate_keypair
 from cloudml_os.remote import NodeSession, RemoteError, fan_out
-from cloudml_os.runtimes import runtime_dirname
+from cloudml_os.runtimes import runtime_python
 from cloudml_os.states import JobState, Step
 from cloudml_os.store import Cluster, Job, Node, Store
 
@@ -80,8 +80,7 @@ def node_job_dir(node: Node) -> str:
 
 
 def node_python(node: Node, job: Job, framework: Framework) -> str:
-    runtime = framework.runtime(job.training_input.get("runtimeVersion"))
-    return str(PurePosixPath(node.runtime_root) / runtime_dirname(runtime) / "bin" / "python")
+    return runtime_python(node.runtime_root, framework.runtime(job.training_input.get("runtimeVersion")))
 
 
 def cluster_name(job: Job) -> str:
