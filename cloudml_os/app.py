@@ -3,7 +3,8 @@
 :func:`create_app` receives every dependency (settings, store, artifact store, framework plugins, the
 functions that enqueue a job's first step and a serving operation, and the one that forwards a
 prediction to a replica) and wires them into one app: the resource
-blueprints, bearer-token authentication, v1 error bodies and the OpenAPI document generated from the
+blueprints, authentication (local bearer tokens, or Keystone tokens through keystonemiddleware in
+OpenStack mode), v1 error bodies and the OpenAPI document generated from the
 same schemas that validate requests. It creates no connections and starts no workers itself; the CLI
 (or a test) builds the dependencies and passes them in.
 """
@@ -32,8 +33,9 @@ from cloudml_os.api import (
 )
 from cloudml_os.api.schemas import ErrorSchema, Int64
 from cloudml_os.archives import MAX_PACKAGE_BYTES
-from cloudml_os.artifacts.local import LocalArtifactStore
+from cloudml_os.artifacts import ArtifactStore
 from cloudml_os.auth import authorize
+from cloudml_os.auth.keystone import caller_from_headers, keystone_middleware
 from cloudml_os.auth.tokens import token_from_header
 from cloudml_os.config import Settings
 from cloudml_os.errors import register_error_handlers
@@ -58,7 +60,11 @@ def _authenticate() -> None:
     """Before every ``/v1`` request: a known bearer token, of the path's project, whose role allows it."""
     if request.url_rule is None or request.endpoint in PUBLIC_ENDPOINTS or not request.path.startswith("/v1/"):
         return  # routing errors answer 404/405 on their own; public endpoints need nothing
-    token = token_from_header(services().store, request.headers.get("Authorization"))
+    svc = services()
+    if svc.settings.auth == "keystone":
+        token = caller_from_headers(request.headers)
+    else:
+        token = token_from_header(svc.store, request.headers.get("Authorization"))
     project = (request.view_args or {}).get("project")
     if project is not None:
         authorize(token, project, request.method, request.path.removeprefix("/v1/").split(":", 1)[0])
@@ -72,7 +78,7 @@ def _healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-def create_app(settings: Settings, *, store: Store, artifacts: LocalArtifactStore,
+def create_app(settings: Settings, *, store: Store, artifacts: ArtifactStore,
                frameworks: Mapping[str, Framework], start_job: Callable[[int], None],
                start_operation: Callable[[int], None] = no_operation_queue,
                predict: Callable[[int, str, bytes], tuple[int, bytes]] = no_prediction) -> Flask:
@@ -127,4 +133,6 @@ def create_app(settings: Settings, *, store: Store, artifacts: LocalArtifactStor
 
     app.before_request(_authenticate)
     app.add_url_rule("/healthz", "healthz", _healthz)
+    if settings.auth == "keystone":
+        app.wsgi_app = keystone_middleware(app.wsgi_app, settings)
     return app

@@ -66,6 +66,28 @@ class Settings:
     local_ssh_port: int = 2222
     local_port_base: int = 20000
     local_ports_per_node: int = 10
+    # Where artifacts live: "local" (a folder, the embedded default) or "swift" (OpenStack mode).
+    artifacts: str = "local"
+    # How API callers authenticate: "local" (cloudml-os tokens) or "keystone" (keystonemiddleware).
+    auth: str = "local"
+    # OpenStack mode: the clouds.yaml entry of the platform's service account, used by the openstack driver,
+    # the Swift store and keystonemiddleware (OS_CLIENT_CONFIG_FILE names the file, as for every client).
+    openstack_cloud: str = "cloudml-os"
+    openstack_network: str = "cloudml-net"
+    openstack_image: str = "cloudml-os-node"
+    openstack_gpu_image: str = ""  # empty: GPU nodes boot openstack_image too
+    openstack_ssh_user: str = "cloudml"
+    openstack_control_plane_cidr: str = "10.0.0.0/8"
+    openstack_node_port_first: int = 20000
+    openstack_node_port_last: int = 20099
+    openstack_runtime_root: str = "/opt/cloudml-os/runtimes"
+    openstack_workdir: str = "/var/lib/cloudml-os"
+    openstack_floating_network: str = ""  # empty: nodes are reached on their fixed addresses
+    openstack_volume_size: int = 0  # GB; 0 boots from the image, more boots from a volume of that size
+    openstack_stack_timeout: float = 900.0
+    openstack_console_timeout: float = 300.0
+    swift_container_prefix: str = "cloudml-os-"
+    swift_segment_size: int = 100 * 1024 * 1024
     machine_types: dict[str, MachineType] = dataclasses.field(
         default_factory=lambda: dict(DEFAULT_MACHINE_TYPES)
     )
@@ -153,6 +175,14 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("setting 'watch_window' must not be negative")
     if settings.local_ports_per_node < 2:
         raise ConfigError("setting 'local_ports_per_node' must be at least 2")
+    if settings.artifacts not in ("local", "swift"):
+        raise ConfigError("setting 'artifacts' must be 'local' or 'swift'")
+    if settings.auth not in ("local", "keystone"):
+        raise ConfigError("setting 'auth' must be 'local' or 'keystone'")
+    if not 0 < settings.openstack_node_port_first < settings.openstack_node_port_last < 65536:
+        raise ConfigError("settings 'openstack_node_port_first' < 'openstack_node_port_last' must be TCP ports")
+    if settings.swift_segment_size < 1024 * 1024:
+        raise ConfigError("setting 'swift_segment_size' must be at least 1 MiB (Swift's SLO minimum)")
     parts = settings.local_address_prefix.split(".")
     if len(parts) != 2 or parts[0] != "127" or not parts[1].isdigit() or not 0 <= int(parts[1]) < 256:
         raise ConfigError("setting 'local_address_prefix' must look like '127.N' (a loopback /16)")

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from flask import Flask
 from sqlalchemy import select
 
-from cloudml_os.artifacts.local import LocalArtifactStore
+from cloudml_os.artifacts import open_artifact_store
 from cloudml_os.cloud.base import load_driver
 from cloudml_os.config import Settings, load_settings
 from cloudml_os.frameworks.base import load_frameworks
@@ -39,7 +39,7 @@ def training_context(settings: Settings) -> TrainingContext:
         settings=settings,
         store=Store(settings.database_url),
         driver=load_driver(settings),
-        artifacts=LocalArtifactStore(settings.artifacts_root),
+        artifacts=open_artifact_store(settings),
         frameworks=load_frameworks(),
         connect=_connect(settings),
     )
@@ -50,7 +50,7 @@ def serving_context(settings: Settings) -> ServingContext:
         settings=settings,
         store=Store(settings.database_url),
         driver=load_driver(settings),
-        artifacts=LocalArtifactStore(settings.artifacts_root),
+        artifacts=open_artifact_store(settings),
         frameworks=load_frameworks(),
         connect=_connect(settings),
         replace=replica_replacer(make_celery(settings)),
@@ -127,7 +127,7 @@ def wsgi_app(settings: Settings | None = None) -> Flask:
     return create_app(
         settings,
         store=store,
-        artifacts=LocalArtifactStore(settings.artifacts_root),
+        artifacts=open_artifact_store(settings),
         frameworks=load_frameworks(),
         start_job=job_starter(celery),
         start_operation=operation_starter(celery),

@@ -40,10 +40,12 @@ class Client:
     base_url: str
     project: str
     token: str
+    keystone: bool = False  # a Keystone token goes in X-Auth-Token
 
     def request(self, method: str, path: str, **kwargs) -> requests.Response:
         url = f"{self.base_url}/v1/projects/{self.project}{path}"
-        headers = {"Authorization": f"Bearer {self.token}", **kwargs.pop("headers", {})}
+        credential = {"X-Auth-Token": self.token} if self.keystone else {"Authorization": f"Bearer {self.token}"}
+        headers = {**credential, **kwargs.pop("headers", {})}
         return requests.request(method, url, headers=headers, timeout=60, **kwargs)
 
     def upload(self, path: Path) -> str:
@@ -146,10 +148,10 @@ def _wait_http(url: str, process: subprocess.Popen, timeout: float = 60) -> None
 
 
 def _delete_leftover_nodes(env: dict[str, str]) -> None:
-    from cloudml_os.cloud.local import LocalDriver
+    from cloudml_os.cloud.base import load_driver
     from cloudml_os.config import load_settings
 
-    driver = LocalDriver(load_settings(environ=env))
+    driver = load_driver(load_settings(environ=env))
     for name in driver.list_clusters():
         driver.delete_cluster(name)
 

@@ -19,7 +19,7 @@ from flask_smorest import Blueprint
 from webargs.flaskparser import FlaskParser
 from werkzeug.routing import BaseConverter
 
-from cloudml_os.artifacts.local import LocalArtifactStore
+from cloudml_os.artifacts import ArtifactStore
 from cloudml_os.config import Settings
 from cloudml_os.errors import InvalidArgument, Unavailable, flatten_messages
 from cloudml_os.frameworks.base import Framework
@@ -47,7 +47,7 @@ class Services:
 
     settings: Settings
     store: Store
-    artifacts: LocalArtifactStore
+    artifacts: ArtifactStore
     frameworks: Mapping[str, Framework]
     start_job: Callable[[int], None]
     # Enqueues the serving workflow for an Operation row (version create, delete, scale).

@@ -33,7 +33,7 @@ from cloudml_os.api.schemas import (
     LogListSchema,
     LogsQuerySchema,
 )
-from cloudml_os.artifacts.local import ArtifactError, parse_uri
+from cloudml_os.artifacts import ArtifactError, parse_uri
 from cloudml_os.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from cloudml_os.frameworks.base import TopologyError, topology_from_training_input
 from cloudml_os.states import JobState, Step

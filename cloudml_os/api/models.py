@@ -48,7 +48,7 @@ from cloudml_os.api.schemas import (
     VersionPatchSchema,
     VersionSchema,
 )
-from cloudml_os.artifacts.local import ArtifactError, parse_uri
+from cloudml_os.artifacts import ArtifactError, parse_uri
 from cloudml_os.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from cloudml_os.frameworks.base import TopologyError
 from cloudml_os.store.models import Model, Operation, Replica, Version, VersionEvent, utcnow

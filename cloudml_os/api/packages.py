@@ -22,7 +22,7 @@ from werkzeug.datastructures import FileStorage
 from cloudml_os.api import ApiBlueprint, services
 from cloudml_os.api.schemas import PackageListSchema, PackageSchema, PackageUploadSchema
 from cloudml_os.archives import ArchiveError, archive_format, inspect_archive, safe_filename
-from cloudml_os.artifacts.local import make_uri
+from cloudml_os.artifacts import make_uri
 from cloudml_os.errors import AlreadyExists, InvalidArgument, RequestTooLarge
 from cloudml_os.store import Package
 

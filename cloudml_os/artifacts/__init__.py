@@ -1,1 +1,80 @@
-"""Artifact stores: where packages, exported models and job outputs live."""
+"""The artifact store: trainer packages and exported models, named by ``store://PROJECT/KEY`` URIs.
+
+A URI never names a host path or a Swift account, so a request can only reach its own project's objects;
+the backend (a local folder for the embedded default, Swift in OpenStack mode) maps the URI to where the
+bytes live. Workflows use only :class:`ArtifactStore`; :func:`open_artifact_store` picks the backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, BinaryIO, Protocol
+
+if TYPE_CHECKING:
+    from cloudml_os.config import Settings
+
+SCHEME = "store://"
+
+
+class ArtifactError(ValueError):
+    """A URI is malformed, points outside its project, or names nothing; the message is safe to show."""
+
+
+def parse_uri(uri: str) -> tuple[str, str]:
+    """Split ``store://PROJECT/KEY`` into (project, key). :raises ArtifactError: on any other shape."""
+    if not uri.startswith(SCHEME):
+        raise ArtifactError(f"{uri!r} is not an artifact URI (expected {SCHEME}PROJECT/PATH)")
+    project, _, key = uri[len(SCHEME):].partition("/")
+    parts = PurePosixPath(key).parts
+    if not project or not key or key.startswith("/") or any(p in ("..", ".") for p in parts):
+        raise ArtifactError(f"{uri!r} is not a valid artifact URI")
+    return project, key.rstrip("/")
+
+
+def make_uri(project: str, key: str) -> str:
+    return f"{SCHEME}{project}/{key}"
+
+
+class ArtifactStore(Protocol):
+    """What the API and the workflows need from an artifact store."""
+
+    def exists(self, uri: str) -> bool:
+        """Whether the URI names an object or a tree holding at least one object."""
+
+    def put_file(self, project: str, key: str, source: BinaryIO) -> str:
+        """Store a stream under the key, atomically for readers; return its URI."""
+
+    def put_tree(self, project: str, key: str, source: Path) -> str:
+        """Store a local directory under the key, replacing what was there (a repeated export is a no-op)."""
+
+    def local_file(self, uri: str) -> contextlib.AbstractContextManager[Path]:
+        """A local path holding the object's bytes while the context is open.
+
+        :raises ArtifactError: when the URI names no object.
+        """
+
+    def local_tree(self, uri: str) -> contextlib.AbstractContextManager[Path]:
+        """A local directory holding the tree's files while the context is open.
+
+        :raises ArtifactError: when the URI names no tree.
+        """
+
+
+def files_of(tree: Path) -> Iterator[tuple[str, Path]]:
+    """(relative POSIX name, path) of every file under a local directory, in a stable order."""
+    for path in sorted(tree.rglob("*")):
+        if path.is_file():
+            yield path.relative_to(tree).as_posix(), path
+
+
+def open_artifact_store(settings: Settings) -> ArtifactStore:
+    """The backend named by ``settings.artifacts``: ``local`` (a folder) or ``swift`` (OpenStack)."""
+    if settings.artifacts == "swift":
+        from cloudml_os.artifacts.swift import SwiftArtifactStore
+
+        return SwiftArtifactStore.from_settings(settings)
+    from cloudml_os.artifacts.local import LocalArtifactStore
+
+    return LocalArtifactStore(settings.artifacts_root)

@@ -7,8 +7,9 @@ and the dashboard cannot drift apart. This package never reads a request body or
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from cloudml_os.errors import NotFound, PermissionDenied
-from cloudml_os.store import Token
 
 ROLES = ("admin", "member", "viewer")
 WRITE_ROLES = frozenset({"admin", "member"})
@@ -27,7 +28,14 @@ def role_allows(role: str, *, write: bool) -> bool:
     return not write or role in WRITE_ROLES
 
 
-def authorize(token: Token, project: str, method: str, resource: str) -> None:
+class Caller(Protocol):
+    """Who makes a request: a local token (:class:`cloudml_os.store.Token`) or a Keystone caller."""
+
+    project: str
+    role: str
+
+
+def authorize(token: Caller, project: str, method: str, resource: str) -> None:
     """Check that ``token`` may use ``method`` on ``resource`` of ``project``.
 
     Another project's resource answers 404 exactly like a missing one, so that a token cannot probe

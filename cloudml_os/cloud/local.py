@@ -34,7 +34,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from cloudml_os.cloud.base import ClusterSpec, Driver, DriverError, NodeInfo, NodeSpec
@@ -49,7 +49,7 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 # sshd_config has no quoting we want to rely on: node paths must be plain.
 _UNSAFE_PATH = re.compile(r"[\s\"'%\\#]")
 # The nodes' sshd get a clean environment, not the worker's (which may hold database passwords).
-_NODE_ENVIRONMENT = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+NODE_ENVIRONMENT = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                      "LANG": "C.UTF-8"}
 
 
@@ -147,7 +147,7 @@ class LocalDriver(Driver):
         rebooting = []
         for node_dir, info in zip(nodes, infos, strict=True):
             unshare_pid = processes.get(str(node_dir / "sshd_config"))
-            if unshare_pid is None or _namespace_init(unshare_pid) is None:
+            if unshare_pid is None or namespace_init(unshare_pid) is None:
                 self._kill_node(node_dir, processes)
                 rebooting.append((node_dir, info, self._start_node(node_dir, info)))
             else:
@@ -156,7 +156,7 @@ class LocalDriver(Driver):
             try:
                 self._wait_booted(node_dir, info, pid)
             except DriverError:
-                if _alive(pid):
+                if alive(pid):
                     raise
                 # It died while being looked at (a node killed a moment ago): boot it once more.
                 self._kill_node(node_dir, _unshare_processes())
@@ -178,7 +178,7 @@ class LocalDriver(Driver):
             address=_slot_address(settings.local_address_prefix, slot),
             ssh_port=settings.local_ssh_port,
             username=username,
-            host_keys=(_write_host_key(node_dir),),
+            host_keys=(write_host_key(node_dir),),
             port_first=port_first,
             port_last=port_first + settings.local_ports_per_node - 1,
             workdir=str(node_dir / "work"),
@@ -193,7 +193,7 @@ class LocalDriver(Driver):
 
     def _start_node(self, node_dir: Path, info: NodeInfo) -> int:
         """Start the node's sshd as PID 1 of a new PID namespace, in its own session; return unshare's pid."""
-        if _accepts_tcp(info.address, info.ssh_port):
+        if accepts_tcp(info.address, info.ssh_port):
             raise DriverError(f"node {info.name}: {info.address}:{info.ssh_port} is already in use by a "
                               "process this driver does not manage")
         RUN_SSHD.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -203,7 +203,7 @@ class LocalDriver(Driver):
                 [UNSHARE, "--pid", "--fork", "--kill-child", "--mount-proc",
                  SSHD, "-D", "-f", str(node_dir / "sshd_config"), "-E", str(log_path)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, env=_NODE_ENVIRONMENT,
+                start_new_session=True, env=NODE_ENVIRONMENT,
             )
         self._children[process.pid] = process
         _write_atomically(node_dir / "unshare.pid", f"{process.pid}\n")
@@ -213,17 +213,17 @@ class LocalDriver(Driver):
         """Wait until the node's sshd accepts TCP; fail early if its namespace died."""
         deadline = time.monotonic() + self._boot_timeout
         while True:
-            init_pid = _namespace_init(unshare_pid)
-            if init_pid is not None and _accepts_tcp(info.address, info.ssh_port):
+            init_pid = namespace_init(unshare_pid)
+            if init_pid is not None and accepts_tcp(info.address, info.ssh_port):
                 _write_atomically(node_dir / "init.pid", f"{init_pid}\n")
                 return
-            if not _alive(unshare_pid):
+            if not alive(unshare_pid):
                 raise DriverError(f"node {info.name}: sshd exited while booting; sshd.log ends with:\n"
-                                  f"{_tail(node_dir / 'sshd.log')}")
+                                  f"{tail(node_dir / 'sshd.log')}")
             if time.monotonic() > deadline:
                 raise DriverError(f"node {info.name}: sshd did not accept connections on {info.address}:"
                                   f"{info.ssh_port} within {self._boot_timeout:g}s; sshd.log ends with:\n"
-                                  f"{_tail(node_dir / 'sshd.log')}")
+                                  f"{tail(node_dir / 'sshd.log')}")
             time.sleep(0.02)
 
     # -- slots and GPUs ------------------------------------------------------------------------
@@ -234,7 +234,7 @@ class LocalDriver(Driver):
         for slot in range(1, min(65535, last_by_port) + 1):
             if slot % 256 in (0, 255) or not _claim(self._slots_dir / str(slot), owner):
                 continue
-            if _accepts_tcp(_slot_address(settings.local_address_prefix, slot), settings.local_ssh_port):
+            if accepts_tcp(_slot_address(settings.local_address_prefix, slot), settings.local_ssh_port):
                 # Someone outside this data_dir (another installation, a test run) listens there.
                 (self._slots_dir / str(slot)).unlink()
                 continue
@@ -315,14 +315,14 @@ class LocalDriver(Driver):
         unshare_pid = processes.pop(str(node_dir / "sshd_config"), None)
         if unshare_pid is None:
             return
-        init_pid = _namespace_init(unshare_pid)
-        _kill(init_pid if init_pid is not None else unshare_pid)
+        init_pid = namespace_init(unshare_pid)
+        sigkill(init_pid if init_pid is not None else unshare_pid)
         started = time.monotonic()
-        while _alive(unshare_pid) or (init_pid is not None and _alive(init_pid)):
+        while alive(unshare_pid) or (init_pid is not None and alive(init_pid)):
             self._reap_children()
             waited = time.monotonic() - started
             if waited > 2.0:
-                _kill(unshare_pid)
+                sigkill(unshare_pid)
             if waited > 10.0:
                 raise DriverError(f"node {node_dir.name}: its processes did not exit after SIGKILL")
             time.sleep(0.01)
@@ -419,26 +419,36 @@ def _claim(path: Path, owner: str) -> bool:
     return True
 
 
-def _write_host_key(node_dir: Path) -> str:
-    """Generate the node's ed25519 host key in OpenSSH format; return its public key line."""
-    private, public = generate_keypair()
-    fd = os.open(node_dir / "hostkey", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+def write_host_key(node_dir: Path, name: str = "hostkey", comment: str = "") -> str:
+    """Generate a node's ed25519 host key in OpenSSH format as ``NAME`` and ``NAME.pub``; return the public line."""
+    private, public = generate_keypair(comment)
+    fd = os.open(node_dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as file:
         file.write(private)
-    (node_dir / "hostkey.pub").write_text(public + "\n")
+    (node_dir / f"{name}.pub").write_text(public + "\n")
     return public
 
 
 def _sshd_config(node_dir: Path, info: NodeInfo) -> str:
     # The node's own home, as a VM has: the shell sshd starts reads that .bashrc, not this host's.
-    environment = {"HOME": info.workdir, **info.environment}
-    set_env = " ".join(f"{key}={value}" for key, value in environment.items())
+    # Every session sees the node's GPUs only, as on a VM given just those devices.
+    return sshd_config(listen_address=info.address, port=info.ssh_port, host_key=node_dir / "hostkey",
+                       authorized_keys=node_dir / "authorized_keys", pid_file=node_dir / "sshd.pid",
+                       environment={"HOME": info.workdir, **info.environment})
+
+
+def sshd_config(*, listen_address: str, port: int, host_key: Path, authorized_keys: Path, pid_file: Path,
+                environment: Mapping[str, str]) -> str:
+    """An sshd_config for one node: key logins of root only, SFTP, ``environment`` set in every session.
+
+    Shared with the test cloud's emulated Nova, whose servers run the same sshd as this driver's nodes.
+    """
     lines = [
-        f"ListenAddress {info.address}",
-        f"Port {info.ssh_port}",
-        f"HostKey {node_dir}/hostkey",
-        f"AuthorizedKeysFile {node_dir}/authorized_keys",
-        f"PidFile {node_dir}/sshd.pid",
+        f"ListenAddress {listen_address}",
+        f"Port {port}",
+        f"HostKey {host_key}",
+        f"AuthorizedKeysFile {authorized_keys}",
+        f"PidFile {pid_file}",
         "UsePAM no",
         "StrictModes no",
         "PermitRootLogin prohibit-password",
@@ -447,9 +457,9 @@ def _sshd_config(node_dir: Path, info: NodeInfo) -> str:
         "PrintMotd no",
         "X11Forwarding no",
         "Subsystem sftp internal-sftp",
-        # Every session sees the node's GPUs only, as on a VM given just those devices.
-        f"SetEnv {set_env}",
     ]
+    if environment:
+        lines.append("SetEnv " + " ".join(f"{key}={value}" for key, value in environment.items()))
     return "\n".join(lines) + "\n"
 
 
@@ -467,7 +477,7 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _accepts_tcp(address: str, port: int) -> bool:
+def accepts_tcp(address: str, port: int) -> bool:
     try:
         with socket.create_connection((address, port), timeout=0.5):
             return True
@@ -475,7 +485,7 @@ def _accepts_tcp(address: str, port: int) -> bool:
         return False
 
 
-def _kill(pid: int) -> None:
+def sigkill(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
 
@@ -489,19 +499,19 @@ def _proc_state(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[0]
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """Running and not a zombie (a zombie has already released everything it held)."""
     return _proc_state(pid) not in (None, "Z", "X")
 
 
-def _namespace_init(unshare_pid: int) -> int | None:
+def namespace_init(unshare_pid: int) -> int | None:
     """Host pid of the namespace's PID 1 (the only child of ``unshare --fork``), if alive."""
     try:
         children = Path(f"/proc/{unshare_pid}/task/{unshare_pid}/children").read_text().split()
     except OSError:
         return None
     for child in children:
-        if _alive(int(child)):
+        if alive(int(child)):
             return int(child)
     return None
 
@@ -521,7 +531,7 @@ def _unshare_processes() -> dict[str, int]:
         if not argv or os.path.basename(argv[0]) != UNSHARE.encode() or b"-f" not in argv:
             continue
         index = argv.index(b"-f") + 1
-        if index < len(argv) and _alive(entry):
+        if index < len(argv) and alive(entry):
             found[os.fsdecode(argv[index])] = entry
     return found
 
@@ -530,7 +540,7 @@ def _proc_entries() -> Iterable[int]:
     return (int(name) for name in os.listdir("/proc") if name.isdigit())
 
 
-def _tail(path: Path, limit: int = 2000) -> str:
+def tail(path: Path, limit: int = 2000) -> str:
     try:
         data = path.read_bytes()[-limit:]
     except OSError:

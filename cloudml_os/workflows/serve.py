@@ -23,7 +23,7 @@ from pathlib import Path
 import requests
 from sqlalchemy import func, select, update
 
-from cloudml_os.artifacts.local import LocalArtifactStore
+from cloudml_os.artifacts import ArtifactStore, files_of
 from cloudml_os.cloud.base import ClusterSpec, Driver, DriverError, NodeSpec
 from cloudml_os.config import Settings
 from cloudml_os.frameworks.base import Framework
@@ -51,7 +51,7 @@ class ServingContext:
     settings: Settings
     store: Store
     driver: Driver
-    artifacts: LocalArtifactStore
+    artifacts: ArtifactStore
     frameworks: dict[str, Framework]
     connect: Callable[[Node, str], NodeSession]
     replace: Callable[[int], None]  # enqueue replace_replica(replica id)
@@ -125,8 +125,9 @@ def start_replica(ctx: ServingContext, version: Version, replica: Replica) -> No
         with ctx.connect(node, cluster.private_key) as session:
             if session.run(["test", "-x", python], check=False).exit_code != 0:
                 raise ServeError(f"{replica.name}: runtime {python} is missing on the node")
-            for relative, local in ctx.artifacts.walk(version.deployment_uri):
-                session.put(local, f"{root}/model/{relative}")
+            with ctx.artifacts.local_tree(version.deployment_uri) as model:
+                for relative, local in files_of(model):
+                    session.put(local, f"{root}/model/{relative}")
             session.put(MODEL_SERVER, f"{root}/model_server.py")
             session.start_process(f"{root}/process", [
                 python, f"{root}/model_server.py", "--framework", version.framework, "--model-dir", f"{root}/model",

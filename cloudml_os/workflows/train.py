@@ -10,6 +10,7 @@ TEARING_DOWN, which always deletes the cluster before the job reaches its final 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from cloudml_os.artifacts.local import ArtifactError, LocalArtifactStore, make_uri, parse_uri
+from cloudml_os.artifacts import ArtifactError, ArtifactStore, make_uri, parse_uri
 from cloudml_os.cloud.base import ClusterSpec, Driver, DriverError, NodeSpec
 from cloudml_os.config import Settings
 from cloudml_os.frameworks.base import Framework, Member, ProcessStatus, Role, topology_from_training_input
@@ -48,7 +49,7 @@ class TrainingContext:
     settings: Settings
     store: Store
     driver: Driver
-    artifacts: LocalArtifactStore
+    artifacts: ArtifactStore
     frameworks: dict[str, Framework]
     connect: Callable[[Node, str], NodeSession]
 
@@ -144,7 +145,7 @@ def provision(ctx: TrainingContext, job: Job) -> Handover:
         nodes=tuple(NodeSpec(r.node_name, r.task_type, r.task_index, r.machine_type.flavor, r.machine_type.gpus)
                     for r in roles),
         public_key=cluster.public_key,
-        labels={"project": job.project, "job": job.job_id},
+        labels={"project": job.project, "job": str(job.id)},
     )
     infos = ctx.driver.create_cluster(spec)
     ctx.store.record_nodes(cluster.id, [
@@ -162,37 +163,45 @@ def bootstrap(ctx: TrainingContext, job: Job) -> Handover:
     """Check the runtime on every node and install the job's packages into a per-job site directory."""
     cluster = _cluster(ctx, job)
     framework = ctx.frameworks[job.framework]
-    packages = [(uri, ctx.artifacts.path(uri)) for uri in job.training_input["packageUris"]]
+    with contextlib.ExitStack() as downloads:
+        packages = [(uri, downloads.enter_context(ctx.artifacts.local_file(uri)))
+                    for uri in job.training_input["packageUris"]]
 
-    def prepare(node: Node, session: NodeSession) -> None:
-        done_marker = f"{job_root(node)}/bootstrap.done"
-        if session.run(["test", "-e", done_marker], check=False).exit_code == 0:
-            return
-        python = node_python(node, job, framework)
-        if session.run(["test", "-x", python], check=False).exit_code != 0:
-            raise StepError(f"node {node.name}: runtime {python} is missing (build it with "
-                            f"`cloudml-os runtime build`)")
-        site = packages_dir(node)
-        session.run(["mkdir", "-p", site, node_job_dir(node), f"{job_root(node)}/packages"])
-        for uri, local_path in packages:
-            remote = f"{job_root(node)}/packages/{local_path.name}"
-            session.put(local_path, remote)
-            package = ctx.store.package_by_uri(uri)
-            if package is not None and package.kind == "sdist":
-                command = [python, "-m", "pip", "install", "--no-deps", "--no-index", "--no-build-isolation",
-                           "--disable-pip-version-check", "--quiet", "--upgrade", "--target", site, remote]
-            else:
-                command = [python, "-c", UNPACK_SCRIPT, remote, site]
-            result = session.run(command, check=False, timeout=600)
-            if result.exit_code != 0:
-                tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-ERROR_LOG_LINES:])
-                raise StepError(f"node {node.name}: installing {local_path.name} failed:\n{tail}")
-        session.run(["touch", done_marker])
+        def prepare(node: Node, session: NodeSession) -> None:
+            _install_packages(ctx, job, framework, packages, node, session)
 
-    with _Sessions(ctx, cluster) as sessions:
-        sessions.each(prepare)
+        with _Sessions(ctx, cluster) as sessions:
+            sessions.each(prepare)
     ctx.store.add_event(job.id, "BOOTSTRAP", f"{len(cluster.nodes)} node(s) bootstrapped")
     return Handover(Step.LAUNCHING)
+
+
+def _install_packages(ctx: TrainingContext, job: Job, framework: Framework, packages: list[tuple[str, Path]],
+                      node: Node, session: NodeSession) -> None:
+    """Check the node's runtime and install the job's packages there, once (a marker says it is done)."""
+    done_marker = f"{job_root(node)}/bootstrap.done"
+    if session.run(["test", "-e", done_marker], check=False).exit_code == 0:
+        return
+    python = node_python(node, job, framework)
+    if session.run(["test", "-x", python], check=False).exit_code != 0:
+        raise StepError(f"node {node.name}: runtime {python} is missing (build it with "
+                        f"`cloudml-os runtime build`)")
+    site = packages_dir(node)
+    session.run(["mkdir", "-p", site, node_job_dir(node), f"{job_root(node)}/packages"])
+    for uri, local_path in packages:
+        remote = f"{job_root(node)}/packages/{local_path.name}"
+        session.put(local_path, remote)
+        package = ctx.store.package_by_uri(uri)
+        if package is not None and package.kind == "sdist":
+            command = [python, "-m", "pip", "install", "--no-deps", "--no-index", "--no-build-isolation",
+                       "--disable-pip-version-check", "--quiet", "--upgrade", "--target", site, remote]
+        else:
+            command = [python, "-c", UNPACK_SCRIPT, remote, site]
+        result = session.run(command, check=False, timeout=600)
+        if result.exit_code != 0:
+            tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-ERROR_LOG_LINES:])
+            raise StepError(f"node {node.name}: installing {local_path.name} failed:\n{tail}")
+    session.run(["touch", done_marker])
 
 
 # Unpacks a plain archive on the node; members were checked at upload, the 'data' filter checks again.

@@ -1,0 +1,263 @@
+"""The ``openstack`` compute driver: one Heat stack of VMs per cluster, through openstacksdk.
+
+A cluster is a stack named after it, built by :mod:`cloudml_os.cloud.heat_template` from
+``heat_templates/`` (one ResourceGroup per node group, the cluster's public key as a Nova keypair, a
+security group, a soft anti-affinity server group). Creating is idempotent by name: a redelivered task finds
+the stack and waits for it instead of creating a second one. Before creating, the project's compute and
+network limits are checked so that a job that cannot fit fails with a clear message instead of leaving a
+half-built stack; a stack that fails anyway is rolled back by Heat and deleted.
+
+Host keys are never trusted on first use: cloud-init prints every node's host keys to its console log
+(the "SSH HOST KEY KEYS" block), which the driver reads through Nova's authenticated API and pins.
+Only this module and ``artifacts/swift.py`` import openstacksdk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+from cloudml_os.cloud.base import ClusterSpec, Driver, DriverError, NodeInfo
+from cloudml_os.cloud.heat_template import NODES_OUTPUT, STACK_TAG, StackOptions, build_stack
+from cloudml_os.config import Settings
+
+POLL_INTERVAL = 1.0
+_HOST_KEYS = re.compile(r"-----BEGIN SSH HOST KEY KEYS-----\r?\n(.*?)-----END SSH HOST KEY KEYS-----", re.S)
+_KEY_LINE = re.compile(r"^(ssh-ed25519|ecdsa-sha2-nistp(?:256|384|521)|ssh-rsa) [A-Za-z0-9+/=]+")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Need:
+    instances: int = 0
+    cores: int = 0
+    ram_mb: int = 0
+
+
+class OpenStackDriver(Driver):
+    """Clusters as Heat stacks in the platform's service project.
+
+    :param settings: installation settings (``openstack_*``).
+    :param connection: an openstacksdk Connection; None connects to ``settings.openstack_cloud``.
+    :param sleep: how to wait between polls (tests pass a faster one).
+    """
+
+    name = "openstack"
+
+    def __init__(self, settings: Settings, *, connection: Any = None,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self._settings = settings
+        self._connection = connection
+        self._sleep = sleep
+
+    @property
+    def _cloud(self) -> Any:
+        if self._connection is None:
+            import openstack
+
+            self._connection = openstack.connect(cloud=self._settings.openstack_cloud)
+        return self._connection
+
+    # -- the Driver interface -------------------------------------------------------------------
+
+    def create_cluster(self, spec: ClusterSpec) -> list[NodeInfo]:
+        stack = self._find_stack(spec.name)
+        if stack is not None and (stack.status.endswith("_FAILED")
+                                  or stack.status in ("DELETE_IN_PROGRESS", "ROLLBACK_COMPLETE")):
+            # A create that failed, or a delete that a crash interrupted: start over.
+            self._delete_stack(stack)
+            stack = None
+        if stack is None:
+            self._check_limits(spec)
+            request = build_stack(spec, self._options())
+            body = {"stack_name": spec.name, "template": request.template, "files": request.files,
+                    "parameters": request.parameters, "tags": ",".join(request.tags),
+                    "timeout_mins": max(1, int(self._settings.openstack_stack_timeout // 60)),
+                    "disable_rollback": False}
+            response = self._cloud.orchestration.post("/stacks", json=body, raise_exc=False)
+            # 409: a redelivered task created it a moment ago; wait for that one.
+            if response.status_code >= 400 and response.status_code != 409:
+                raise DriverError(f"cluster {spec.name}: Heat refused the stack: {_error_text(response)}")
+            stack = self._find_stack(spec.name)
+            if stack is None:
+                raise DriverError(f"cluster {spec.name}: Heat accepted the stack but does not show it")
+        stack = self._wait_created(spec.name, stack)
+        try:
+            return self._nodes(spec, stack)
+        except DriverError:
+            self._delete_stack(stack)
+            raise
+
+    def delete_cluster(self, name: str) -> None:
+        stack = self._find_stack(name)
+        if stack is not None:
+            self._delete_stack(stack)
+
+    def list_clusters(self) -> list[str]:
+        return sorted(stack.name for stack in self._cloud.orchestration.stacks(tags=STACK_TAG))
+
+    # -- creating ------------------------------------------------------------------------------
+
+    def _options(self) -> StackOptions:
+        settings = self._settings
+        return StackOptions(
+            network=settings.openstack_network,
+            image=settings.openstack_image,
+            gpu_image=settings.openstack_gpu_image or settings.openstack_image,
+            control_plane_cidr=settings.openstack_control_plane_cidr,
+            framework_port_min=settings.openstack_node_port_first,
+            framework_port_max=settings.openstack_node_port_last,
+            control_plane_port=settings.openstack_node_port_first,
+            floating_network=settings.openstack_floating_network,
+            volume_size=settings.openstack_volume_size,
+        )
+
+    def _check_limits(self, spec: ClusterSpec) -> None:
+        """Refuse a cluster the project's quotas cannot hold, before Heat creates any part of it."""
+        compute = self._cloud.compute
+        need = _Need()
+        for node in spec.nodes:
+            flavor = compute.find_flavor(node.flavor, ignore_missing=True)
+            if flavor is None:
+                raise DriverError(f"cluster {spec.name}: flavor {node.flavor!r} does not exist in the cloud "
+                                  "(check machine_types in the configuration)")
+            need = _Need(need.instances + 1, need.cores + flavor.vcpus, need.ram_mb + flavor.ram)
+        absolute = compute.get_limits().absolute
+        short = []
+        for what, wanted, limit, used in (
+                ("instances", need.instances, absolute.instances, absolute.instances_used),
+                ("vCPUs", need.cores, absolute.total_cores, absolute.total_cores_used),
+                ("MB of RAM", need.ram_mb, absolute.total_ram, absolute.total_ram_used)):
+            if limit is not None and limit >= 0 and used is not None and wanted > limit - used:
+                short.append(f"{wanted} {what} needed, {max(0, limit - used)} of {limit} free")
+        network = self._cloud.network
+        project_id = self._cloud.current_project_id
+        quota = network.get_quota(project_id, details=True)
+        floating = 1 if self._settings.openstack_floating_network else 0
+        for what, wanted in (("ports", need.instances), ("security_groups", 1),
+                             ("floatingips", need.instances * floating)):
+            entry = getattr(quota, what, None)
+            if not wanted or not isinstance(entry, dict):
+                continue
+            limit = entry.get("limit", -1)
+            used = entry.get("used", 0) + entry.get("reserved", 0)
+            if limit >= 0 and wanted > limit - used:
+                short.append(f"{wanted} {what.replace('_', ' ')} needed, {max(0, limit - used)} of {limit} free")
+        if short:
+            raise DriverError(f"cluster {spec.name} does not fit in the cloud project's quota: "
+                              + "; ".join(short))
+
+    def _wait_created(self, name: str, stack: Any) -> Any:
+        deadline = time.monotonic() + self._settings.openstack_stack_timeout
+        while stack.status in ("CREATE_IN_PROGRESS", "ROLLBACK_IN_PROGRESS", "INIT_COMPLETE"):
+            if time.monotonic() > deadline:
+                self._delete_stack(stack)
+                raise DriverError(f"cluster {name}: the stack was not complete within "
+                                  f"{self._settings.openstack_stack_timeout:g}s; deleted it")
+            self._sleep(POLL_INTERVAL)
+            stack = self._cloud.orchestration.get_stack(stack)
+        if stack.status != "CREATE_COMPLETE":
+            reason = stack.status_reason or stack.status
+            self._delete_stack(stack)
+            raise DriverError(f"cluster {name}: the cloud could not create its nodes ({stack.status}): {reason}")
+        return stack
+
+    def _nodes(self, spec: ClusterSpec, stack: Any) -> list[NodeInfo]:
+        outputs = {entry["output_key"]: entry.get("output_value") for entry in stack.outputs or []}
+        by_role = {(entry["group"], int(entry["index"])): entry for entry in outputs.get(NODES_OUTPUT) or []}
+        settings = self._settings
+        nodes = []
+        for node in spec.nodes:
+            entry = by_role.get((node.task_type, node.task_index))
+            if entry is None:
+                raise DriverError(f"cluster {spec.name}: the stack's outputs name no node for "
+                                  f"{node.task_type} {node.task_index}")
+            address = entry.get("floating_address") or entry.get("address")
+            if not address:
+                raise DriverError(f"cluster {spec.name}: node {node.name} has no address")
+            nodes.append(NodeInfo(
+                name=node.name, task_type=node.task_type, task_index=node.task_index, address=address,
+                ssh_port=22, username=settings.openstack_ssh_user,
+                host_keys=self._host_keys(spec.name, node.name, entry["server_id"]),
+                port_first=settings.openstack_node_port_first, port_last=settings.openstack_node_port_last,
+                workdir=settings.openstack_workdir, runtime_root=settings.openstack_runtime_root,
+            ))
+        return nodes
+
+    def _host_keys(self, cluster: str, node: str, server_id: str) -> tuple[str, ...]:
+        """The host keys cloud-init printed to the server's console, read through Nova's API."""
+        deadline = time.monotonic() + self._settings.openstack_console_timeout
+        while True:
+            output = self._cloud.compute.get_server_console_output(server_id).get("output") or ""
+            keys = parse_console_host_keys(output)
+            if keys:
+                return keys
+            if time.monotonic() > deadline:
+                raise DriverError(f"cluster {cluster}: node {node} printed no SSH host keys to its console "
+                                  f"within {self._settings.openstack_console_timeout:g}s (is cloud-init's "
+                                  "keys-to-console enabled in the image?)")
+            self._sleep(POLL_INTERVAL)
+
+    # -- deleting ------------------------------------------------------------------------------
+
+    def _find_stack(self, name: str) -> Any:
+        stack = self._cloud.orchestration.find_stack(name, ignore_missing=True)
+        if stack is None:
+            return None
+        # find_stack returns the summary; the full stack carries outputs and the status reason.
+        return self._cloud.orchestration.get_stack(stack)
+
+    def _delete_stack(self, stack: Any) -> None:
+        """Delete the stack and wait until it is gone; a failed delete is tried again once."""
+        orchestration = self._cloud.orchestration
+        for attempt in range(2):
+            orchestration.delete_stack(stack, ignore_missing=True)
+            deadline = time.monotonic() + self._settings.openstack_stack_timeout
+            while True:
+                current = orchestration.find_stack(stack.id, ignore_missing=True)
+                if current is None or current.status == "DELETE_COMPLETE":
+                    return
+                if current.status == "DELETE_FAILED":
+                    break
+                if time.monotonic() > deadline:
+                    raise DriverError(f"cluster {stack.name}: the stack was not deleted within "
+                                      f"{self._settings.openstack_stack_timeout:g}s")
+                self._sleep(POLL_INTERVAL)
+            if attempt == 1:
+                reason = orchestration.get_stack(stack.id).status_reason
+                raise DriverError(f"cluster {stack.name}: the cloud could not delete the stack: {reason}")
+
+
+def service_account(settings: Settings) -> dict[str, Any]:
+    """The service account's clouds.yaml entry: ``auth`` options, ``auth_type``, ``interface``, ``region_name``."""
+    import openstack.config
+
+    config = openstack.config.OpenStackConfig().get_one(cloud=settings.openstack_cloud).config
+    return {"auth": {key: value for key, value in (config.get("auth") or {}).items() if value is not None},
+            "auth_type": config.get("auth_type") or "password",
+            "interface": config.get("interface") or "public",
+            "region_name": config.get("region_name")}
+
+
+def parse_console_host_keys(output: str) -> tuple[str, ...]:
+    """Host public keys ("TYPE BASE64") from cloud-init's keys-to-console block of a console log."""
+    keys = []
+    for block in _HOST_KEYS.findall(output):
+        for line in block.splitlines():
+            match = _KEY_LINE.match(line.strip())
+            if match:
+                keys.append(" ".join(line.strip().split()[:2]))
+    return tuple(dict.fromkeys(keys))
+
+
+def _error_text(response: Any) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return f"HTTP {response.status_code}"
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        return str(error.get("message") or error.get("explanation") or body.get("explanation"))
+    return str(body.get("explanation") or body.get("title") or f"HTTP {response.status_code}")
