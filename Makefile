@@ -4,14 +4,14 @@ SHELL := /bin/bash
 VENV := .venv
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 STAMP := $(VENV)/.installed
-DEBIAN_PACKAGES := openssh-server util-linux procps
+DEBIAN_PACKAGES := openssh-server util-linux procps iproute2
 
-.PHONY: run test lint system-packages runtimes
+.PHONY: run test lint system-packages runtimes testcloud
 
 run: system-packages $(STAMP) runtimes
 	$(VENV)/bin/cloudml-os up $(if $(PORT),--port $(PORT))
 
-test: system-packages $(STAMP) runtimes lint
+test: system-packages $(STAMP) runtimes testcloud lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: $(STAMP)
@@ -19,6 +19,10 @@ lint: $(STAMP)
 
 runtimes: $(STAMP)
 	$(VENV)/bin/cloudml-os runtime build
+
+# The test cloud's OpenStack services (Keystone, Heat, Glance, Neutron, Swift): one virtualenv, built once.
+testcloud: $(STAMP)
+	$(VENV)/bin/python -c "from tests.testcloud.services import ensure_services_venv; ensure_services_venv()"
 
 system-packages:
 	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \

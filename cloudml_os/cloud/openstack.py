@@ -26,7 +26,8 @@ from cloudml_os.config import Settings
 
 POLL_INTERVAL = 1.0
 _HOST_KEYS = re.compile(r"-----BEGIN SSH HOST KEY KEYS-----\r?\n(.*?)-----END SSH HOST KEY KEYS-----", re.S)
-_KEY_LINE = re.compile(r"^(ssh-ed25519|ecdsa-sha2-nistp(?:256|384|521)|ssh-rsa) [A-Za-z0-9+/=]+")
+# Newer cloud-init prefixes console lines with "<14>DATE ec2: "; the key is the rest of the line.
+_KEY_LINE = re.compile(r"(?:^|\s)((?:ssh-ed25519|ecdsa-sha2-nistp(?:256|384|521)|ssh-rsa) [A-Za-z0-9+/]+=*)(?:\s|$)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +97,7 @@ class OpenStackDriver(Driver):
             self._delete_stack(stack)
 
     def list_clusters(self) -> list[str]:
-        return sorted(stack.name for stack in self._cloud.orchestration.stacks(tags=STACK_TAG))
+        return sorted(stack.name for stack in self._cloud.orchestration.stacks(tags=[STACK_TAG]))
 
     # -- creating ------------------------------------------------------------------------------
 
@@ -246,9 +247,9 @@ def parse_console_host_keys(output: str) -> tuple[str, ...]:
     keys = []
     for block in _HOST_KEYS.findall(output):
         for line in block.splitlines():
-            match = _KEY_LINE.match(line.strip())
+            match = _KEY_LINE.search(line.strip())
             if match:
-                keys.append(" ".join(line.strip().split()[:2]))
+                keys.append(match.group(1))
     return tuple(dict.fromkeys(keys))
 
 

@@ -32,3 +32,10 @@ def test_a_block_printed_twice_gives_each_key_once():
 def test_lines_that_are_not_keys_are_ignored():
     console = "-----BEGIN SSH HOST KEY KEYS-----\n#comment\nssh-dss AAAA root\n-----END SSH HOST KEY KEYS-----\n"
     assert parse_console_host_keys(console) == ()
+
+
+def test_keys_behind_newer_cloud_inits_log_prefix_are_found():
+    console = ("<14>Nov 27 20:01:02 ec2: -----BEGIN SSH HOST KEY KEYS-----\n"
+               "<14>Nov 27 20:01:02 ec2: ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKEY root@node\n"
+               "<14>Nov 27 20:01:02 ec2: -----END SSH HOST KEY KEYS-----\n")
+    assert parse_console_host_keys(console) == ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKEY",)

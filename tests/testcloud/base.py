@@ -1,0 +1,129 @@
+"""What every part of the test cloud shares: where it lives, its ports, its passwords, how it spawns.
+
+Each service module (``keystone``/``heat``/``glance`` in services.py, ``neutron.py``, ``swift.py``,
+``nova.py``) takes a :class:`CloudContext` and starts its processes through :meth:`CloudContext.spawn`,
+so that one teardown stops them all and every log lands in ``root/logs``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import requests
+
+REGION = "RegionOne"
+
+# Port offsets inside one cloud's block of 100 ports (35000 + 100 * instance), out of the way of the
+# platform's own ports (API on free ports, nodes from 20000).
+PORT_OFFSETS = {"keystone": 0, "heat": 1, "glance": 2, "neutron": 3, "swift": 4, "nova": 5,
+                "swift-account": 6, "swift-container": 7, "swift-object": 8}
+
+
+@dataclasses.dataclass
+class CloudContext:
+    """One test cloud's folder, virtualenv, addresses and credentials.
+
+    :param root: folder holding every service's configuration, database files and ``logs/``.
+    :param venv: the OpenStack services' virtualenv (built by ``services.ensure_services_venv``).
+    :param instance: 0 for the test session's cloud; other numbers let several clouds run side by side
+        (their own ports, RabbitMQ vhost, MariaDB databases, bridge and tenant subnet).
+    """
+
+    root: Path
+    venv: Path
+    instance: int = 0
+    host: str = "127.0.0.1"
+    admin_password: str = "admin-secret"
+    service_password: str = "service-secret"
+    processes: list[subprocess.Popen] = dataclasses.field(default_factory=list)
+
+    def port(self, service: str) -> int:
+        return 35000 + 100 * self.instance + PORT_OFFSETS[service]
+
+    def url(self, service: str, path: str = "") -> str:
+        return f"http://{self.host}:{self.port(service)}{path}"
+
+    # The tenant network the emulated servers live on: a Linux bridge on this host holds the gateway
+    # address, each server is a network namespace plugged into it with a veth pair.
+    @property
+    def tenant_cidr(self) -> str:
+        return f"10.231.{self.instance}.0/24"
+
+    @property
+    def tenant_gateway(self) -> str:
+        return f"10.231.{self.instance}.1"
+
+    @property
+    def tenant_bridge(self) -> str:
+        return f"cmlos-br{self.instance}"
+
+    def mariadb_url(self, database: str) -> str:
+        """A MariaDB database of this cloud (root, no password, as the machine's MariaDB allows)."""
+        return f"mysql+pymysql://root@127.0.0.1:3306/cmlos{self.instance}_{database}"
+
+    def rabbit_url(self) -> str:
+        """This cloud's own RabbitMQ vhost (created if missing), so two clouds' RPC never mix."""
+        vhost = f"cmlos-testcloud-{self.instance}"
+        listed = subprocess.run(["rabbitmqctl", "-q", "list_vhosts"], capture_output=True, text=True, check=True)
+        if vhost not in listed.stdout.split():
+            subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True, capture_output=True)
+            subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
+                           check=True, capture_output=True)
+        return f"rabbit://guest:guest@127.0.0.1:5672/{vhost}"
+
+    @property
+    def auth_url(self) -> str:
+        return self.url("keystone", "/v3")
+
+    def bin(self, name: str) -> str:
+        return str(self.venv / "bin" / name)
+
+    def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None,
+              cwd: Path | None = None) -> subprocess.Popen:
+        """Start a service process in its own session, logging to ``root/logs/NAME.log``."""
+        logs = self.root / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        with open(logs / f"{name}.log", "ab") as log:
+            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                       env={**os.environ, **(env or {})}, cwd=cwd, start_new_session=True)
+        self.processes.append(process)
+        return process
+
+    def wait_http(self, url: str, process: subprocess.Popen | None = None, timeout: float = 60.0) -> None:
+        """Wait until ``url`` answers any HTTP status; fail early if ``process`` exits."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                requests.get(url, timeout=2)
+                return
+            except requests.RequestException:
+                pass
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"{process.args[0]} exited with {process.returncode} before {url} answered; "
+                                   f"see {self.root / 'logs'}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} did not answer within {timeout:g}s; see {self.root / 'logs'}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        """SIGTERM every process group, then SIGKILL what is left."""
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for process in reversed(self.processes):
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        self.processes.clear()
+
