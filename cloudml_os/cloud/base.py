@@ -76,6 +76,29 @@ class Driver(abc.ABC):
         """
 
     @abc.abstractmethod
+    def resize_cluster(self, spec: ClusterSpec) -> list[NodeInfo]:
+        """Make an existing cluster hold exactly ``spec.nodes``, and return them.
+
+        Nodes named in ``spec`` that the cluster lacks are created; nodes the cluster has that ``spec`` does
+        not name are deleted with everything they run; the others are left alone (same address, host keys,
+        processes). A task type's indices need not be contiguous: removing ``worker-1`` of three workers
+        leaves ``worker-0`` and ``worker-2``. A missing cluster is created. Callers serialize changes to one
+        cluster; the call itself is idempotent.
+
+        :raises DriverError: when the change cannot be made; nodes that were there before are kept.
+        """
+
+    @abc.abstractmethod
+    def replace_node(self, spec: ClusterSpec, node: str) -> NodeInfo:
+        """Replace one node of an existing cluster by a new one with the same name and role.
+
+        The old node is deleted (every process of it ends, as at power-off) and a fresh one boots; its
+        address and host keys may differ, and the returned :class:`NodeInfo` carries the new ones.
+
+        :raises DriverError: when ``node`` is not in ``spec`` or the cluster, or the new node cannot boot.
+        """
+
+    @abc.abstractmethod
     def delete_cluster(self, name: str) -> None:
         """Delete every node of the cluster and everything they run; a missing cluster is not an error."""
 

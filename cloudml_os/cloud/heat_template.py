@@ -96,7 +96,7 @@ def build_stack(spec: ClusterSpec, options: StackOptions) -> StackRequest:
     """The Heat stack that creates ``spec``'s nodes.
 
     :raises DriverError: when the spec or the options cannot be expressed as this stack (names Heat or
-        cloud-init would mangle, a task type whose indices are not 0..n-1 or whose nodes differ in flavor or
+        cloud-init would mangle, a task type whose indices repeat or whose nodes differ in flavor or
         GPUs, GPUs without a GPU image, a port range out of order, a label too long for a Heat tag).
     """
     _check_options(options)
@@ -154,9 +154,9 @@ def _groups(nodes: tuple[NodeSpec, ...]) -> dict[str, list[NodeSpec]]:
     for task_type, members in groups.items():
         members.sort(key=lambda node: node.task_index)
         indices = [node.task_index for node in members]
-        if indices != list(range(len(members))):
-            raise DriverError(f"the {task_type} nodes have indices {indices}; a task type's nodes must be "
-                              f"numbered 0 to {len(members) - 1}, each once")
+        if indices[0] < 0 or len(set(indices)) != len(indices):
+            raise DriverError(f"the {task_type} nodes have indices {indices}; a task type's nodes must have "
+                              "distinct indices from 0 up")
         machines = {(node.flavor, node.gpus) for node in members}
         if len(machines) > 1:
             described = ", ".join(f"{flavor} with {gpus} GPUs" for flavor, gpus in sorted(machines))
@@ -173,9 +173,16 @@ def _group_resource(task_type: str, members: list[NodeSpec], options: StackOptio
     gpus = members[0].gpus
     if gpus and not options.gpu_image:
         raise DriverError(f"the {task_type} nodes have {gpus} GPUs but no GPU image is configured")
+    # Heat names a group's members "0", "1", … skipping the names in its removal list, so listing the
+    # indices below the highest that the spec leaves out makes the members exactly the spec's indices
+    # (and a removed member is never recreated under its old name).
+    present = {node.task_index for node in members}
+    removed = [str(index) for index in range(max(present)) if index not in present]
+    removal = {"removal_policies": [{"resource_list": removed}]} if removed else {}
     return {
         "type": "OS::Heat::ResourceGroup",
         "properties": {
+            **removal,
             "count": len(members),
             "resource_def": {
                 "type": NODE_TEMPLATE,

@@ -10,8 +10,10 @@ continue or delete what another one started::
 
     slots/N -> "CLUSTER/NODE"      symlink; its atomic creation allocates slot N (address and ports)
     gpus/I  -> "CLUSTER/NODE"      symlink; allocates host GPU index I
-    locks/CLUSTER.lock             flock held while a cluster is created or deleted
-    clusters/CLUSTER/cluster.json  written last: the cluster is complete
+    locks/CLUSTER.lock             flock held while a cluster is created, resized or deleted, or has a node replaced
+    clusters/CLUSTER/cluster.json  written last by a create: the cluster is complete; afterwards it names
+                                   every node that is (or is being) there, so a change cut short is
+                                   finished or cleaned up by the next one
     clusters/CLUSTER/nodes/NODE/   node.json, hostkey(.pub), sshd_config, authorized_keys, sshd.log,
                                    unshare.pid, init.pid, work/
 
@@ -75,29 +77,44 @@ class LocalDriver(Driver):
     # -- the Driver interface -------------------------------------------------------------------
 
     def create_cluster(self, spec: ClusterSpec) -> list[NodeInfo]:
-        _check_spec(spec)
-        username = _root_username()
-        self._reap_children()
-        self._make_dirs()
+        username = self._begin(spec)
         with self._cluster_lock(spec.name) as lock_path:
             cluster_dir = self._cluster_dir(spec.name)
             if (cluster_dir / "cluster.json").exists():
-                try:
-                    return self._resume(spec, cluster_dir)
-                except (OSError, ValueError, KeyError, TypeError) as exc:
-                    raise DriverError(f"cluster {spec.name}: cannot resume it from {cluster_dir}: "
-                                      f"{exc}") from exc
-            if cluster_dir.exists() or self._owned(self._slots_dir, spec.name):
-                # A create that crashed half way: start over rather than guess what it finished.
-                self._destroy(spec.name)
+                return self._checked_resume(spec, cluster_dir)
+            return self._create(spec, cluster_dir, lock_path, username)
+
+    def resize_cluster(self, spec: ClusterSpec) -> list[NodeInfo]:
+        username = self._begin(spec)
+        with self._cluster_lock(spec.name) as lock_path:
+            cluster_dir = self._cluster_dir(spec.name)
+            if not (cluster_dir / "cluster.json").exists():
+                return self._create(spec, cluster_dir, lock_path, username)
             try:
-                return self._build(spec, cluster_dir, username)
-            except BaseException as exc:
-                self._destroy(spec.name)
-                lock_path.unlink(missing_ok=True)
-                if isinstance(exc, DriverError) or not isinstance(exc, Exception):
-                    raise
-                raise DriverError(f"cluster {spec.name}: could not create its nodes: {exc}") from exc
+                self._resize(spec, cluster_dir, username)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise DriverError(f"cluster {spec.name}: could not resize it: {exc}") from exc
+            return self._checked_resume(spec, cluster_dir)
+
+    def replace_node(self, spec: ClusterSpec, node: str) -> NodeInfo:
+        username = self._begin(spec)
+        wanted = next((candidate for candidate in spec.nodes if candidate.name == node), None)
+        if wanted is None:
+            raise DriverError(f"cluster {spec.name}: node {node!r} to replace is not one of the spec's nodes "
+                              f"{[candidate.name for candidate in spec.nodes]}")
+        with self._cluster_lock(spec.name) as lock_path:
+            cluster_dir = self._cluster_dir(spec.name)
+            recorded = _recorded_nodes(cluster_dir)
+            if recorded is None:
+                if not cluster_dir.exists():
+                    lock_path.unlink(missing_ok=True)
+                raise DriverError(f"cluster {spec.name} does not exist: it has no node {node} to replace")
+            if node not in recorded:
+                raise DriverError(f"cluster {spec.name} has no node {node} to replace; its nodes are {recorded}")
+            try:
+                return self._replace(spec, cluster_dir, wanted, username)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise DriverError(f"cluster {spec.name}: could not replace node {node}: {exc}") from exc
 
     def delete_cluster(self, name: str) -> None:
         _check_name(name, "cluster")
@@ -117,27 +134,62 @@ class LocalDriver(Driver):
 
     # -- creating ------------------------------------------------------------------------------
 
+    def _begin(self, spec: ClusterSpec) -> str:
+        """Checks and preparations every change of a cluster starts with; returns the nodes' username."""
+        _check_spec(spec)
+        username = _root_username()
+        self._reap_children()
+        self._make_dirs()
+        return username
+
+    def _create(self, spec: ClusterSpec, cluster_dir: Path, lock_path: Path, username: str) -> list[NodeInfo]:
+        """Create a cluster that has no cluster.json (lock held); on failure leave nothing behind."""
+        if cluster_dir.exists() or self._owned(self._slots_dir, spec.name):
+            # A create that crashed half way: start over rather than guess what it finished.
+            self._destroy(spec.name)
+        try:
+            return self._build(spec, cluster_dir, username)
+        except BaseException as exc:
+            self._destroy(spec.name)
+            lock_path.unlink(missing_ok=True)
+            if isinstance(exc, DriverError) or not isinstance(exc, Exception):
+                raise
+            raise DriverError(f"cluster {spec.name}: could not create its nodes: {exc}") from exc
+
     def _build(self, spec: ClusterSpec, cluster_dir: Path, username: str) -> list[NodeInfo]:
         cluster_dir.mkdir(parents=True)
-        nodes: list[tuple[Path, NodeInfo]] = []
-        for node in spec.nodes:
+        infos = self._add_nodes(spec, cluster_dir, spec.nodes, username)
+        _record_nodes(cluster_dir, spec.name, [node.name for node in spec.nodes])
+        return infos
+
+    def _add_nodes(self, spec: ClusterSpec, cluster_dir: Path, nodes: Iterable[NodeSpec],
+                   username: str) -> list[NodeInfo]:
+        """Claim a slot and GPUs for each new node, write its files and boot it; the caller cleans up on failure."""
+        prepared: list[tuple[Path, NodeInfo]] = []
+        for node in nodes:
             node_dir = cluster_dir / "nodes" / node.name
             node_dir.mkdir(parents=True)
             owner = f"{spec.name}/{node.name}"
             slot = self._allocate_slot(owner)
             gpus = self._allocate_gpus(owner, node)
-            nodes.append((node_dir, self._prepare_node(node_dir, spec, node, slot, gpus, username)))
+            prepared.append((node_dir, self._prepare_node(node_dir, spec, node, slot, gpus, username)))
         # Boot every node first and wait afterwards, so a cluster boots in the time of one node.
-        started = [(node_dir, info, self._start_node(node_dir, info)) for node_dir, info in nodes]
+        started = [(node_dir, info, self._start_node(node_dir, info)) for node_dir, info in prepared]
         for node_dir, info, pid in started:
             self._wait_booted(node_dir, info, pid)
-        _write_atomically(cluster_dir / "cluster.json",
-                          json.dumps({"name": spec.name, "nodes": [n.name for n in spec.nodes]}))
-        return [info for _, info in nodes]
+        return [info for _, info in prepared]
+
+    def _checked_resume(self, spec: ClusterSpec, cluster_dir: Path) -> list[NodeInfo]:
+        try:
+            return self._resume(spec, cluster_dir)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise DriverError(f"cluster {spec.name}: cannot resume it from {cluster_dir}: {exc}") from exc
 
     def _resume(self, spec: ClusterSpec, cluster_dir: Path) -> list[NodeInfo]:
         """Return an existing cluster's nodes, rebooting (same slot, same keys) any whose sshd died."""
-        recorded = json.loads((cluster_dir / "cluster.json").read_text())["nodes"]
+        recorded = _recorded_nodes(cluster_dir)
+        if recorded is None:
+            raise FileNotFoundError(cluster_dir / "cluster.json")
         wanted = [node.name for node in spec.nodes]
         if recorded != wanted:
             raise DriverError(f"cluster {spec.name} already exists with nodes {recorded}, not {wanted}")
@@ -162,6 +214,76 @@ class LocalDriver(Driver):
                 self._kill_node(node_dir, _unshare_processes())
                 self._wait_booted(node_dir, info, self._start_node(node_dir, info))
         return infos
+
+    # -- changing ------------------------------------------------------------------------------
+
+    def _resize(self, spec: ClusterSpec, cluster_dir: Path, username: str) -> None:
+        """Add the nodes ``spec`` names that the cluster lacks, then remove the ones it does not name.
+
+        Nodes are added first so that a failed addition keeps the cluster as it was. cluster.json names the
+        nodes being added before anything of them exists and drops the removed ones only after everything
+        of them is gone; a node without node.json is the remains of a change cut short and is made anew.
+        """
+        recorded = _recorded_nodes(cluster_dir) or []
+        present: dict[str, NodeInfo] = {}
+        for name in recorded:
+            with contextlib.suppress(FileNotFoundError):
+                present[name] = _load_node(cluster_dir / "nodes" / name)
+        wanted = [node.name for node in spec.nodes]
+        for node in spec.nodes:
+            if node.name in present:
+                _check_same_node(spec.name, present[node.name], node)
+        adding = [node for node in spec.nodes if node.name not in present]
+        if adding:
+            added = {node.name for node in adding}
+            _record_nodes(cluster_dir, spec.name, recorded + [name for name in wanted
+                                                              if name in added and name not in recorded])
+            processes = _unshare_processes()
+            for node in adding:
+                self._remove_node(spec.name, node.name, processes)
+            try:
+                self._add_nodes(spec, cluster_dir, adding, username)
+            except BaseException:
+                processes = _unshare_processes()
+                for node in adding:
+                    self._remove_node(spec.name, node.name, processes)
+                _record_nodes(cluster_dir, spec.name, [name for name in recorded if name not in added])
+                raise
+        removing = [name for name in recorded if name not in wanted]
+        processes = _unshare_processes()
+        for name in removing:
+            self._remove_node(spec.name, name, processes)
+        if recorded != wanted:
+            _record_nodes(cluster_dir, spec.name, wanted)
+
+    def _replace(self, spec: ClusterSpec, cluster_dir: Path, node: NodeSpec, username: str) -> NodeInfo:
+        """Power the node off, wipe its disk and boot it again with a new host key in the same slot."""
+        node_dir = cluster_dir / "nodes" / node.name
+        try:
+            state = json.loads((node_dir / "node.json").read_text())
+        except FileNotFoundError:
+            state = None
+        else:
+            _check_same_node(spec.name, _load_node(node_dir), node)
+        processes = _unshare_processes()
+        try:
+            if state is None:
+                # The remains of a change cut short: make the node anew, as a resize would.
+                self._remove_node(spec.name, node.name, processes)
+                [info] = self._add_nodes(spec, cluster_dir, [node], username)
+                return info
+            # The slot and GPU claims stay with the node; only its processes and files go.
+            self._kill_node(node_dir, processes)
+            _remove_folder(node_dir)
+            node_dir.mkdir()
+            gpus = [index for index in state["environment"]["CUDA_VISIBLE_DEVICES"].split(",") if index]
+            info = self._prepare_node(node_dir, spec, node, state["slot"], gpus, username)
+            self._wait_booted(node_dir, info, self._start_node(node_dir, info))
+            return info
+        except BaseException:
+            # Left powered off; cluster.json still names it, so a later change or delete finds it.
+            self._kill_node(node_dir, _unshare_processes())
+            raise
 
     def _prepare_node(self, node_dir: Path, spec: ClusterSpec, node: NodeSpec, slot: int,
                       gpus: list[str], username: str) -> NodeInfo:
@@ -275,14 +397,15 @@ class LocalDriver(Driver):
         return self._host_gpus
 
     @staticmethod
-    def _owned(folder: Path, cluster: str) -> list[Path]:
-        """Claims (slots or GPUs) held by any node of ``cluster``."""
+    def _owned(folder: Path, owner: str) -> list[Path]:
+        """Claims (slots or GPUs) held by any node of the cluster ``owner``, or by the node ``owner`` ("C/N")."""
         if not folder.is_dir():
             return []
         owned = []
         for entry in folder.iterdir():
             with contextlib.suppress(OSError):
-                if os.readlink(entry).startswith(cluster + "/"):
+                target = os.readlink(entry)
+                if target == owner or target.startswith(owner + "/"):
                     owned.append(entry)
         return owned
 
@@ -297,14 +420,22 @@ class LocalDriver(Driver):
             node_dir = Path(config).parent
             if node_dir.parent == nodes_dir:
                 self._kill_node(node_dir, processes)
-        try:
-            shutil.rmtree(cluster_dir)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise DriverError(f"cluster {name}: could not remove {cluster_dir}: {exc}") from exc
-        # Released last, so a slot's address is never reused while an old sshd could still hold it.
-        for claim in self._owned(self._slots_dir, name) + self._owned(self._gpus_dir, name):
+        _remove_folder(cluster_dir)
+        self._release_claims(name)
+
+    def _remove_node(self, cluster: str, node: str, processes: dict[str, int]) -> None:
+        """Kill one node, remove its folder, release its slot and GPUs (lock held)."""
+        node_dir = self._cluster_dir(cluster) / "nodes" / node
+        self._kill_node(node_dir, processes)
+        _remove_folder(node_dir)
+        self._release_claims(f"{cluster}/{node}")
+
+    def _release_claims(self, owner: str) -> None:
+        """Release the slots and GPUs of a cluster or one node, only once its processes are gone.
+
+        Released last, so a slot's address is never reused while an old sshd could still hold it.
+        """
+        for claim in self._owned(self._slots_dir, owner) + self._owned(self._gpus_dir, owner):
             claim.unlink(missing_ok=True)
 
     def _kill_node(self, node_dir: Path, processes: dict[str, int]) -> None:
@@ -461,6 +592,36 @@ def sshd_config(*, listen_address: str, port: int, host_key: Path, authorized_ke
     if environment:
         lines.append("SetEnv " + " ".join(f"{key}={value}" for key, value in environment.items()))
     return "\n".join(lines) + "\n"
+
+
+def _check_same_node(cluster: str, info: NodeInfo, node: NodeSpec) -> None:
+    """A node is kept or replaced by name; refuse a spec that gives that name another role or GPU count."""
+    gpus = len([index for index in info.environment.get("CUDA_VISIBLE_DEVICES", "").split(",") if index])
+    if (info.task_type, info.task_index, gpus) != (node.task_type, node.task_index, node.gpus):
+        raise DriverError(f"cluster {cluster}: node {node.name} exists as {info.task_type} {info.task_index} "
+                          f"with {gpus} GPU(s), not {node.task_type} {node.task_index} with {node.gpus}; "
+                          "a node keeps its role and GPUs for as long as it keeps its name")
+
+
+def _recorded_nodes(cluster_dir: Path) -> list[str] | None:
+    """The node names cluster.json lists, or None when the cluster has none (missing or half created)."""
+    try:
+        return list(json.loads((cluster_dir / "cluster.json").read_text())["nodes"])
+    except FileNotFoundError:
+        return None
+
+
+def _record_nodes(cluster_dir: Path, cluster: str, names: Sequence[str]) -> None:
+    _write_atomically(cluster_dir / "cluster.json", json.dumps({"name": cluster, "nodes": list(names)}))
+
+
+def _remove_folder(path: Path) -> None:
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise DriverError(f"could not remove {path}: {exc}") from exc
 
 
 def _load_node(node_dir: Path) -> NodeInfo:

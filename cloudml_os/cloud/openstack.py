@@ -21,10 +21,11 @@ from collections.abc import Callable
 from typing import Any
 
 from cloudml_os.cloud.base import ClusterSpec, Driver, DriverError, NodeInfo
-from cloudml_os.cloud.heat_template import NODES_OUTPUT, STACK_TAG, StackOptions, build_stack
+from cloudml_os.cloud.heat_template import NODES_OUTPUT, STACK_TAG, StackOptions, build_stack, group_resource_name
 from cloudml_os.config import Settings
 
 POLL_INTERVAL = 1.0
+UPDATE_START_GRACE = 10.0  # seconds an update may take to show on the stack
 _HOST_KEYS = re.compile(r"-----BEGIN SSH HOST KEY KEYS-----\r?\n(.*?)-----END SSH HOST KEY KEYS-----", re.S)
 # Newer cloud-init prefixes console lines with "<14>DATE ec2: "; the key is the rest of the line.
 _KEY_LINE = re.compile(r"(?:^|\s)((?:ssh-ed25519|ecdsa-sha2-nistp(?:256|384|521)|ssh-rsa) [A-Za-z0-9+/]+=*)(?:\s|$)")
@@ -91,6 +92,40 @@ class OpenStackDriver(Driver):
             self._delete_stack(stack)
             raise
 
+    def resize_cluster(self, spec: ClusterSpec) -> list[NodeInfo]:
+        stack = self._find_stack(spec.name)
+        if stack is None or stack.status != "CREATE_COMPLETE" and not stack.status.startswith("UPDATE_"):
+            return self.create_cluster(spec)
+        if self._stack_nodes(stack) != {(n.task_type, n.task_index) for n in spec.nodes}:
+            self._check_limits(spec, already=self._stack_nodes(stack))
+            request = build_stack(spec, self._options())
+            self._update(stack, {"template": request.template, "files": request.files,
+                                 "parameters": request.parameters, "tags": ",".join(request.tags)}, method="put")
+            stack = self._wait_updated(spec.name, stack)
+        return self._nodes(spec, stack)
+
+    def replace_node(self, spec: ClusterSpec, node: str) -> NodeInfo:
+        wanted = next((n for n in spec.nodes if n.name == node), None)
+        stack = self._find_stack(spec.name)
+        if wanted is None or stack is None or (wanted.task_type, wanted.task_index) not in self._stack_nodes(stack):
+            raise DriverError(f"cluster {spec.name} has no node {node} to replace")
+        # Mark the group member (node.yaml's nested stack) unhealthy; the next stack update replaces it.
+        orchestration = self._cloud.orchestration
+        response = orchestration.get(f"/stacks/{stack.name}/{stack.id}/resources/"
+                                     f"{group_resource_name(wanted.task_type)}", raise_exc=False)
+        if response.status_code >= 400:
+            raise DriverError(f"cluster {spec.name}: Heat does not show the {wanted.task_type} group: "
+                              f"{_error_text(response)}")
+        nested = orchestration.get_stack(response.json()["resource"]["physical_resource_id"])
+        response = orchestration.patch(
+            f"/stacks/{nested.name}/{nested.id}/resources/{wanted.task_index}", raise_exc=False,
+            json={"mark_unhealthy": True, "resource_status_reason": f"replaced by cloudml-os ({node})"})
+        if response.status_code >= 400:
+            raise DriverError(f"cluster {spec.name}: Heat would not mark {node} unhealthy: {_error_text(response)}")
+        self._update(stack, {}, method="patch")
+        stack = self._wait_updated(spec.name, stack)
+        return next(info for info in self._nodes(spec, stack) if info.name == node)
+
     def delete_cluster(self, name: str) -> None:
         stack = self._find_stack(name)
         if stack is not None:
@@ -115,11 +150,16 @@ class OpenStackDriver(Driver):
             volume_size=settings.openstack_volume_size,
         )
 
-    def _check_limits(self, spec: ClusterSpec) -> None:
-        """Refuse a cluster the project's quotas cannot hold, before Heat creates any part of it."""
+    def _check_limits(self, spec: ClusterSpec, already: frozenset[tuple[str, int]] = frozenset()) -> None:
+        """Refuse nodes the project's quotas cannot hold, before Heat creates any part of them.
+
+        :param already: (task type, index) of the cluster's nodes that exist and are not counted again.
+        """
         compute = self._cloud.compute
         need = _Need()
         for node in spec.nodes:
+            if (node.task_type, node.task_index) in already:
+                continue
             flavor = compute.find_flavor(node.flavor, ignore_missing=True)
             if flavor is None:
                 raise DriverError(f"cluster {spec.name}: flavor {node.flavor!r} does not exist in the cloud "
@@ -137,7 +177,7 @@ class OpenStackDriver(Driver):
         project_id = self._cloud.current_project_id
         quota = network.get_quota(project_id, details=True)
         floating = 1 if self._settings.openstack_floating_network else 0
-        for what, wanted in (("ports", need.instances), ("security_groups", 1),
+        for what, wanted in (("ports", need.instances), ("security_groups", 0 if already else 1),
                              ("floatingips", need.instances * floating)):
             entry = getattr(quota, what, None)
             if not wanted or not isinstance(entry, dict):
@@ -149,6 +189,47 @@ class OpenStackDriver(Driver):
         if short:
             raise DriverError(f"cluster {spec.name} does not fit in the cloud project's quota: "
                               + "; ".join(short))
+
+    def _stack_nodes(self, stack: Any) -> frozenset[tuple[str, int]]:
+        outputs = {entry["output_key"]: entry.get("output_value") for entry in stack.outputs or []}
+        return frozenset((entry["group"], int(entry["index"])) for entry in outputs.get(NODES_OUTPUT) or [])
+
+    def _update(self, stack: Any, body: dict[str, Any], *, method: str) -> None:
+        """Start a stack update (PUT: a new template; PATCH: the same one, replacing unhealthy members).
+
+        Heat refuses an update while another runs (409); callers serialize their own changes, so a 409
+        here is an update of ours still finishing: wait for it and try again.
+        """
+        orchestration = self._cloud.orchestration
+        deadline = time.monotonic() + self._settings.openstack_stack_timeout
+        body = {"timeout_mins": max(1, int(self._settings.openstack_stack_timeout // 60)),
+                "disable_rollback": True, **body}
+        while True:
+            response = getattr(orchestration, method)(f"/stacks/{stack.name}/{stack.id}", json=body,
+                                                      raise_exc=False)
+            if response.status_code < 400:
+                return
+            if response.status_code != 409 or time.monotonic() > deadline:
+                raise DriverError(f"cluster {stack.name}: Heat refused the update: {_error_text(response)}")
+            self._sleep(POLL_INTERVAL)
+
+    def _wait_updated(self, name: str, before: Any) -> Any:
+        """Wait for the update started after ``before`` (the stack as it was) to end; return the stack."""
+        started = time.monotonic()
+        deadline = started + self._settings.openstack_stack_timeout
+        stack = self._cloud.orchestration.get_stack(before)
+        # Heat marks the stack IN_PROGRESS before it answers the update; the timestamp is a second check.
+        while stack.status.endswith("_IN_PROGRESS") or (
+                stack.updated_at == before.updated_at and time.monotonic() < started + UPDATE_START_GRACE):
+            if time.monotonic() > deadline:
+                raise DriverError(f"cluster {name}: the stack update did not finish within "
+                                  f"{self._settings.openstack_stack_timeout:g}s")
+            self._sleep(POLL_INTERVAL)
+            stack = self._cloud.orchestration.get_stack(stack)
+        if stack.status not in ("UPDATE_COMPLETE", "CREATE_COMPLETE"):
+            raise DriverError(f"cluster {name}: the cloud could not change its nodes ({stack.status}): "
+                              f"{stack.status_reason or stack.status}")
+        return stack
 
     def _wait_created(self, name: str, stack: Any) -> Any:
         deadline = time.monotonic() + self._settings.openstack_stack_timeout

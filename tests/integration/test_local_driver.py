@@ -6,6 +6,7 @@ installation (127.1) or other tests on the machine; an address already taken is 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -50,6 +51,37 @@ def spec(name: str, public_key: str, *gpus: int) -> ClusterSpec:
     nodes = tuple(NodeSpec(f"{kind}-{index}", kind, index, "m1.medium", gpu)
                   for (kind, index), gpu in zip(kinds, gpus, strict=False))
     return ClusterSpec(name=name, nodes=nodes, public_key=public_key)
+
+
+def workers(name: str, public_key: str, *indices: int, gpus: int = 0) -> ClusterSpec:
+    return ClusterSpec(name, tuple(NodeSpec(f"worker-{i}", "worker", i, "m1.small", gpus) for i in indices),
+                       public_key)
+
+
+def start_sleeper(node: NodeInfo, private_key: str, settings: Settings) -> tuple[str, str]:
+    """Start a detached sleep on the node; return its process folder and the marker in its command line."""
+    marker = f"marker-{uuid.uuid4()}"
+    proc_dir = f"{node.workdir}/procs/sleeper"
+    with connect_node(node, private_key, settings) as session:
+        session.start_process(proc_dir, [sys.executable, "-c", "import time; time.sleep(1000)", marker],
+                              env={}, cwd="/")
+    assert processes_with(marker)
+    return proc_dir, marker
+
+
+def claims_of(settings: Settings, owner: str) -> list[str]:
+    """Slot and GPU claims held by the cluster or node ``owner``."""
+    root = settings.data_dir / "nodes"
+    return sorted(f"{folder}/{entry.name}" for folder in ("slots", "gpus") for entry in (root / folder).iterdir()
+                  if os.readlink(entry) == owner or os.readlink(entry).startswith(owner + "/"))
+
+
+def recorded_nodes(settings: Settings, cluster: str) -> list[str]:
+    return json.loads((settings.data_dir / "nodes" / "clusters" / cluster / "cluster.json").read_text())["nodes"]
+
+
+def init_pid(node: NodeInfo) -> int:
+    return int((Path(node.workdir).parent / "init.pid").read_text())
 
 
 def processes_with(marker: str) -> list[int]:
@@ -337,3 +369,135 @@ def test_unsafe_cluster_names_are_refused(driver, keypair, name):
 
 def test_deleting_a_missing_cluster_is_not_an_error(driver):
     driver.delete_cluster("never-created")
+
+
+def test_resize_grows_and_shrinks_leaving_the_survivors_untouched(driver, keypair, settings):
+    private_key, public_key = keypair
+    [first] = driver.create_cluster(workers("elastic", public_key, 0))
+    proc_dir, marker = start_sleeper(first, private_key, settings)
+
+    started = time.monotonic()
+    grown = driver.resize_cluster(workers("elastic", public_key, 0, 1, 2))
+    print(f"resize 1->3: {time.monotonic() - started:.3f}s")
+    assert [node.name for node in grown] == ["worker-0", "worker-1", "worker-2"]
+    assert grown[0] == first and init_pid(grown[0]) == init_pid(first)
+    assert len({node.address for node in grown}) == 3 and len({node.host_keys for node in grown}) == 3
+    assert recorded_nodes(settings, "elastic") == ["worker-0", "worker-1", "worker-2"]
+    _, doomed_marker = start_sleeper(grown[1], private_key, settings)
+    doomed_pids = processes_with(doomed_marker)
+
+    started = time.monotonic()
+    shrunk = driver.resize_cluster(workers("elastic", public_key, 0, 2))
+    print(f"resize 3->[0,2]: {time.monotonic() - started:.3f}s")
+    assert shrunk == [grown[0], grown[2]]
+    assert processes_with(doomed_marker) == []
+    assert not any(Path(f"/proc/{pid}").exists() for pid in doomed_pids)
+    assert processes_with(str(Path(grown[1].workdir).parent)) == []
+    assert not Path(grown[1].workdir).parent.exists()
+    assert claims_of(settings, "elastic/worker-1") == []
+    assert len(claims_of(settings, "elastic")) == 2
+    assert recorded_nodes(settings, "elastic") == ["worker-0", "worker-2"]
+    with connect_node(first, private_key, settings) as session:
+        assert session.process_status(proc_dir).running
+    assert processes_with(marker)
+
+    pids = [init_pid(node) for node in shrunk]
+    claims = claims_of(settings, "elastic")
+    assert driver.resize_cluster(workers("elastic", public_key, 0, 2)) == shrunk  # the same spec: a no-op
+    assert [init_pid(node) for node in shrunk] == pids and claims_of(settings, "elastic") == claims
+    assert driver.create_cluster(workers("elastic", public_key, 0, 2)) == shrunk
+
+    driver.delete_cluster("elastic")
+    assert processes_with(marker) == []
+    assert processes_with(str(settings.data_dir / "nodes" / "clusters" / "elastic")) == []
+    assert claims_of(settings, "elastic") == [] and "elastic" not in driver.list_clusters()
+
+
+def test_resize_of_a_missing_cluster_creates_it(driver, keypair, settings):
+    [node] = driver.resize_cluster(workers("from-nothing", keypair[1], 3))
+    assert (node.name, node.task_type, node.task_index) == ("worker-3", "worker", 3)
+    with connect_node(node, keypair[0], settings) as session:
+        assert session.run(["true"]).exit_code == 0
+    driver.delete_cluster("from-nothing")
+    assert claims_of(settings, "from-nothing") == []
+
+
+def test_resize_that_cannot_add_a_node_keeps_the_cluster_as_it_was(settings, keypair):
+    driver = LocalDriver(settings, gpu_indices=["0"])
+    before = driver.create_cluster(workers("steady", keypair[1], 0))
+    claims = claims_of(settings, "steady")
+    with pytest.raises(DriverError, match="needs 2 GPU"):
+        driver.resize_cluster(ClusterSpec("steady", (*workers("steady", keypair[1], 0).nodes,
+                                                     NodeSpec("worker-1", "worker", 1, "m1.small", 0),
+                                                     NodeSpec("worker-2", "worker", 2, "m1.small", 2)),
+                                          keypair[1]))
+    assert recorded_nodes(settings, "steady") == ["worker-0"]
+    assert claims_of(settings, "steady") == claims
+    assert processes_with(str(settings.data_dir / "nodes" / "clusters" / "steady" / "nodes" / "worker-1")) == []
+    with pytest.raises(DriverError, match="exists as worker 0 with 0 GPU"):
+        driver.resize_cluster(workers("steady", keypair[1], 0, gpus=1))
+    assert driver.resize_cluster(workers("steady", keypair[1], 0)) == before
+    driver.delete_cluster("steady")
+
+
+def test_resize_cleans_up_a_node_an_interrupted_change_left_half_made(driver, keypair, settings):
+    [node] = driver.create_cluster(workers("interrupted", keypair[1], 0))
+    cluster_dir = settings.data_dir / "nodes" / "clusters" / "interrupted"
+    # As left by a resize killed after it recorded and claimed worker-1 but before it wrote node.json.
+    (cluster_dir / "cluster.json").write_text(json.dumps({"name": "interrupted", "nodes": ["worker-0", "worker-1"]}))
+    (cluster_dir / "nodes" / "worker-1" / "work").mkdir(parents=True)
+    os.symlink("interrupted/worker-1", settings.data_dir / "nodes" / "slots" / "65000")
+
+    assert driver.resize_cluster(workers("interrupted", keypair[1], 0)) == [node]
+    assert not (cluster_dir / "nodes" / "worker-1").exists()
+    assert claims_of(settings, "interrupted/worker-1") == []
+    assert recorded_nodes(settings, "interrupted") == ["worker-0"]
+    driver.delete_cluster("interrupted")
+
+
+def test_replace_node_boots_a_fresh_node_with_a_new_host_key_in_the_same_slot(driver, keypair, settings):
+    private_key, public_key = keypair
+    cluster = workers("phoenix", public_key, 0, 1)
+    survivor, old = driver.create_cluster(cluster)
+    survivor_proc, survivor_marker = start_sleeper(survivor, private_key, settings)
+    old_proc, old_marker = start_sleeper(old, private_key, settings)
+    claims = claims_of(settings, "phoenix/worker-1")
+
+    started = time.monotonic()
+    new = driver.replace_node(cluster, "worker-1")
+    print(f"replace_node: {time.monotonic() - started:.3f}s")
+    assert new.host_keys != old.host_keys
+    assert new == dataclasses.replace(old, host_keys=new.host_keys)  # same name, role, address and ports
+    assert claims_of(settings, "phoenix/worker-1") == claims
+    assert processes_with(old_marker) == []
+    with pytest.raises(HostKeyMismatch):
+        connect_node(old, private_key, settings)
+    with connect_node(new, private_key, settings) as session:
+        assert session.process_status(old_proc).lost  # a fresh disk
+    with connect_node(survivor, private_key, settings) as session:
+        assert session.process_status(survivor_proc).running
+    assert driver.create_cluster(cluster) == [survivor, new]
+
+    with pytest.raises(DriverError, match="'worker-7' to replace is not one of the spec's nodes"):
+        driver.replace_node(cluster, "worker-7")
+    with pytest.raises(DriverError, match=r"has no node worker-7 to replace; its nodes are \['worker-0', 'worker-1'\]"):
+        driver.replace_node(workers("phoenix", public_key, 0, 1, 7), "worker-7")
+    with pytest.raises(DriverError, match="does not exist"):
+        driver.replace_node(workers("nowhere", public_key, 0), "worker-0")
+    assert "nowhere" not in driver.list_clusters()
+
+    driver.delete_cluster("phoenix")
+    assert processes_with(survivor_marker) == []
+    assert processes_with(str(settings.data_dir / "nodes" / "clusters" / "phoenix")) == []
+    assert claims_of(settings, "phoenix") == [] and "phoenix" not in driver.list_clusters()
+
+
+def test_replace_node_boots_again_a_node_that_lost_power(driver, keypair, settings):
+    cluster = workers("lost-power", keypair[1], 0)
+    [old] = driver.create_cluster(cluster)
+    os.kill(init_pid(old), signal.SIGKILL)
+    new = driver.replace_node(cluster, "worker-0")
+    assert (new.address, new.ssh_port) == (old.address, old.ssh_port) and new.host_keys != old.host_keys
+    with connect_node(new, keypair[0], settings) as session:
+        assert session.run(["true"]).exit_code == 0
+    driver.delete_cluster("lost-power")

@@ -126,3 +126,42 @@ def test_an_unknown_flavor_is_a_clear_error(driver):
     with pytest.raises(DriverError, match="flavor 'no.such' does not exist"):
         driver.create_cluster(spec)
     assert spec.name not in driver.list_clusters()
+
+
+def test_a_group_grows_shrinks_and_has_one_member_replaced_in_place(test_cloud, driver, settings):
+    private_key, public_key = generate_keypair()
+
+    def spec(*indices: int) -> ClusterSpec:
+        return ClusterSpec(name, tuple(NodeSpec(f"replica-{i}", "replica", i, "m1.small") for i in indices),
+                           public_key)
+
+    name = f"cml-t-{uuid.uuid4().hex[:8]}"
+    try:
+        first = driver.resize_cluster(spec(0))  # a missing cluster is created
+        with connect_node(first[0], private_key, settings) as session:
+            session.start_process("/var/lib/cloudml-os/sleeper", ["sleep", "600"], env={}, cwd="/")
+        grown = driver.resize_cluster(spec(0, 1, 2))
+        assert [n.name for n in grown] == ["replica-0", "replica-1", "replica-2"]
+        assert grown[0] == first[0]  # the survivor is untouched: same address, same host key
+        assert len(servers_of(test_cloud, name)) == 3
+        shrunk = driver.resize_cluster(spec(0, 2))
+        assert shrunk == [grown[0], grown[2]]
+        assert sorted(s.name for s in servers_of(test_cloud, name)) == [f"{name}-replica-0", f"{name}-replica-2"]
+        with connect_node(shrunk[0], private_key, settings) as session:
+            assert session.process_status("/var/lib/cloudml-os/sleeper").running
+        assert driver.resize_cluster(spec(0, 2)) == shrunk  # the same spec again changes nothing
+
+        old = shrunk[1]
+        new = driver.replace_node(spec(0, 2), "replica-2")
+        assert (new.name, new.task_index) == ("replica-2", 2)
+        assert new.host_keys != old.host_keys
+        with pytest.raises(HostKeyMismatch):
+            connect_node(dataclasses.replace(new, host_keys=old.host_keys), private_key, settings)
+        with connect_node(new, private_key, settings) as session:
+            assert session.run(["true"]).exit_code == 0
+        assert len(servers_of(test_cloud, name)) == 2
+        with pytest.raises(DriverError, match="has no node replica-1"):
+            driver.replace_node(spec(0, 1, 2), "replica-1")
+    finally:
+        driver.delete_cluster(name)
+    assert servers_of(test_cloud, name) == []

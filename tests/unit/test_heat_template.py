@@ -167,6 +167,16 @@ def test_nodes_output_reads_an_output_that_node_yaml_has():
     assert set(outputs["node"]["value"]) == NODE_OUTPUT_KEYS
 
 
+def test_indices_left_out_become_the_groups_removal_list():
+    # Heat names members "0", "1", … skipping removed names: members are then exactly indices 0 and 2.
+    group = build_stack(cluster("c", ("worker", 2, "m1.small", 0), ("worker", 0, "m1.small", 0)),
+                        OPTIONS).template["resources"]["worker_nodes"]["properties"]
+    assert group["count"] == 2
+    assert group["removal_policies"] == [{"resource_list": ["1"]}]
+    contiguous = build_stack(cluster("c", ("worker", 0, "m1.small", 0)), OPTIONS)
+    assert "removal_policies" not in contiguous.template["resources"]["worker_nodes"]["properties"]
+
+
 def test_each_call_returns_a_fresh_template():
     first = build_stack(TF, OPTIONS)
     first.template["resources"].clear()
@@ -174,11 +184,9 @@ def test_each_call_returns_a_fresh_template():
 
 
 @pytest.mark.parametrize(("spec", "options", "message"), [
-    (cluster("c", ("worker", 0, "m1.small", 0), ("worker", 2, "m1.small", 0)), OPTIONS,
-     r"the worker nodes have indices \[0, 2\]; a task type's nodes must be numbered 0 to 1"),
     (cluster("c", ("worker", 0, "m1.small", 0), ("worker", 0, "m1.small", 0)), OPTIONS,
-     r"indices \[0, 0\]"),
-    (cluster("c", ("worker", 1, "m1.small", 0)), OPTIONS, r"indices \[1\]"),
+     r"the worker nodes have indices \[0, 0\]; a task type's nodes must have distinct indices"),
+    (cluster("c", ("worker", -1, "m1.small", 0)), OPTIONS, r"indices \[-1\]"),
     (cluster("c", ("worker", 0, "m1.small", 0), ("worker", 1, "m1.large", 0)), OPTIONS,
      r"the worker nodes differ in machine \(m1.large with 0 GPUs, m1.small with 0 GPUs\)"),
     (cluster("c", ("worker", 0, "g1.medium", 1), ("worker", 1, "g1.medium", 0)), OPTIONS,

@@ -40,6 +40,12 @@ class RecordingDriver(Driver):
             for i, n in enumerate(spec.nodes)])
         return self.clusters[spec.name]
 
+    def resize_cluster(self, spec):
+        raise NotImplementedError("training never resizes a cluster")
+
+    def replace_node(self, spec, node):
+        raise NotImplementedError("training never replaces a node")
+
     def delete_cluster(self, name):
         self.deletes.append(name)
         self.clusters.pop(name, None)
