@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, event, func, select, update
+from sqlalchemy import create_engine, delete, event, func, or_, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
@@ -179,6 +180,55 @@ class Store:
                     node.cluster_id = cluster_id
                     session.add(node)
             session.execute(update(Cluster).where(Cluster.id == cluster_id).values(state="READY"))
+
+    def forget_nodes(self, cluster_id: int, keep: Iterable[str]) -> None:
+        """Delete the cluster's node rows whose names are not in ``keep`` (nodes a resize removed)."""
+        with self.session() as session:
+            session.execute(delete(Node).where(Node.cluster_id == cluster_id, Node.name.not_in(list(keep))))
+
+    @contextlib.contextmanager
+    def lease_cluster(self, name: str, owner: str, ttl: float, timeout: float | None = None,
+                      poll: float = 0.1) -> Iterator[None]:
+        """Hold the recorded cluster ``name``'s lease while the block runs, so one change of it runs at a time.
+
+        The lease is taken with one compare-and-set when it is free, expired (its holder died), or already
+        ``owner``'s (a redelivered task takes back its own lease at once); otherwise it is polled every
+        ``poll`` seconds. It lasts ``ttl`` seconds and is released at the end of the block if still ours.
+        No transaction stays open while the block runs. A nested block of the same owner releases the
+        lease when it ends, so don't nest.
+
+        :param timeout: seconds to wait for the lease; None waits ``ttl`` plus a little, long enough for
+            any holder's lease to expire.
+        :raises TimeoutError: the lease was not free within ``timeout``.
+        :raises LookupError: no cluster of that name is recorded.
+        """
+        deadline = time.monotonic() + (ttl + 1.0 if timeout is None else timeout)
+        while True:
+            now = utcnow()
+            with self.session() as session:
+                taken = session.execute(
+                    update(Cluster).where(Cluster.name == name,
+                                          or_(Cluster.lock_owner.is_(None), Cluster.lock_until < now,
+                                              Cluster.lock_owner == owner))
+                    .values(lock_owner=owner, lock_until=now + dt.timedelta(seconds=ttl))
+                ).rowcount
+                if not taken:
+                    holder = session.execute(select(Cluster.lock_owner, Cluster.lock_until)
+                                             .where(Cluster.name == name)).first()
+            if taken:
+                break
+            if holder is None:
+                raise LookupError(f"no cluster {name} is recorded")
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"cluster {name} is being changed by {holder.lock_owner} "
+                                   f"(lease until {holder.lock_until} UTC)")
+            time.sleep(poll)
+        try:
+            yield
+        finally:
+            with self.session() as session:
+                session.execute(update(Cluster).where(Cluster.name == name, Cluster.lock_owner == owner)
+                                .values(lock_owner=None, lock_until=None))
 
     def update_cluster(self, cluster_id: int, **fields: Any) -> None:
         with self.session() as session:

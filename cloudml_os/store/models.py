@@ -73,8 +73,9 @@ class Job(Base):
 
 
 class Cluster(Base):
-    """The nodes one job (or one serving replica) runs on; ``name`` is deterministic so that a repeated
-    create finds them."""
+    """The nodes one job (or one serving version) runs on; ``name`` is deterministic so that a repeated
+    create finds them. ``lock_owner``/``lock_until`` are a lease (:meth:`Store.lease_cluster`) that
+    serializes changes of a cluster whose nodes come and go (a serving version's replicas)."""
 
     __tablename__ = "clusters"
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -86,6 +87,8 @@ class Cluster(Base):
     public_key: Mapped[str] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     deleted_at: Mapped[dt.datetime | None]
+    lock_owner: Mapped[str | None] = mapped_column(String(64))
+    lock_until: Mapped[dt.datetime | None]
     job: Mapped[Job] = relationship(back_populates="clusters")
     nodes: Mapped[list[Node]] = relationship(back_populates="cluster", order_by="Node.id")
 
@@ -113,6 +116,16 @@ class Node(Base):
     exit_code: Mapped[int | None]
     log_offset: Mapped[int] = mapped_column(BigInteger, default=0)
     cluster: Mapped[Cluster] = relationship(back_populates="nodes")
+
+    # The fields a driver's NodeInfo (cloudml_os.cloud.base) gives a node row.
+    INFO_FIELDS = ("name", "task_type", "task_index", "address", "ssh_port", "username", "host_keys", "port_first",
+                   "port_last", "environment", "workdir", "runtime_root")
+
+    @classmethod
+    def from_info(cls, info: Any) -> Node:
+        """A row for a node a driver returned (a :class:`cloudml_os.cloud.base.NodeInfo`)."""
+        values = {field: getattr(info, field) for field in cls.INFO_FIELDS}
+        return cls(**{**values, "host_keys": list(info.host_keys), "environment": dict(info.environment)})
 
 
 class JobEvent(Base):
@@ -180,14 +193,16 @@ class Version(Base):
 
 
 class Replica(Base):
-    """One serving node of a version, in a single-node cluster of its own so it can be replaced alone."""
+    """One serving node of a version: node ``name`` of the version's cluster ``cml-serve-{version_id}``.
+
+    Names are never reused, so a replaced or removed replica's node name never comes back in the cluster.
+    """
 
     __tablename__ = "replicas"
     __table_args__ = (UniqueConstraint("version_id", "name"),)
     id: Mapped[int] = mapped_column(primary_key=True)
     version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"), index=True)
     name: Mapped[str] = mapped_column(String(64))  # replica-0, replica-1… (never reused)
-    cluster_name: Mapped[str] = mapped_column(String(128), unique=True)
     # PROVISIONING, STARTING (server loading), READY (in the pool), EJECTED (out of the pool, being
     # replaced), DELETING, DELETED
     state: Mapped[str] = mapped_column(String(16))

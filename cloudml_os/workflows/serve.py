@@ -1,14 +1,17 @@
 """The serving workflow: a model version as N replica nodes running the model server, kept at N.
 
-Each replica is a single-node cluster of its own, so one can be replaced without touching the others:
-``start_replica`` creates the node, uploads the model and the model server, starts it and waits until
-it reports ready (model loaded, warm-up prediction done); only then does the replica join the pool the
-router sends predictions to. A replica that fails — the router's connection errors or the monitor's
-probes — is ejected at once (:func:`eject`) and a replacement is started in the background
-(:func:`replace_replica`), which deletes the broken node once the new one serves. A rate limit per
-version stops a flapping replica from burning nodes. Every step is idempotent: replica rows are keyed
-by a deterministic cluster name, clusters are found again by name, and state changes are
-compare-and-set.
+A version runs on one cluster of its own, ``cml-serve-{version id}`` (on OpenStack one Heat stack), and
+replica ``replica-K`` is that cluster's node ``replica-K``. The cluster always holds exactly the replicas
+whose state holds a node: every change computes that set from the database and resizes the cluster to it
+under the cluster's lease (:meth:`Store.lease_cluster`), so concurrent changes cannot undo each other and
+one replica comes and goes without touching the others. ``start_replica`` adds the node, uploads the
+model and the model server, starts it and waits until it reports ready (model loaded, warm-up prediction
+done); only then does the replica join the pool the router sends predictions to. A replica that fails —
+the router's connection errors or the monitor's probes — is ejected at once (:func:`eject`) and a
+replacement is started in the background (:func:`replace_replica`), which removes the broken node once
+the new one serves. A rate limit per version stops a flapping replica from burning nodes. Every step is
+idempotent: replica names are never reused, the cluster is found again by name, resizing to the same set
+changes nothing, and state changes are compare-and-set.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import requests
 from sqlalchemy import func, select, update
 
 from cloudml_os.artifacts import ArtifactStore, files_of
-from cloudml_os.cloud.base import ClusterSpec, Driver, DriverError, NodeSpec
+from cloudml_os.cloud.base import ClusterSpec, Driver, DriverError, NodeInfo, NodeSpec
 from cloudml_os.config import Settings
 from cloudml_os.frameworks.base import Framework
 from cloudml_os.keys import generate_keypair
@@ -38,6 +41,8 @@ log = logging.getLogger(__name__)
 MODEL_SERVER = Path(__file__).resolve().parents[1] / "serving" / "runtime" / "model_server.py"
 READY_TIMEOUT = 600.0  # seconds a replica may take to load its model and warm up
 FAILOVER_LIMIT, FAILOVER_WINDOW = 3, dt.timedelta(minutes=10)  # replacements per version per window
+# Replica states in which the replica's node exists (or is being made); the version's cluster holds those.
+HOLDING_NODE = ("PROVISIONING", "STARTING", "READY", "EJECTED")
 
 
 class ServeError(RuntimeError):
@@ -87,38 +92,79 @@ def _new_replica(store: Store, version_id: int, replaces: int | None = None) -> 
     """A replica row with the next unused index; names are never reused, so events stay unambiguous."""
     with store.session() as session:
         count = session.scalar(select(func.count()).select_from(Replica).where(Replica.version_id == version_id))
-        replica = Replica(version_id=version_id, name=f"replica-{count}",
-                          cluster_name=f"cml-serve-{version_id}-r{count}", state="PROVISIONING", replaces=replaces)
+        replica = Replica(version_id=version_id, name=f"replica-{count}", state="PROVISIONING", replaces=replaces)
         session.add(replica)
     return replica
+
+
+# ---- the version's cluster ---------------------------------------------------------------------------
+
+def cluster_name(version_id: int) -> str:
+    return f"cml-serve-{version_id}"
+
+
+def _find_cluster(store: Store, version_id: int) -> Cluster | None:
+    with store.session() as session:
+        return session.scalar(select(Cluster).where(Cluster.name == cluster_name(version_id)))
+
+
+def _ensure_cluster(ctx: ServingContext, version: Version) -> Cluster:
+    """The version's cluster row, with its own keypair, recorded once (a concurrent create finds the winner's)."""
+    cluster = _find_cluster(ctx.store, version.id)
+    if cluster is None:
+        name = cluster_name(version.id)
+        private_key, public_key = generate_keypair(f"cloudml-os-{name}")
+        cluster = ctx.store.create_cluster(Cluster(job_id=None, name=name, driver=ctx.driver.name, state="CREATING",
+                                                   private_key=private_key, public_key=public_key))
+    return cluster
+
+
+def _resize(ctx: ServingContext, version: Version, cluster: Cluster, owner: str) -> dict[str, NodeInfo]:
+    """Make the version's cluster hold exactly the replicas whose state holds a node, and record its nodes.
+
+    The set is read from the database inside the cluster's lease, so the last change made wins whatever
+    the order the callers came in. Returns the nodes by replica name.
+
+    :raises ServeError: the lease could not be taken or the driver failed; the cluster is as it was.
+    """
+    machine_type = ctx.settings.machine_types[version.machine_type]
+    ttl = ctx.settings.openstack_stack_timeout + 60  # long enough for one stack update
+    try:
+        with ctx.store.lease_cluster(cluster.name, owner, ttl, timeout=2 * ttl):
+            holding = _replicas(ctx.store, version.id, HOLDING_NODE)
+            if holding:
+                infos = ctx.driver.resize_cluster(ClusterSpec(cluster.name, tuple(
+                    NodeSpec(r.name, "replica", int(r.name.rsplit("-", 1)[1]), machine_type.flavor, machine_type.gpus)
+                    for r in holding), cluster.public_key, labels={"version": str(version.id)}))
+                ctx.store.record_nodes(cluster.id, [Node.from_info(info) for info in infos])
+                ctx.store.update_cluster(cluster.id, deleted_at=None)
+            else:
+                ctx.driver.delete_cluster(cluster.name)
+                infos = []
+                ctx.store.update_cluster(cluster.id, state="DELETED", deleted_at=utcnow())
+            ctx.store.forget_nodes(cluster.id, [info.name for info in infos])
+    except (DriverError, TimeoutError) as exc:
+        raise ServeError(str(exc)) from None
+    return {info.name: info for info in infos}
 
 
 # ---- one replica -----------------------------------------------------------------------------------
 
 def start_replica(ctx: ServingContext, version: Version, replica: Replica) -> None:
-    """Create the replica's node, start the model server on it and wait until it is ready.
+    """Add the replica's node to the version's cluster, start the model server on it and wait until it is ready.
 
-    :raises ServeError: the node, the upload or the model server failed; the node is deleted again.
+    :raises ServeError: the node, the upload or the model server failed; the node is removed again.
     """
     framework = ctx.frameworks[version.framework]
-    machine_type = ctx.settings.machine_types[version.machine_type]
-    with ctx.store.session() as session:
-        cluster = session.scalar(select(Cluster).where(Cluster.name == replica.cluster_name))
-        if cluster is None:
-            private_key, public_key = generate_keypair(f"cloudml-os-{replica.cluster_name}")
-            cluster = Cluster(job_id=None, name=replica.cluster_name, driver=ctx.driver.name, state="CREATING",
-                              private_key=private_key, public_key=public_key)
-            session.add(cluster)
+    owner = f"serve-replica-{replica.id}"
+    cluster = _ensure_cluster(ctx, version)
     try:
-        info = ctx.driver.create_cluster(ClusterSpec(
-            replica.cluster_name, (NodeSpec("server-0", "server", 0, machine_type.flavor, machine_type.gpus),),
-            cluster.public_key, labels={"version": str(version.id), "replica": replica.name}))[0]
-        node = Node(name=info.name, task_type=info.task_type, task_index=info.task_index, address=info.address,
-                    ssh_port=info.ssh_port, username=info.username, host_keys=list(info.host_keys),
-                    port_first=info.port_first, port_last=info.port_last, environment=dict(info.environment),
-                    workdir=info.workdir, runtime_root=info.runtime_root)
-        ctx.store.record_nodes(cluster.id, [node])
-        _set_replica(ctx.store, replica.id, state="STARTING", address=info.address, port=info.port_first)
+        info = _resize(ctx, version, cluster, owner).get(replica.name)
+        if info is None:  # deleted meanwhile (a scale-down or the version's deletion)
+            raise ServeError("the replica was deleted while it started")
+        node = Node.from_info(info)
+        _set_replica(ctx.store, replica.id, expected=("PROVISIONING", "STARTING"), state="STARTING",
+                     address=info.address, port=info.port_first)
         model_name = _model_name(ctx.store, version)
         python = runtime_python(info.runtime_root, framework.runtime(version.runtime_version))
         root = f"{info.workdir}/serving"
@@ -135,8 +181,11 @@ def start_replica(ctx: ServingContext, version: Version, replica: Replica) -> No
             ], env={**info.environment, "PYTHONUNBUFFERED": "1"}, cwd=root)
             _wait_ready(ctx, replica, session, f"{root}/process", info.address, info.port_first)
     except (DriverError, RemoteError, ServeError, OSError) as exc:
-        ctx.driver.delete_cluster(replica.cluster_name)
-        _set_replica(ctx.store, replica.id, state="FAILED", healthy=False)
+        _set_replica(ctx.store, replica.id, expected=HOLDING_NODE, state="FAILED", healthy=False)
+        try:
+            _resize(ctx, version, cluster, owner)
+        except ServeError as cleanup:  # the next change of the cluster removes the node
+            log.warning("%s: could not remove the failed replica's node yet: %s", replica.name, cleanup)
         raise ServeError(f"{replica.name}: {exc}") from None
     _set_replica(ctx.store, replica.id, expected=("STARTING",), state="READY", healthy=True, ready_time=utcnow())
     add_event(ctx.store, version.id, "REPLICA", f"{replica.name} ready at {info.address}:{info.port_first}",
@@ -168,11 +217,15 @@ def _model_name(store: Store, version: Version) -> str:
 
 
 def delete_replica(ctx: ServingContext, replica: Replica) -> None:
+    """Take the replica out of the pool and remove its node from the version's cluster.
+
+    :raises ServeError: the node could not be removed; the replica stays DELETING and a later change of
+        the cluster removes it.
+    """
     _set_replica(ctx.store, replica.id, state="DELETING", healthy=False)
-    ctx.driver.delete_cluster(replica.cluster_name)
-    with ctx.store.session() as session:
-        session.execute(update(Cluster).where(Cluster.name == replica.cluster_name)
-                        .values(state="DELETED", deleted_at=utcnow()))
+    cluster = _find_cluster(ctx.store, replica.version_id)
+    if cluster is not None:
+        _resize(ctx, _version(ctx.store, replica.version_id), cluster, f"serve-replica-{replica.id}")
     _set_replica(ctx.store, replica.id, state="DELETED")
 
 
@@ -201,7 +254,8 @@ def eject(store: Store, replica_id: int, reason: str, replace: Callable[[int], N
 
 
 def replace_replica(ctx: ServingContext, replica_id: int) -> None:
-    """Bring up a new replica for an ejected one, then delete the broken node. Idempotent."""
+    """Bring up a new replica for an ejected one (a node added to the version's cluster), then remove the
+    broken node: make before break. Idempotent."""
     with ctx.store.session() as session:
         old = session.get(Replica, replica_id)
         if old is None or old.state != "EJECTED":
@@ -271,9 +325,17 @@ def _scale_to(ctx: ServingContext, version: Version) -> None:
 
 
 def _delete_version(ctx: ServingContext, version: Version) -> None:
-    for replica in _replicas(ctx.store, version.id, ("PROVISIONING", "STARTING", "READY", "EJECTED", "FAILED",
-                                                     "DELETING")):
-        delete_replica(ctx, replica)
+    """Delete every replica and the version's whole cluster."""
+    live = ("PROVISIONING", "STARTING", "READY", "EJECTED", "FAILED", "DELETING")
+    with ctx.store.session() as session:
+        session.execute(update(Replica).where(Replica.version_id == version.id, Replica.state.in_(live))
+                        .values(state="DELETING", healthy=False))
+    cluster = _find_cluster(ctx.store, version.id)
+    if cluster is not None:
+        _resize(ctx, version, cluster, f"serve-version-{version.id}")  # no replica holds a node: deletes it
+    with ctx.store.session() as session:
+        session.execute(update(Replica).where(Replica.version_id == version.id, Replica.state == "DELETING")
+                        .values(state="DELETED"))
     add_event(ctx.store, version.id, "DELETED", "Version deleted; every replica node is gone")
 
 

@@ -148,13 +148,7 @@ def provision(ctx: TrainingContext, job: Job) -> Handover:
         labels={"project": job.project, "job": str(job.id)},
     )
     infos = ctx.driver.create_cluster(spec)
-    ctx.store.record_nodes(cluster.id, [
-        Node(name=i.name, task_type=i.task_type, task_index=i.task_index, address=i.address,
-             ssh_port=i.ssh_port, username=i.username, host_keys=list(i.host_keys),
-             port_first=i.port_first, port_last=i.port_last, environment=dict(i.environment),
-             workdir=i.workdir, runtime_root=i.runtime_root)
-        for i in infos
-    ])
+    ctx.store.record_nodes(cluster.id, [Node.from_info(info) for info in infos])
     ctx.store.add_event(job.id, "CLUSTER", f"Cluster {name} ready with {len(infos)} node(s)")
     return Handover(Step.BOOTSTRAPPING)
 

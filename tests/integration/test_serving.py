@@ -113,6 +113,8 @@ def tf_version(client, model, tf_job):
 def test_predictions_through_the_router_equal_loading_the_model_directly(platform, client, model, tf_job,
                                                                          tf_version, tf_runtime):
     assert len([r for r in tf_version["replicas"] if r["state"] == "READY"]) == 2
+    # The two replicas are two nodes of the version's one cluster.
+    assert cluster_nodes(platform, "tf_v1") == (["replica-0", "replica-1"], ["replica-0", "replica-1"])
     response = predict_via_api(client, f"/models/{model}/versions/tf_v1:predict")
     assert response.status_code == 200, response.text
     direct = predict(tf_runtime, TENSORFLOW_PREDICT.replace("[[0.0], [1.0], [2.0]]", str(INSTANCES)),
@@ -175,11 +177,12 @@ def test_killing_a_replica_node_under_load_loses_no_request_and_it_is_replaced(p
     assert any(victim in m and "ejected" in m for m in messages), messages
     assert any(victim in m and "replaced by" in m for m in messages), messages
     assert len([r for r in replicas(client, model, "tf_v1") if r["state"] == "READY"]) == 2
+    assert_one_cluster_of_the_ready_replicas(platform, client, model, "tf_v1")
 
 
-def kill_node(platform, replica: str) -> None:
+def kill_node(platform, replica: str, version: str = "tf_v1") -> None:
     """SIGKILL the node's PID 1: every process of the node ends at once, like a VM losing power."""
-    pids = node_processes(f"/clusters/{serving_cluster(platform, replica)}/")
+    pids = node_processes(node_marker(platform, version, replica))
     assert pids
     for pid in pids:
         try:
@@ -188,21 +191,56 @@ def kill_node(platform, replica: str) -> None:
             pass
 
 
-def serving_cluster(platform, replica: str) -> str:
+def query(platform, sql: str, **params) -> list[tuple]:
     from sqlalchemy import create_engine, text
 
     engine = create_engine(platform.env["CLOUDML_OS_DATABASE_URL"])
     with engine.connect() as connection:
-        name = connection.execute(text("SELECT cluster_name FROM replicas WHERE name = :n "
-                                       "ORDER BY id DESC"), {"n": replica}).scalar()
+        rows = [tuple(row) for row in connection.execute(text(sql), params)]
     engine.dispose()
-    return name
+    return rows
+
+
+def serving_cluster(platform, version: str) -> str:
+    """The one cluster a version's replicas are nodes of."""
+    [(version_id,)] = query(platform, "SELECT v.id FROM versions v JOIN models m ON m.id = v.model_id "
+                                      "WHERE m.name = 'regression' AND v.name = :v", v=version)
+    return f"cml-serve-{version_id}"
+
+
+def node_marker(platform, version: str, replica: str) -> str:
+    """What the command line of every process of a replica's node (driver ``local``) contains."""
+    return f"/clusters/{serving_cluster(platform, version)}/nodes/{replica}/"
+
+
+def cluster_nodes(platform, version: str) -> tuple[list[str], list[str]]:
+    """The version's cluster's node names as the database records them and as the local driver holds them."""
+    name = serving_cluster(platform, version)
+    recorded = [n for (n,) in query(platform, "SELECT n.name FROM nodes n JOIN clusters c ON c.id = n.cluster_id "
+                                              "WHERE c.name = :c ORDER BY n.name", c=name)]
+    # One cluster row, and none of the single-node clusters per replica that versions used to have.
+    assert query(platform, "SELECT count(*) FROM clusters WHERE name = :c OR name LIKE :p",
+                 c=name, p=f"{name}-%") == [(1,)]
+    folder = Path(platform.data_dir) / "nodes" / "clusters" / name / "nodes"
+    held = sorted(entry.name for entry in folder.iterdir()) if folder.is_dir() else []
+    return recorded, held
+
+
+def ready_names(client, model: str, version: str) -> list[str]:
+    return sorted(r["name"] for r in replicas(client, model, version) if r["state"] == "READY")
+
+
+def assert_one_cluster_of_the_ready_replicas(platform, client, model: str, version: str) -> None:
+    ready = ready_names(client, model, version)
+    assert cluster_nodes(platform, version) == (ready, ready)
+    for name in ready:
+        assert node_processes(node_marker(platform, version, name))
 
 
 def test_a_frozen_replica_is_ejected_and_replaced_and_does_not_come_back(platform, client, model, tf_version):
     ready = sorted(r["name"] for r in replicas(client, model, "tf_v1") if r["state"] == "READY")
     victim = ready[0]
-    server = node_processes(f"/clusters/{serving_cluster(platform, victim)}/")
+    server = node_processes(node_marker(platform, "tf_v1", victim))
     server = [pid for pid in server  # the python process itself, not the shell that waits for it
               if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"python")
               and b"model_server.py" in Path(f"/proc/{pid}/cmdline").read_bytes()]
@@ -220,11 +258,13 @@ def test_a_frozen_replica_is_ejected_and_replaced_and_does_not_come_back(platfor
     now = {r["name"]: r for r in replicas(client, model, "tf_v1")}
     assert victim not in now or now[victim]["state"] in ("DELETED", "DELETING")
     assert len([r for r in now.values() if r["state"] == "READY"]) == 2
+    assert_one_cluster_of_the_ready_replicas(platform, client, model, "tf_v1")  # the victim's node is gone
+    assert node_processes(node_marker(platform, "tf_v1", victim)) == []
     response = predict_via_api(client, f"/models/{model}/versions/tf_v1:predict")
     assert response.status_code == 200
 
 
-def test_scaling_a_version_adds_and_removes_replicas(client, model, tf_version):
+def test_scaling_a_version_adds_and_removes_replicas(platform, client, model, tf_version):
     def scale(nodes: int) -> None:
         response = client.request("PATCH", f"/models/{model}/versions/tf_v1?updateMask=manualScaling.nodes",
                                   json={"manualScaling": {"nodes": nodes}})
@@ -234,10 +274,14 @@ def test_scaling_a_version_adds_and_removes_replicas(client, model, tf_version):
             client.request("GET", f"/operations/{operation_id}").json()))
         assert "error" not in operation, operation
 
+    before = ready_names(client, model, "tf_v1")
     scale(3)
-    assert len([r for r in replicas(client, model, "tf_v1") if r["state"] == "READY"]) == 3
+    assert len(ready_names(client, model, "tf_v1")) == 3
+    assert set(before) < set(ready_names(client, model, "tf_v1"))  # the serving ones were left alone
+    assert_one_cluster_of_the_ready_replicas(platform, client, model, "tf_v1")
     scale(1)
-    assert len([r for r in replicas(client, model, "tf_v1") if r["state"] == "READY"]) == 1
+    assert len(ready_names(client, model, "tf_v1")) == 1
+    assert_one_cluster_of_the_ready_replicas(platform, client, model, "tf_v1")
     assert predict_via_api(client, f"/models/{model}/versions/tf_v1:predict").status_code == 200
 
 
@@ -258,10 +302,12 @@ def test_mxnet_and_pytorch_versions_serve_what_they_trained(platform, client, mo
 
 
 def test_deleting_a_version_leaves_no_node_process(platform, client, model):
-    names = [serving_cluster(platform, r["name"]) for r in replicas(client, model, "pytorch_v1")]
+    name = serving_cluster(platform, "pytorch_v1")
+    assert cluster_nodes(platform, "pytorch_v1") == (["replica-0"], ["replica-0"])
     response = client.request("DELETE", f"/models/{model}/versions/pytorch_v1")
     assert response.status_code == 200, response.text
     operation_id = response.json()["name"].rsplit("/", 1)[1]
     wait_for(lambda: client.request("GET", f"/operations/{operation_id}").json()["done"])
-    for name in names:
-        assert node_processes(f"/clusters/{name}/") == []
+    assert node_processes(f"/clusters/{name}/") == []
+    assert cluster_nodes(platform, "pytorch_v1") == ([], [])
+    assert query(platform, "SELECT state FROM clusters WHERE name = :c", c=name) == [("DELETED",)]

@@ -13,11 +13,9 @@ def openstack_environment(test_cloud: TestCloud) -> dict[str, str]:
     """Setting overrides (``start_platform`` keywords) that point a platform at the test cloud.
 
     Also names the cloud's clouds.yaml in ``OS_CLIENT_CONFIG_FILE`` for this process and its children,
-    as an operator's environment would, and gives the service account Keystone's ``service`` role so
-    keystonemiddleware may validate callers' tokens with it.
+    as an operator's environment would.
     """
     os.environ["OS_CLIENT_CONFIG_FILE"] = str(test_cloud.clouds_yaml)
-    _grant_service_role(test_cloud)
     ctx = test_cloud.ctx
     runtimes = load_settings(environ={}).runtimes_dir
     return {
@@ -33,10 +31,3 @@ def openstack_environment(test_cloud: TestCloud) -> dict[str, str]:
 def openstack_settings(test_cloud: TestCloud, data_dir: Path) -> Settings:
     return load_settings(environ={}, data_dir=data_dir, **openstack_environment(test_cloud))
 
-
-def _grant_service_role(test_cloud: TestCloud) -> None:
-    admin = test_cloud.connect("admin")
-    role = admin.identity.find_role("service") or admin.identity.create_role(name="service")
-    project = admin.identity.find_project("cloudml")
-    user = admin.identity.find_user("cloudml-os")
-    admin.identity.assign_project_role_to_user(project, user, role)

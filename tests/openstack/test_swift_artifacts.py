@@ -49,7 +49,7 @@ def store(platform: Connection) -> SwiftArtifactStore:
 
 
 def _names(platform: Connection, project: str, prefix: str | None = None, segments: bool = False) -> list[str]:
-    container = PREFIX + project + ("-segments" if segments else "")
+    container = PREFIX + project + ("_segments" if segments else "")
     if not any(c.name == container for c in platform.object_store.containers(prefix=container)):
         return []
     return [listed.name for listed in platform.object_store.objects(container, prefix=prefix)]
@@ -111,8 +111,8 @@ def test_a_large_file_is_a_static_large_object_with_its_segments_in_the_segments
     assert int(head["Content-Length"]) == len(data)
     manifest = _manifest(platform, "slo", "models/big.bin")
     assert [segment["bytes"] for segment in manifest] == [MIB, MIB, MIB // 2]
-    assert all(segment["name"].startswith(f"/{PREFIX}slo-segments/models/big.bin/") for segment in manifest)
-    assert sorted(f"/{PREFIX}slo-segments/{name}" for name in _names(platform, "slo", segments=True)) == \
+    assert all(segment["name"].startswith(f"/{PREFIX}slo_segments/models/big.bin/") for segment in manifest)
+    assert sorted(f"/{PREFIX}slo_segments/{name}" for name in _names(platform, "slo", segments=True)) == \
         [segment["name"] for segment in manifest]
     assert _names(platform, "slo") == ["models/big.bin"]
     assert hashlib.sha256(_read(store, uri)).hexdigest() == hashlib.sha256(data).hexdigest()
@@ -129,7 +129,7 @@ def test_overwriting_a_large_object_deletes_its_old_segments(platform, store):
     assert _read(store, uri) == second
     segments = _names(platform, "overwrite", segments=True)
     assert len(segments) == 2 and not set(segments) & set(first)
-    assert sorted(f"/{PREFIX}overwrite-segments/{name}" for name in segments) == \
+    assert sorted(f"/{PREFIX}overwrite_segments/{name}" for name in segments) == \
         [segment["name"] for segment in _manifest(platform, "overwrite", "model.bin")]
 
     store.put_file("overwrite", "model.bin", io.BytesIO(b"small now"))
@@ -211,6 +211,16 @@ def test_each_project_has_its_own_container(platform, store):
 
     assert (_read(store, a), _read(store, b)) == (b"of team a", b"of team b")
     assert _names(platform, "team-a") == ["x"] and _names(platform, "team-b") == ["x"]
+
+
+def test_no_project_reaches_another_projects_segments(platform, store):
+    """A project named like a segments container would read another project's segments: none can be."""
+    store.put_file("team-c", "model.bin", io.BytesIO(os.urandom(MIB + 1)))
+
+    assert len(_names(platform, "team-c", segments=True)) == 2
+    assert not store.exists("store://team-c-segments/model.bin")
+    with pytest.raises(ArtifactError, match="not a valid artifact URI"):
+        store.exists("store://team-c_segments/model.bin")
 
 
 def test_uploads_and_downloads_stream(platform, tmp_path, caplog):

@@ -77,14 +77,14 @@ def test_clouds_yaml_names_every_user_with_its_project(test_cloud: TestCloud):
 
 def test_roles_of_the_api_auth_users(test_cloud: TestCloud):
     admin = test_cloud.connect("admin")
-    expected = {("cloudml-os", "cloudml"): "member", ("alice", "team-a"): "member",
-                ("carol", "team-a"): "reader", ("bob", "team-b"): "member"}
-    for (username, project_name), role in expected.items():
+    expected = {("cloudml-os", "cloudml"): {"member", "service"}, ("alice", "team-a"): {"member"},
+                ("carol", "team-a"): {"reader"}, ("bob", "team-b"): {"member"}}
+    for (username, project_name), roles in expected.items():
         user = admin.identity.find_user(username, domain_id="default", ignore_missing=False)
         project = admin.identity.find_project(project_name, domain_id="default", ignore_missing=False)
         direct = {admin.identity.get_role(a.role["id"]).name for a in
                   admin.identity.role_assignments(user_id=user.id, scope_project_id=project.id)}
-        assert direct == {role}, username
+        assert direct == roles, username
 
 
 def test_resource_group_stack_is_created_read_and_deleted(test_cloud: TestCloud):

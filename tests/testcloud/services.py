@@ -49,10 +49,12 @@ CATALOG = {
     "nova": ("compute", "/v2.1"),
 }
 # Projects of the platform and its API-auth tests: project -> {user: role}.
+# The platform's service account also holds Keystone's "service" role, so that keystonemiddleware in the
+# API may validate callers' tokens with it (what the operator guide asks of a site).
 PROJECT_USERS = {
-    "cloudml": {"cloudml-os": "member"},
-    "team-a": {"alice": "member", "carol": "reader"},
-    "team-b": {"bob": "member"},
+    "cloudml": {"cloudml-os": ("member", "service")},
+    "team-a": {"alice": ("member",), "carol": ("reader",)},
+    "team-b": {"bob": ("member",)},
 }
 GUNICORN_OPTIONS = ("--workers", "1", "--worker-class", "gthread", "--threads", "4", "--graceful-timeout", "5",
                     "--timeout", "300", "--access-logfile", "-",
@@ -349,7 +351,7 @@ def register_cloud(ctx: CloudContext) -> None:
         identity = conn.identity
         existing = _Identity(identity)
         roles = {name: existing.ensure("role", name) for name in
-                 ("admin", "member", "reader", "heat_stack_owner", "heat_stack_user")}
+                 ("admin", "member", "reader", "service", "heat_stack_owner", "heat_stack_user")}
         service = existing.ensure("project", "service", domain_id="default", description="OpenStack services")
         for name in SERVICE_USERS:
             user = existing.ensure("user", name, domain_id="default", password=ctx.service_password,
@@ -363,10 +365,11 @@ def register_cloud(ctx: CloudContext) -> None:
         identity.assign_domain_role_to_user(heat_domain, domain_admin, roles["admin"])
         for project_name, members in PROJECT_USERS.items():
             project = existing.ensure("project", project_name, domain_id="default")
-            for username, role in members.items():
+            for username, granted in members.items():
                 user = existing.ensure("user", username, domain_id="default", password=ctx.service_password,
                                        default_project_id=project.id)
-                identity.assign_project_role_to_user(project, user, roles[role])
+                for role in granted:
+                    identity.assign_project_role_to_user(project, user, roles[role])
         endpoints = {(endpoint.service_id, endpoint.url) for endpoint in identity.endpoints(interface="public")}
         for name, (service_type, path) in CATALOG.items():
             catalog_service = existing.ensure("service", name, type=service_type)

@@ -353,7 +353,7 @@ def test_a_deleted_versions_name_can_be_used_again(env):
     env.deployed("v1", state="DELETED")
     old = env.version()
     with env.store.session() as session:
-        session.add(Replica(version_id=old.id, name="replica-0", cluster_name="c-0", state="DELETED"))
+        session.add(Replica(version_id=old.id, name="replica-0", state="DELETED"))
     assert_v1_error(env.get("models/census/versions/v1"), 404, "NOT_FOUND")
     response = env.create_version("v1")
     assert response.status_code == 200, response.get_json()
@@ -400,10 +400,10 @@ def test_get_version_shows_its_live_replicas(env):
     version = env.version()
     with env.store.session() as session:
         session.add_all([
-            Replica(version_id=version.id, name="replica-0", cluster_name="c-0", state="READY", healthy=True,
+            Replica(version_id=version.id, name="replica-0", state="READY", healthy=True,
                     address="127.2.0.5", port=31000),
-            Replica(version_id=version.id, name="replica-1", cluster_name="c-1", state="DELETED"),
-            Replica(version_id=version.id, name="replica-2", cluster_name="c-2", state="PROVISIONING"),
+            Replica(version_id=version.id, name="replica-1", state="DELETED"),
+            Replica(version_id=version.id, name="replica-2", state="PROVISIONING"),
         ])
     shown = env.get("models/census/versions/v1").get_json()
     assert shown["replicas"] == [

@@ -30,6 +30,10 @@ def test_environment_overrides_the_file_and_flags_override_both(tmp_path):
     ("[machine_types.gpu]\ngpus = 1", "machine_types.gpu"),
     ("local_address_prefix = '10.0'", "local_address_prefix"),
     ("api_port = ", "c.toml"),
+    ("driver = 'openstack'\nartifacts = 's3'", "artifacts"),
+    ("auth = 'ldap'", "auth"),
+    ("openstack_node_port_first = 20100\nopenstack_node_port_last = 20000", "openstack_node_port_first"),
+    ("swift_segment_size = 1000", "swift_segment_size"),
 ])
 def test_a_bad_setting_is_named_in_the_error(tmp_path, content, message):
     config = tmp_path / "c.toml"

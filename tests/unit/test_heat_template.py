@@ -264,6 +264,7 @@ VALID = {
     "serving": stack(SERVING, StackOptions(**{**OPTIONS.__dict__, "control_plane_port": 8500})),
     "gpu with volume": stack(GPU, StackOptions(**{**OPTIONS.__dict__, "volume_size": 40})),
     "floating ip": stack(SERVING, StackOptions(**{**OPTIONS.__dict__, "floating_network": "public"})),
+    "members with a removal list": stack(cluster("c", ("replica", 3, "m1.small", 0), ("replica", 1, "m1.small", 0))),
     "raw cluster.yaml": {"template": template_text("cluster.yaml"), "files": {},
                          "parameters": RAW_CLUSTER_PARAMETERS},
     "raw node.yaml": {"template": template_text("node.yaml"), "files": {}, "parameters": RAW_NODE_PARAMETERS},

@@ -1,12 +1,25 @@
-"""Failover rules of the serving workflow, on a real (SQLite) store."""
+"""Failover rules, the version's one cluster and its lease, on a real (SQLite) store and a fake driver."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
-from cloudml_os.store import Store, migrate
+from cloudml_os.cloud.base import ClusterSpec, Driver, NodeInfo
+from cloudml_os.config import Settings
+from cloudml_os.store import Cluster, Node, Store, migrate
 from cloudml_os.store.models import Model, Replica, Version, VersionEvent
-from cloudml_os.workflows.serve import FAILOVER_LIMIT, eject
+from cloudml_os.workflows.serve import (
+    FAILOVER_LIMIT,
+    ServeError,
+    ServingContext,
+    _delete_version,
+    delete_replica,
+    eject,
+    start_replica,
+)
 
 
 @pytest.fixture
@@ -24,8 +37,8 @@ def a_version(store: Store) -> int:
 
 
 def a_replica(store: Store, version_id: int, index: int, replaces: int | None = None) -> int:
-    return store.add(Replica(version_id=version_id, name=f"replica-{index}", cluster_name=f"c-{version_id}-{index}",
-                             state="READY", healthy=True, replaces=replaces)).id
+    return store.add(Replica(version_id=version_id, name=f"replica-{index}", state="READY", healthy=True,
+                             replaces=replaces)).id
 
 
 def events(store: Store) -> list[str]:
@@ -55,3 +68,171 @@ def test_the_failover_rate_limit_stops_a_flapping_version_from_burning_nodes(sto
     assert eject(store, previous, "health check: 3 probes failed", replaced.append) is True
     assert replaced == []
     assert events(store) == ["EJECTED", "FAILOVER_LIMIT"]
+
+
+# ---- the cluster lease -----------------------------------------------------------------------------
+
+def a_cluster(store: Store, name: str = "cml-serve-1") -> Cluster:
+    return store.create_cluster(Cluster(job_id=None, name=name, driver="fake", state="CREATING", private_key="k",
+                                        public_key="p"))
+
+
+def test_the_cluster_lease_is_exclusive_between_owners(store):
+    a_cluster(store)
+    with store.lease_cluster("cml-serve-1", "a", ttl=60):
+        with pytest.raises(TimeoutError, match="being changed by a"):
+            with store.lease_cluster("cml-serve-1", "b", ttl=60, timeout=0.3):
+                pass
+    with store.lease_cluster("cml-serve-1", "b", ttl=60, timeout=0.3):  # released: free again
+        pass
+
+
+def test_a_waiting_owner_gets_the_lease_once_it_is_released(store):
+    a_cluster(store)
+    order = []
+
+    def second() -> None:
+        with store.lease_cluster("cml-serve-1", "b", ttl=60, timeout=10):
+            order.append("b")
+
+    with store.lease_cluster("cml-serve-1", "a", ttl=60):
+        thread = threading.Thread(target=second)
+        thread.start()
+        time.sleep(0.3)
+        order.append("a")
+    thread.join(timeout=10)
+    assert order == ["a", "b"]
+
+
+def test_the_cluster_lease_is_taken_back_at_once_by_its_owner(store):
+    a_cluster(store)
+    held = store.lease_cluster("cml-serve-1", "task-7", ttl=600)
+    held.__enter__()  # a worker that died holding it: never released
+    started = time.monotonic()
+    with store.lease_cluster("cml-serve-1", "task-7", ttl=600, timeout=0):  # the redelivered task
+        pass
+    assert time.monotonic() - started < 1
+    with store.lease_cluster("cml-serve-1", "other", ttl=600, timeout=0):  # released by the block's end
+        pass
+
+
+def test_an_expired_lease_is_taken_over(store):
+    a_cluster(store)
+    held = store.lease_cluster("cml-serve-1", "dead", ttl=0.2)
+    held.__enter__()
+    with pytest.raises(TimeoutError):
+        with store.lease_cluster("cml-serve-1", "alive", ttl=60, timeout=0):
+            pass
+    with store.lease_cluster("cml-serve-1", "alive", ttl=60, timeout=5):
+        with store.session() as session:
+            assert session.query(Cluster).one().lock_owner == "alive"
+    held.__exit__(None, None, None)  # the late holder's release does not free someone else's lease
+    with store.session() as session:
+        assert session.query(Cluster).one().lock_owner is None
+
+
+def test_a_lease_of_an_unknown_cluster_is_refused(store):
+    with pytest.raises(LookupError):
+        with store.lease_cluster("nope", "a", ttl=60):
+            pass
+
+
+# ---- one cluster per version -----------------------------------------------------------------------
+
+class FakeDriver(Driver):
+    """Clusters in memory: name -> node names, in the order of the last spec."""
+
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.clusters: dict[str, list[str]] = {}
+        self.calls: list[tuple[str, str, tuple[str, ...]]] = []
+
+    def _infos(self, spec: ClusterSpec) -> list[NodeInfo]:
+        return [NodeInfo(n.name, n.task_type, n.task_index, f"127.9.0.{n.task_index + 1}", 22, "u", ("k",),
+                         31000, 31009, "/w", "/r") for n in spec.nodes]
+
+    def create_cluster(self, spec: ClusterSpec) -> list[NodeInfo]:
+        raise AssertionError("serving resizes its cluster, it never creates one")
+
+    def resize_cluster(self, spec: ClusterSpec) -> list[NodeInfo]:
+        assert [n.task_type for n in spec.nodes] == ["replica"] * len(spec.nodes)
+        assert all(n.name == f"replica-{n.task_index}" for n in spec.nodes)
+        self.calls.append(("resize", spec.name, tuple(n.name for n in spec.nodes)))
+        self.clusters[spec.name] = [n.name for n in spec.nodes]
+        return self._infos(spec)
+
+    def replace_node(self, spec: ClusterSpec, node: str) -> NodeInfo:
+        raise AssertionError("not used")
+
+    def delete_cluster(self, name: str) -> None:
+        self.calls.append(("delete", name, ()))
+        self.clusters.pop(name, None)
+
+    def list_clusters(self) -> list[str]:
+        return sorted(self.clusters)
+
+
+class FakeFramework:
+    def runtime(self, version: str) -> str:
+        return f"tensorflow-{version}"
+
+
+def a_context(store: Store, driver: Driver, connect, tmp_path) -> ServingContext:
+    settings = Settings(data_dir=tmp_path, database_url="sqlite://", broker_url="memory://")
+    return ServingContext(settings=settings, store=store, driver=driver, artifacts=None,
+                          frameworks={"TENSORFLOW": FakeFramework()}, connect=connect,
+                          replace=lambda replica_id: None)
+
+
+def refused(node, private_key):
+    raise OSError(f"connection to {node.address} refused")
+
+
+def node_names(store: Store) -> list[str]:
+    with store.session() as session:
+        return [n.name for n in session.query(Node).order_by(Node.name)]
+
+
+def replica(store: Store, replica_id: int) -> Replica:
+    with store.session() as session:
+        return session.get(Replica, replica_id)
+
+
+def version_of(store: Store, version_id: int) -> Version:
+    with store.session() as session:
+        return session.get(Version, version_id)
+
+
+def test_replicas_are_nodes_of_the_one_cluster_of_their_version(store, tmp_path):
+    driver = FakeDriver()
+    ctx = a_context(store, driver, refused, tmp_path)
+    version_id = a_version(store)
+    first, second = a_replica(store, version_id, 0), a_replica(store, version_id, 1)
+    starting = store.add(Replica(version_id=version_id, name="replica-2", state="PROVISIONING")).id
+    with pytest.raises(ServeError, match="replica-2: connection to 127.9.0.3 refused"):
+        start_replica(ctx, version_of(store, version_id), replica(store, starting))
+    # The node was added next to the others, then removed again when the server could not start.
+    name = f"cml-serve-{version_id}"
+    assert driver.calls == [("resize", name, ("replica-0", "replica-1", "replica-2")),
+                            ("resize", name, ("replica-0", "replica-1"))]
+    assert replica(store, starting).state == "FAILED"
+    assert node_names(store) == ["replica-0", "replica-1"]
+    with store.session() as session:
+        [cluster] = session.query(Cluster).all()
+        assert (cluster.name, cluster.job_id, cluster.state, cluster.lock_owner) == (name, None, "READY", None)
+
+    delete_replica(ctx, replica(store, first))
+    assert driver.clusters == {name: ["replica-1"]}
+    assert replica(store, first).state == "DELETED"
+    assert node_names(store) == ["replica-1"]
+
+    eject(store, second, "probes failed", lambda replica_id: None)
+    _delete_version(ctx, version_of(store, version_id))
+    assert driver.clusters == {}
+    assert driver.calls[-1] == ("delete", name, ())
+    assert replica(store, second).state == "DELETED"
+    assert node_names(store) == []
+    with store.session() as session:
+        cluster = session.query(Cluster).one()
+        assert cluster.state == "DELETED" and cluster.deleted_at is not None
