@@ -4,7 +4,8 @@ Two faults, one after the other, each measured from the fault to what the platfo
 - passive: a replica's node is killed (SIGKILL of its PID 1) under a steady request loop; the router
   sees the connection fail, ejects it, and retries the request elsewhere;
 - active: another replica's model server is frozen (SIGSTOP) with no traffic; only the monitor's
-  probes can notice (default health check: interval 1 s, timeout 1 s, rise 2, fall 3).
+  probes can notice. Measured twice: with the default health check (interval 1 s, timeout 1 s, rise 2,
+  fall 3) and with a version whose ``healthCheck`` halves interval and timeout (0.5 s, 0.5 s, 2, 3).
 Printed: time to eject, failed client requests, time back to 2 healthy replicas, beside the defaults
 of the anchors (Kubernetes/KServe readiness probes: 10 s period x 3 failures = 30 s; Octavia's health
 manager: heartbeat timeout 60 s).
@@ -31,6 +32,7 @@ from tests.harness import build_sdist, node_processes, start_platform
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTANCES = {"instances": [[0.0], [1.0]]}
+FAST_CHECK = {"interval": 0.5, "timeout": 0.5, "rise": 2, "fall": 3}
 
 
 def _events(client, version: str) -> list[dict]:
@@ -46,12 +48,40 @@ def _ready(client, version: str) -> list[dict]:
     return [r for r in replicas if r["state"] == "READY" and r["healthy"]]
 
 
-def _cluster(database_url: str, replica: str) -> str:
+def _node(database_url: str, version: str, replica: str) -> str:
+    """The marker of a replica's node in its processes' command lines (its folder in the local driver)."""
     engine = create_engine(database_url)
     with engine.connect() as connection:
-        name = connection.execute(text("SELECT cluster_name FROM replicas WHERE name = :n"), {"n": replica}).scalar()
+        version_id = connection.execute(text("SELECT id FROM versions WHERE name = :v"), {"v": version}).scalar()
     engine.dispose()
-    return name
+    return f"/clusters/cml-serve-{version_id}/nodes/{replica}/"
+
+
+def _deploy(client, job: dict, version: str, health: dict | None = None) -> None:
+    body = {"name": version, "deploymentUri": job["trainingOutput"]["exportedModelUri"], "framework": "TENSORFLOW",
+            "runtimeVersion": "2.21", "machineType": "standard", "manualScaling": {"nodes": 2}}
+    if health:
+        body["healthCheck"] = health
+    response = client.request("POST", "/models/m/versions", json=body)
+    assert response.status_code == 200, response.text
+    _wait(lambda: len(_ready(client, version)) == 2)
+
+
+def _freeze(client, database_url: str, version: str) -> tuple[float, float, str]:
+    """SIGSTOP one replica's model server; return (seconds to eject, seconds back to 2 healthy, reason)."""
+    victim = _ready(client, version)[0]["name"]
+    server = [pid for pid in node_processes(_node(database_url, version, victim))
+              if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"python")]
+    frozen = time.time()
+    os.kill(server[0], signal.SIGSTOP)
+    ejected, reason = _ejected_at(client, version, victim)
+    _wait(lambda: len(_ready(client, version)) == 2 and victim not in {r["name"] for r in _ready(client, version)})
+    back = time.time()
+    try:
+        os.kill(server[0], signal.SIGCONT)
+    except ProcessLookupError:
+        pass
+    return ejected - frozen, back - frozen, reason
 
 
 def _wait(condition, timeout: float = 300.0):
@@ -82,11 +112,7 @@ def main() -> None:
         job = client.wait("train")
         assert job["state"] == "SUCCEEDED", job
         assert client.request("POST", "/models", json={"name": "m"}).status_code == 200
-        response = client.request("POST", "/models/m/versions", json={
-            "name": "v1", "deploymentUri": job["trainingOutput"]["exportedModelUri"], "framework": "TENSORFLOW",
-            "runtimeVersion": "2.21", "machineType": "standard", "manualScaling": {"nodes": 2}})
-        assert response.status_code == 200, response.text
-        _wait(lambda: len(_ready(client, "v1")) == 2)
+        _deploy(client, job, "v1")
 
         # Passive: kill a node under load.
         failures, successes, stop = [], [], threading.Event()
@@ -104,7 +130,7 @@ def main() -> None:
         time.sleep(2)
         victim = _ready(client, "v1")[0]["name"]
         killed = time.time()
-        for pid in node_processes(f"/clusters/{_cluster(database_url, victim)}/"):
+        for pid in node_processes(_node(database_url, "v1", victim)):
             os.kill(pid, signal.SIGKILL)
         passive_eject, passive_reason = _ejected_at(client, "v1", victim)
         _wait(lambda: len(_ready(client, "v1")) == 2 and victim not in {r["name"] for r in _ready(client, "v1")})
@@ -112,29 +138,21 @@ def main() -> None:
         stop.set()
         loader.join()
 
-        # Active: freeze a model server, no traffic.
-        victim = _ready(client, "v1")[0]["name"]
-        server = [pid for pid in node_processes(f"/clusters/{_cluster(database_url, victim)}/")
-                  if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"python")]
-        frozen = time.time()
-        os.kill(server[0], signal.SIGSTOP)
-        active_eject, active_reason = _ejected_at(client, "v1", victim)
-        _wait(lambda: len(_ready(client, "v1")) == 2 and victim not in {r["name"] for r in _ready(client, "v1")})
-        active_back = time.time()
-        try:
-            os.kill(server[0], signal.SIGCONT)
-        except ProcessLookupError:
-            pass
+        # Active: freeze a model server, no traffic; the default check, then a faster one.
+        active = _freeze(client, database_url, "v1")
+        _deploy(client, job, "v2", FAST_CHECK)
+        fast = _freeze(client, database_url, "v2")
 
-    print("\nFailover of a 2-replica TensorFlow version (2 CPU cores, local nodes; default health check 1 s / 1 s / "
-          "rise 2 / fall 3)")
+    print("\nFailover of a 2-replica TensorFlow version (2 CPU cores, local nodes; health check interval / timeout / "
+          "rise / fall)")
     print(f"  {'':34s} {'eject':>8s} {'target':>7s} {'failed requests':>16s} {'back to 2 healthy':>18s}")
     print(f"  {'passive (node killed, under load)':34s} {passive_eject - killed:7.2f}s {'<= 1s':>7s} "
           f"{len(failures):>10d} of {len(failures) + len(successes):<5d} {passive_back - killed:16.1f}s")
-    print(f"  {'active (server frozen, no load)':34s} {active_eject - frozen:7.2f}s {'<= 3s':>7s} "
-          f"{'-':>16s} {active_back - frozen:16.1f}s")
+    for label, (eject, back, _) in (("active, default check 1/1/2/3", active),
+                                    ("active, healthCheck 0.5/0.5/2/3", fast)):
+        print(f"  {label:34s} {eject:7.2f}s {'<= 3s':>7s} {'-':>16s} {back:16.1f}s")
     print("  anchors' defaults: Kubernetes/KServe readiness 10 s x 3 = 30 s to eject; Octavia heartbeat timeout 60 s")
-    print(f"  passive reason: {passive_reason}\n  active reason:  {active_reason}")
+    print(f"  passive reason: {passive_reason}\n  active reason:  {active[2]}\n  fast reason:    {fast[2]}")
 
 
 if __name__ == "__main__":

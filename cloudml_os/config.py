@@ -73,6 +73,10 @@ class Settings:
     # OpenStack mode: the clouds.yaml entry of the platform's service account, used by the openstack driver,
     # the Swift store and keystonemiddleware (OS_CLIENT_CONFIG_FILE names the file, as for every client).
     openstack_cloud: str = "cloudml-os"
+    # The clouds.yaml entry keystonemiddleware validates callers' tokens with: an account holding Keystone's
+    # "service" role (kept apart from openstack_cloud so the platform's project needs no extra privilege).
+    # Empty: openstack_cloud.
+    openstack_auth_cloud: str = ""
     openstack_network: str = "cloudml-net"
     openstack_image: str = "cloudml-os-node"
     openstack_gpu_image: str = ""  # empty: GPU nodes boot openstack_image too

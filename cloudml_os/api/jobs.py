@@ -125,7 +125,7 @@ def create_job(body: dict[str, Any], project: str) -> Job:
         log.exception("could not start job %s (%s)", job.id, name)
         _forget_job(svc.store, job.id)
         raise Unavailable("The job queue is unavailable; the job was not created. Retry later.") from None
-    return svc.store.get_job(job.id) or job
+    return job  # as created (QUEUED), even if a worker has already moved it on
 
 
 # ---- read, list ----------------------------------------------------------------------------------------

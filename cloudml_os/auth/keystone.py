@@ -1,7 +1,7 @@
 """Keystone authentication for OpenStack mode: keystonemiddleware's auth_token in front of the API.
 
-The middleware validates the ``X-Auth-Token`` of every request against Keystone (with the platform's
-service account from clouds.yaml, which needs Keystone's ``service`` role to validate others' tokens)
+The middleware validates the ``X-Auth-Token`` of every request against Keystone (with the account of
+clouds.yaml entry ``openstack_auth_cloud``, which needs Keystone's ``service`` role to validate others' tokens)
 and sets the ``X-Project-*`` and ``X-Roles`` headers, after removing any the client sent itself. The
 API's project path segment is the Keystone project's *name* (``/v1/projects/team-a/jobs``), so that paths
 read as in Cloud ML Engine; Keystone roles map onto the platform's roles: ``admin`` → admin,
@@ -41,7 +41,7 @@ def keystone_middleware(app: Any, settings: Settings) -> Any:
 
     from cloudml_os.cloud.openstack import service_account
 
-    account = service_account(settings)
+    account = service_account(settings.openstack_auth_cloud or settings.openstack_cloud)
     conf = {
         "delay_auth_decision": True,
         "www_authenticate_uri": account["auth"].get("auth_url"),

@@ -1,11 +1,11 @@
 """The ``openstack`` compute driver: one Heat stack of VMs per cluster, through openstacksdk.
 
 A cluster is a stack named after it, built by :mod:`cloudml_os.cloud.heat_template` from
-``heat_templates/`` (one ResourceGroup per node group, the cluster's public key as a Nova keypair, a
+``heat_templates/`` in this package (one ResourceGroup per node group, the cluster's public key as a Nova keypair, a
 security group, a soft anti-affinity server group). Creating is idempotent by name: a redelivered task finds
 the stack and waits for it instead of creating a second one. Before creating, the project's compute and
 network limits are checked so that a job that cannot fit fails with a clear message instead of leaving a
-half-built stack; a stack that fails anyway is rolled back by Heat and deleted.
+half-built stack; a stack that fails anyway is deleted again, and the job's error names the failed resource.
 
 Host keys are never trusted on first use: cloud-init prints every node's host keys to its console log
 (the "SSH HOST KEY KEYS" block), which the driver reads through Nova's authenticated API and pins.
@@ -77,7 +77,9 @@ class OpenStackDriver(Driver):
             body = {"stack_name": spec.name, "template": request.template, "files": request.files,
                     "parameters": request.parameters, "tags": ",".join(request.tags),
                     "timeout_mins": max(1, int(self._settings.openstack_stack_timeout // 60)),
-                    "disable_rollback": False}
+                    # The driver deletes a failed stack itself: Heat's own rollback would replace the failure's
+                    # reason on the stack by "Stack ROLLBACK completed successfully".
+                    "disable_rollback": True}
             response = self._cloud.orchestration.post("/stacks", json=body, raise_exc=False)
             # 409: a redelivered task created it a moment ago; wait for that one.
             if response.status_code >= 400 and response.status_code != 409:
@@ -132,7 +134,9 @@ class OpenStackDriver(Driver):
             self._delete_stack(stack)
 
     def list_clusters(self) -> list[str]:
-        return sorted(stack.name for stack in self._cloud.orchestration.stacks(tags=[STACK_TAG]))
+        # Heat lists a deleted stack for a moment after it reached DELETE_COMPLETE.
+        return sorted(stack.name for stack in self._cloud.orchestration.stacks(tags=[STACK_TAG])
+                      if stack.status != "DELETE_COMPLETE")
 
     # -- creating ------------------------------------------------------------------------------
 
@@ -312,11 +316,11 @@ class OpenStackDriver(Driver):
                 raise DriverError(f"cluster {stack.name}: the cloud could not delete the stack: {reason}")
 
 
-def service_account(settings: Settings) -> dict[str, Any]:
-    """The service account's clouds.yaml entry: ``auth`` options, ``auth_type``, ``interface``, ``region_name``."""
+def service_account(cloud: str) -> dict[str, Any]:
+    """A clouds.yaml entry's ``auth`` options, ``auth_type``, ``interface`` and ``region_name``."""
     import openstack.config
 
-    config = openstack.config.OpenStackConfig().get_one(cloud=settings.openstack_cloud).config
+    config = openstack.config.OpenStackConfig().get_one(cloud=cloud).config
     return {"auth": {key: value for key, value in (config.get("auth") or {}).items() if value is not None},
             "auth_type": config.get("auth_type") or "password",
             "interface": config.get("interface") or "public",

@@ -20,7 +20,8 @@ def openstack_environment(test_cloud: TestCloud) -> dict[str, str]:
     runtimes = load_settings(environ={}).runtimes_dir
     return {
         "driver": "openstack", "artifacts": "swift", "auth": "keystone",
-        "openstack_cloud": "cloudml-os", "openstack_network": "cloudml-net", "openstack_image": "cloudml-os-node",
+        "openstack_cloud": "cloudml-os", "openstack_auth_cloud": "cloudml-os-auth",
+        "openstack_network": "cloudml-net", "openstack_image": "cloudml-os-node",
         "openstack_ssh_user": "root", "openstack_control_plane_cidr": f"{ctx.tenant_gateway}/32",
         "openstack_runtime_root": str(runtimes), "openstack_workdir": "/var/lib/cloudml-os",
         "openstack_stack_timeout": "300", "openstack_console_timeout": "60",

@@ -70,6 +70,15 @@ def test_a_cluster_is_one_stack_of_nodes_reached_over_pinned_ssh(test_cloud, dri
         assert len(stacks) == 1
         assert spec.name in driver.list_clusters()
         assert len(servers_of(test_cloud, spec.name)) == 2
+        # SSH and the serving port only from the control plane; framework ports only between members.
+        network = test_cloud.connect("cloudml-os").network
+        group = network.find_security_group(spec.name)
+        ingress = {(r.port_range_min, r.port_range_max, r.remote_ip_prefix, r.remote_group_id)
+                   for r in network.security_group_rules(security_group_id=group.id) if r.direction == "ingress"}
+        first, last = settings.openstack_node_port_first, settings.openstack_node_port_last
+        assert ingress == {(22, 22, settings.openstack_control_plane_cidr, None),
+                           (first, first, settings.openstack_control_plane_cidr, None),
+                           (first, last, None, group.id)}
         chief, worker = nodes
         assert chief.address.startswith(test_cloud.ctx.tenant_cidr.rsplit(".", 1)[0] + ".")
         assert chief.host_keys and all(key.startswith("ssh-ed25519 ") for key in chief.host_keys)
@@ -165,3 +174,24 @@ def test_a_group_grows_shrinks_and_has_one_member_replaced_in_place(test_cloud, 
     finally:
         driver.delete_cluster(name)
     assert servers_of(test_cloud, name) == []
+
+
+def test_a_stack_that_fails_is_rolled_back_and_deleted(test_cloud, driver):
+    # Too few security group rules left: Heat fails half way through the stack, after creating some of it.
+    admin = test_cloud.connect("admin")
+    project = admin.identity.find_project("cloudml")
+    quota = admin.network.get_quota(project.id, details=True)
+    rules = quota.security_group_rules
+    admin.network.update_quota(project.id, security_group_rules=rules["used"] + rules["reserved"] + 3)
+    _, public_key = generate_keypair()
+    spec = two_nodes(public_key)
+    try:
+        with pytest.raises(DriverError, match=r"could not create its nodes .*[Qq]uota"):
+            driver.create_cluster(spec)
+    finally:
+        admin.network.update_quota(project.id, security_group_rules=rules["limit"])
+    assert spec.name not in driver.list_clusters()
+    assert [s.name for s in test_cloud.connect("cloudml-os").orchestration.stacks()
+            if s.name == spec.name and s.status != "DELETE_COMPLETE"] == []
+    assert servers_of(test_cloud, spec.name) == []
+    assert test_cloud.connect("cloudml-os").compute.find_keypair(spec.name) is None

@@ -45,7 +45,7 @@ def alice(platform, test_cloud) -> Client:
 
 
 def stacks(test_cloud) -> list[str]:
-    return [s.name for s in test_cloud.connect("cloudml-os").orchestration.stacks()]
+    return [s.name for s in test_cloud.connect("cloudml-os").orchestration.stacks() if s.status != "DELETE_COMPLETE"]
 
 
 def servers(test_cloud) -> list[str]:

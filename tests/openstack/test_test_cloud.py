@@ -77,7 +77,8 @@ def test_clouds_yaml_names_every_user_with_its_project(test_cloud: TestCloud):
 
 def test_roles_of_the_api_auth_users(test_cloud: TestCloud):
     admin = test_cloud.connect("admin")
-    expected = {("cloudml-os", "cloudml"): {"member", "service"}, ("alice", "team-a"): {"member"},
+    expected = {("cloudml-os", "cloudml"): {"member"}, ("cloudml-os", "service"): {"service"},
+                ("alice", "team-a"): {"member"},
                 ("carol", "team-a"): {"reader"}, ("bob", "team-b"): {"member"}}
     for (username, project_name), roles in expected.items():
         user = admin.identity.find_user(username, domain_id="default", ignore_missing=False)

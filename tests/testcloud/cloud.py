@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 USERS = {
     "admin": ("admin", "admin"),
     "cloudml-os": ("cloudml-os", "cloudml"),
+    "cloudml-os-auth": ("cloudml-os", "service"),  # validates callers' Keystone tokens (role "service")
     "alice": ("alice", "team-a"),
     "bob": ("bob", "team-b"),
     "carol": ("carol", "team-a"),

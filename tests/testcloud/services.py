@@ -49,10 +49,11 @@ CATALOG = {
     "nova": ("compute", "/v2.1"),
 }
 # Projects of the platform and its API-auth tests: project -> {user: role}.
-# The platform's service account also holds Keystone's "service" role, so that keystonemiddleware in the
-# API may validate callers' tokens with it (what the operator guide asks of a site).
+# The platform's account also holds Keystone's "service" role on project "service", so that
+# keystonemiddleware in the API may validate callers' tokens with it (clouds.yaml entry cloudml-os-auth).
 PROJECT_USERS = {
-    "cloudml": {"cloudml-os": ("member", "service")},
+    "cloudml": {"cloudml-os": ("member",)},
+    "service": {"cloudml-os": ("service",)},
     "team-a": {"alice": ("member",), "carol": ("reader",)},
     "team-b": {"bob": ("member",)},
 }
