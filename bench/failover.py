@@ -123,7 +123,7 @@ def main() -> None:
             while not stop.is_set():
                 answer = session.post(url, json=INSTANCES, headers={"Authorization": f"Bearer {client.token}"},
                                       timeout=60)
-                (successes if answer.status_code == 200 else failures).append(answer.status_code)
+                (successes if answer.status_code == 200 else failures).append((answer.status_code, answer.text[:200]))
 
         loader = threading.Thread(target=load)
         loader.start()
@@ -152,6 +152,8 @@ def main() -> None:
                                     ("active, healthCheck 0.5/0.5/2/3", fast)):
         print(f"  {label:34s} {eject:7.2f}s {'<= 3s':>7s} {'-':>16s} {back:16.1f}s")
     print("  anchors' defaults: Kubernetes/KServe readiness 10 s x 3 = 30 s to eject; Octavia heartbeat timeout 60 s")
+    for status, body in failures:
+        print(f"  failed request: HTTP {status} {body}")
     print(f"  passive reason: {passive_reason}\n  active reason:  {active[2]}\n  fast reason:    {fast[2]}")
 
 
