@@ -294,7 +294,7 @@ def export(ctx: TrainingContext, job: Job) -> Handover:
     framework = ctx.frameworks[job.framework]
     by_role = {(n.task_type, n.task_index): n for n in cluster.nodes}
     roles = [_role(node, job, ctx) for node in cluster.nodes]
-    destination = job.training_input.get("jobDir") or make_uri(job.project, f"jobs/{job.job_id}")
+    destination = _job_dir(job)
     for role in framework.export_roles(roles):
         node = by_role[(role.task_type, role.task_index)]
         with ctx.connect(node, cluster.private_key) as session:
@@ -334,6 +334,7 @@ def teardown(ctx: TrainingContext, job: Job) -> Handover:
         ctx.driver.delete_cluster(cluster.name)
         ctx.store.update_cluster(cluster.id, state="DELETED", deleted_at=ctx.store.now())
         ctx.store.add_event(job.id, "CLUSTER", f"Cluster {cluster.name} deleted")
+    _archive_logs(ctx, job)
     job = ctx.store.get_job(job.id)
     if job.state == JobState.CANCELLING.value:
         ctx.store.transition(job.id, [JobState.CANCELLING], JobState.CANCELLED)
@@ -341,6 +342,34 @@ def teardown(ctx: TrainingContext, job: Job) -> Handover:
         final = JobState(job.outcome or JobState.FAILED.value)
         ctx.store.transition(job.id, [JobState.QUEUED, JobState.PREPARING, JobState.RUNNING], final)
     return Handover(Step.DONE)
+
+
+def _job_dir(job: Job) -> str:
+    """Where the job's outputs go: its ``jobDir``, or the project's ``jobs/JOB_ID`` in the artifact store."""
+    return job.training_input.get("jobDir") or make_uri(job.project, f"jobs/{job.job_id}")
+
+
+def _archive_logs(ctx: TrainingContext, job: Job) -> None:
+    """Copy every node's log to ``JOB_DIR/logs/NODE.log`` in the artifact store (Swift in OpenStack mode),
+    so the logs outlive the database rows. Never fails the teardown: a copy that fails is an event."""
+    project, key = parse_uri(_job_dir(job))
+    nodes = ctx.store.log_nodes(job.id)
+    try:
+        for node in nodes:
+            with tempfile.TemporaryFile() as spool:
+                offset = 0
+                while True:
+                    data, offset = ctx.store.read_log(job.id, node, offset)
+                    if not data:
+                        break
+                    spool.write(data)
+                spool.seek(0)
+                ctx.artifacts.put_file(project, f"{key}/logs/{node}.log", spool)
+    except (ArtifactError, OSError) as exc:
+        ctx.store.add_event(job.id, "LOGS", f"Logs could not be copied to the artifact store: {exc}")
+        return
+    if nodes:
+        ctx.store.add_event(job.id, "LOGS", f"Logs of {len(nodes)} node(s) copied to {make_uri(project, key)}/logs/")
 
 
 STEPS: dict[Step, Callable[[TrainingContext, Job], Handover]] = {

@@ -63,7 +63,11 @@ def test_basic_job_succeeds_and_its_exported_saved_model_predicts(platform, clie
                          capture_output=True, text=True, check=True)
     predictions = json.loads(out.stdout.strip().splitlines()[-1])
     assert predictions == pytest.approx([2.0, 5.0, 8.0], abs=0.5)  # the synthetic data is y = 3x + 2
-    assert "chief-0" in client.logs("basic_job")
+    logs = client.logs("basic_job")
+    assert "chief-0" in logs
+    # The logs also outlive the database: copied next to the job's outputs in the artifact store.
+    archived = model_dir.parents[0] / "logs" / "chief-0.log"
+    assert logs["chief-0"] and logs["chief-0"] in archived.read_text()
     assert_no_node_left(platform, client, job["jobId"])
 
 

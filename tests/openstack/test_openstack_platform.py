@@ -72,6 +72,9 @@ def test_a_tensorflow_job_trains_on_a_heat_stack_and_exports_to_swift(alice, tra
     key = uri.removeprefix("store://team-a/")
     names = [o.name for o in swift.objects("cloudml-os-team-a", prefix=key + "/")]
     assert f"{key}/saved_model.pb" in names
+    # Every node's log is in Swift too, next to the job's outputs.
+    logs = [o.name for o in swift.objects("cloudml-os-team-a", prefix="jobs/os_tf_job/logs/")]
+    assert sorted(logs) == ["jobs/os_tf_job/logs/chief-0.log", "jobs/os_tf_job/logs/worker-0.log"]
     # The package went to Swift too, and the job's stack is gone with its servers.
     assert any(n.startswith("packages/") for n in (o.name for o in swift.objects("cloudml-os-team-a")))
     cluster = next(m.split()[1] for m in events if m.startswith("Cluster ") and m.endswith(" deleted"))
