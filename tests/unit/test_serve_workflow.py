@@ -108,10 +108,8 @@ def test_the_cluster_lease_is_taken_back_at_once_by_its_owner(store):
     a_cluster(store)
     held = store.lease_cluster("cml-serve-1", "task-7", ttl=600)
     held.__enter__()  # a worker that died holding it: never released
-    started = time.monotonic()
-    with store.lease_cluster("cml-serve-1", "task-7", ttl=600, timeout=0):  # the redelivered task
+    with store.lease_cluster("cml-serve-1", "task-7", ttl=600, timeout=0):  # the redelivered task, at once
         pass
-    assert time.monotonic() - started < 1
     with store.lease_cluster("cml-serve-1", "other", ttl=600, timeout=0):  # released by the block's end
         pass
 
