@@ -30,3 +30,11 @@ def test_cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestCloud]:
                              instance=int(os.environ.get("CLOUDML_OS_TESTCLOUD_INSTANCE", "0")))
     yield cloud
     cloud.stop()
+
+
+@pytest.fixture
+def service_account(test_cloud: TestCloud) -> Iterator:
+    """An openstacksdk connection as the platform's service account (``cloudml-os`` on project ``cloudml``)."""
+    conn = test_cloud.connect("cloudml-os")
+    yield conn
+    conn.close()

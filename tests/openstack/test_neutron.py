@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import ipaddress
 import uuid
-from collections.abc import Iterator
 
 import pytest
 from openstack.exceptions import ForbiddenException
 
-from tests.testcloud.cloud import TestCloud
 from tests.testcloud.neutron import TENANT_NETWORK, TENANT_SUBNET
 from tests.testcloud.services import connect
 
@@ -25,113 +23,106 @@ def _name(prefix: str) -> str:
 
 
 @pytest.fixture
-def platform(test_cloud: TestCloud) -> Iterator:
-    conn = test_cloud.connect("cloudml-os")
-    yield conn
-    conn.close()
-
-
-@pytest.fixture
-def tenant_network(platform):
-    network = platform.network.find_network(TENANT_NETWORK, ignore_missing=False)
-    subnet = platform.network.find_subnet(TENANT_SUBNET, network_id=network.id, ignore_missing=False)
+def tenant_network(service_account):
+    network = service_account.network.find_network(TENANT_NETWORK, ignore_missing=False)
+    subnet = service_account.network.find_subnet(TENANT_SUBNET, network_id=network.id, ignore_missing=False)
     return network, subnet
 
 
-def test_platform_account_sees_the_shared_tenant_network(test_cloud, platform, tenant_network):
+def test_platform_account_sees_the_shared_tenant_network(test_cloud, service_account, tenant_network):
     network, subnet = tenant_network
     assert network.is_shared
-    assert network.name in [listed.name for listed in platform.network.networks()]
+    assert network.name in [listed.name for listed in service_account.network.networks()]
     assert subnet.cidr == test_cloud.tenant_cidr
     assert subnet.gateway_ip == test_cloud.tenant_gateway
 
 
-def test_member_creates_a_private_network_of_the_project_type(platform):
-    network = platform.network.create_network(name=_name("net"))
+def test_member_creates_a_private_network_of_the_project_type(service_account):
+    network = service_account.network.create_network(name=_name("net"))
     try:
-        subnet = platform.network.create_subnet(network_id=network.id, ip_version=4, cidr="192.168.77.0/24")
-        assert platform.network.get_network(network.id).subnet_ids == [subnet.id]
+        subnet = service_account.network.create_subnet(network_id=network.id, ip_version=4, cidr="192.168.77.0/24")
+        assert service_account.network.get_network(network.id).subnet_ids == [subnet.id]
     finally:
-        platform.network.delete_network(network)
+        service_account.network.delete_network(network)
 
 
-def test_port_gets_a_fixed_ip_from_the_tenant_subnet(test_cloud, platform, tenant_network):
+def test_port_gets_a_fixed_ip_from_the_tenant_subnet(test_cloud, service_account, tenant_network):
     network, subnet = tenant_network
-    port = platform.network.create_port(network_id=network.id, name=_name("port"))
+    port = service_account.network.create_port(network_id=network.id, name=_name("port"))
     try:
         [fixed_ip] = port.fixed_ips
         assert fixed_ip["subnet_id"] == subnet.id
         address = ipaddress.ip_address(fixed_ip["ip_address"])
         assert address in ipaddress.ip_network(test_cloud.tenant_cidr)
         assert str(address) != test_cloud.tenant_gateway
-        assert platform.network.get_port(port.id).status == "DOWN"
+        assert service_account.network.get_port(port.id).status == "DOWN"
     finally:
-        platform.network.delete_port(port)
-    assert platform.network.find_port(port.id) is None
+        service_account.network.delete_port(port)
+    assert service_account.network.find_port(port.id) is None
 
 
-def test_nova_service_user_plugs_and_unplugs_a_platform_port(test_cloud, platform, tenant_network):
+def test_nova_service_user_plugs_and_unplugs_a_platform_port(test_cloud, service_account, tenant_network):
     """The emulated Nova (user nova, admin on project service) records which server owns a port.
 
     While a server owns it, the port's own project may not delete it (Neutron's default policy): deleting
     the server must unplug pre-made ports, as real Nova does, before Heat deletes them.
     """
     network, _ = tenant_network
-    port = platform.network.create_port(network_id=network.id, name=_name("port"))
+    port = service_account.network.create_port(network_id=network.id, name=_name("port"))
     nova = connect(test_cloud, "nova", test_cloud.service_password, "service")
     try:
         server_id = str(uuid.uuid4())
         nova.network.update_port(port, device_id=server_id, device_owner="compute:nova")
-        seen = platform.network.get_port(port.id)
+        seen = service_account.network.get_port(port.id)
         assert (seen.device_id, seen.device_owner) == (server_id, "compute:nova")
         assert [found.id for found in nova.network.ports(device_id=server_id)] == [port.id]
         with pytest.raises(ForbiddenException):
-            platform.network.delete_port(port)
+            service_account.network.delete_port(port)
         nova.network.update_port(port, device_id="", device_owner="")
     finally:
         nova.close()
-        platform.network.delete_port(port)
-    assert platform.network.find_port(port.id) is None
+        service_account.network.delete_port(port)
+    assert service_account.network.find_port(port.id) is None
 
 
-def test_security_group_admits_ssh_from_a_cidr_and_a_port_range_from_its_members(platform):
-    group = platform.network.create_security_group(name=_name("sg"), description="cluster nodes")
+def test_security_group_admits_ssh_from_a_cidr_and_a_port_range_from_its_members(service_account):
+    group = service_account.network.create_security_group(name=_name("sg"), description="cluster nodes")
     try:
-        ssh = platform.network.create_security_group_rule(
+        ssh = service_account.network.create_security_group_rule(
             security_group_id=group.id, direction="ingress", ethertype="IPv4", protocol="tcp",
             port_range_min=22, port_range_max=22, remote_ip_prefix="192.0.2.0/24")
-        peers = platform.network.create_security_group_rule(
+        peers = service_account.network.create_security_group_rule(
             security_group_id=group.id, direction="ingress", ethertype="IPv4", protocol="tcp",
             port_range_min=2222, port_range_max=2300, remote_group_id=group.id)
-        rules = {rule.id: rule for rule in platform.network.security_group_rules(security_group_id=group.id)}
+        rules = {rule.id: rule for rule in service_account.network.security_group_rules(security_group_id=group.id)}
         assert rules[ssh.id].remote_ip_prefix == "192.0.2.0/24"
         assert (rules[peers.id].port_range_min, rules[peers.id].port_range_max) == (2222, 2300)
         assert rules[peers.id].remote_group_id == group.id
     finally:
-        platform.network.delete_security_group(group)
-    assert platform.network.find_security_group(group.id) is None
+        service_account.network.delete_security_group(group)
+    assert service_account.network.find_security_group(group.id) is None
 
 
-def test_network_quota_details_show_limit_and_usage(test_cloud, platform, tenant_network):
+def test_network_quota_details_show_limit_and_usage(test_cloud, service_account, tenant_network):
     network, _ = tenant_network
-    project_id = platform.current_project_id
-    before = platform.network.get_quota(project_id, details=True)
-    port = platform.network.create_port(network_id=network.id, name=_name("port"))
+    project_id = service_account.current_project_id
+    before = service_account.network.get_quota(project_id, details=True)
+    port = service_account.network.create_port(network_id=network.id, name=_name("port"))
     try:
-        after = platform.network.get_quota(project_id, details=True)
+        after = service_account.network.get_quota(project_id, details=True)
         assert after.ports["used"] == before.ports["used"] + 1
         assert after.ports["limit"] == before.ports["limit"] > 0
         assert {"limit", "used", "reserved"} <= set(after.security_groups)
     finally:
-        platform.network.delete_port(port)
+        service_account.network.delete_port(port)
 
 
-def test_admin_sets_a_per_project_network_quota(test_cloud, platform):
+def test_admin_sets_a_per_project_network_quota(test_cloud, service_account):
     admin = test_cloud.connect("admin")
-    project_id = platform.current_project_id
+    project_id = service_account.current_project_id
     try:
         admin.network.update_quota(project_id, security_groups=17)
-        assert platform.network.get_quota(project_id, details=True).security_groups["limit"] == 17
+        assert service_account.network.get_quota(project_id, details=True).security_groups["limit"] == 17
     finally:
         admin.network.delete_quota(project_id)
         admin.close()
@@ -161,22 +152,22 @@ STACK_TEMPLATE = {
 }
 
 
-def test_heat_stack_makes_and_deletes_a_security_group_and_a_port(test_cloud, platform, tenant_network):
+def test_heat_stack_makes_and_deletes_a_security_group_and_a_port(test_cloud, service_account, tenant_network):
     network, _ = tenant_network
-    stack = platform.orchestration.create_stack(name=_name("stack"), template=STACK_TEMPLATE,
+    stack = service_account.orchestration.create_stack(name=_name("stack"), template=STACK_TEMPLATE,
                                                 parameters={"network": network.id}, timeout_mins=5)
     try:
-        stack = platform.orchestration.wait_for_status(stack, "CREATE_COMPLETE", failures=["CREATE_FAILED"],
+        stack = service_account.orchestration.wait_for_status(stack, "CREATE_COMPLETE", failures=["CREATE_FAILED"],
                                                        interval=1, wait=180)
         outputs = {output["output_key"]: output["output_value"] for output in stack.outputs}
         assert ipaddress.ip_address(outputs["address"]) in ipaddress.ip_network(test_cloud.tenant_cidr)
-        assert platform.network.get_port(outputs["port"]).security_group_ids == [outputs["group"]]
+        assert service_account.network.get_port(outputs["port"]).security_group_ids == [outputs["group"]]
         remotes = {(rule.port_range_min, rule.remote_ip_prefix, rule.remote_group_id)
-                   for rule in platform.network.security_group_rules(security_group_id=outputs["group"],
+                   for rule in service_account.network.security_group_rules(security_group_id=outputs["group"],
                                                                       direction="ingress")}
         assert remotes == {(22, "192.0.2.0/24", None), (2222, None, outputs["group"])}
     finally:
-        platform.orchestration.delete_stack(stack)
-        platform.orchestration.wait_for_delete(stack, interval=1, wait=180)
-    assert platform.network.find_port(outputs["port"]) is None
-    assert platform.network.find_security_group(outputs["group"]) is None
+        service_account.orchestration.delete_stack(stack)
+        service_account.orchestration.wait_for_delete(stack, interval=1, wait=180)
+    assert service_account.network.find_port(outputs["port"]) is None
+    assert service_account.network.find_security_group(outputs["group"]) is None

@@ -16,81 +16,73 @@ import pytest
 import requests
 from openstack import exceptions
 
-from tests.testcloud.cloud import TestCloud
-
 pytestmark = pytest.mark.integration
 
 MIB = 1024 * 1024
 
 
 @pytest.fixture
-def platform(test_cloud: TestCloud) -> Iterator:
-    conn = test_cloud.connect("cloudml-os")
-    yield conn
-    conn.close()
-
-
-@pytest.fixture
-def container(platform) -> Iterator[str]:
+def container(service_account) -> Iterator[str]:
     """A fresh container, emptied and deleted afterwards (SLO manifests together with their segments)."""
     name = f"test-{uuid.uuid4().hex[:8]}"
-    platform.object_store.create_container(name)
+    service_account.object_store.create_container(name)
     yield name
-    for listed in platform.object_store.objects(name):
-        platform.delete_object(name, listed.name)
-    platform.object_store.delete_container(name, ignore_missing=True)
+    for listed in service_account.object_store.objects(name):
+        service_account.delete_object(name, listed.name)
+    service_account.object_store.delete_container(name, ignore_missing=True)
 
 
-def _names(platform, container: str, prefix: str | None = None) -> list[str]:
-    return [listed.name for listed in platform.object_store.objects(container, prefix=prefix)]
+def _names(service_account, container: str, prefix: str | None = None) -> list[str]:
+    return [listed.name for listed in service_account.object_store.objects(container, prefix=prefix)]
 
 
-def test_objects_round_trip_list_by_prefix_and_delete(platform, container):
+def test_objects_round_trip_list_by_prefix_and_delete(service_account, container):
     objects = {"jobs/j1/model/saved_model.pb": b"graph", "jobs/j1/model/variables.index": b"index",
                "jobs/j2/logs/chief.log": b"hello\n"}
     for name, data in objects.items():
-        platform.object_store.upload_object(container=container, name=name, data=data)
+        service_account.object_store.upload_object(container=container, name=name, data=data)
 
     for name, data in objects.items():
-        assert platform.object_store.download_object(name, container=container) == data
-    assert _names(platform, container, prefix="jobs/j1/") == ["jobs/j1/model/saved_model.pb",
+        assert service_account.object_store.download_object(name, container=container) == data
+    assert _names(service_account, container, prefix="jobs/j1/") == ["jobs/j1/model/saved_model.pb",
                                                                "jobs/j1/model/variables.index"]
-    assert _names(platform, container, prefix="jobs/j2/") == ["jobs/j2/logs/chief.log"]
+    assert _names(service_account, container, prefix="jobs/j2/") == ["jobs/j2/logs/chief.log"]
 
-    platform.object_store.delete_object("jobs/j2/logs/chief.log", container=container)
+    service_account.object_store.delete_object("jobs/j2/logs/chief.log", container=container)
     with pytest.raises(exceptions.NotFoundException):
-        platform.object_store.download_object("jobs/j2/logs/chief.log", container=container)
-    assert _names(platform, container, prefix="jobs/j2/") == []
+        service_account.object_store.download_object("jobs/j2/logs/chief.log", container=container)
+    assert _names(service_account, container, prefix="jobs/j2/") == []
 
 
-def test_large_object_is_a_static_large_object_that_streams_back(platform, container, tmp_path):
+def test_large_object_is_a_static_large_object_that_streams_back(service_account, container, tmp_path):
     data = os.urandom(2 * MIB + 12345)
     path = tmp_path / "model.bin"
     path.write_bytes(data)
 
-    platform.create_object(container, "model.bin", filename=str(path), segment_size=MIB)
+    service_account.create_object(container, "model.bin", filename=str(path), segment_size=MIB)
 
-    head = platform.object_store.get_object_metadata("model.bin", container=container)
+    head = service_account.object_store.get_object_metadata("model.bin", container=container)
     assert head.is_static_large_object
     assert head.content_length == len(data)
-    manifest = platform.object_store.get(f"{container}/model.bin", params={"multipart-manifest": "get"}).json()
+    manifest = service_account.object_store.get(f"{container}/model.bin", params={"multipart-manifest": "get"}).json()
     assert [segment["bytes"] for segment in manifest] == [MIB, MIB, 12345]
-    assert _names(platform, container) == ["model.bin", "model.bin/000000", "model.bin/000001", "model.bin/000002"]
+    assert _names(service_account, container) == [
+        "model.bin", "model.bin/000000", "model.bin/000001", "model.bin/000002"]
 
     digest, chunks = hashlib.sha256(), 0
-    for chunk in platform.object_store.stream_object("model.bin", container=container, chunk_size=256 * 1024):
+    for chunk in service_account.object_store.stream_object("model.bin", container=container, chunk_size=256 * 1024):
         digest.update(chunk)
         chunks += 1
     assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
     assert chunks > 1
 
-    platform.delete_object(container, "model.bin")
-    assert _names(platform, container) == []
+    service_account.delete_object(container, "model.bin")
+    assert _names(service_account, container) == []
 
 
-def test_another_project_is_refused_the_platform_account(test_cloud, platform, container):
-    platform.object_store.upload_object(container=container, name="model.bin", data=b"weights")
-    account = platform.object_store.get_endpoint()
+def test_another_project_is_refused_the_platform_account(test_cloud, service_account, container):
+    service_account.object_store.upload_object(container=container, name="model.bin", data=b"weights")
+    account = service_account.object_store.get_endpoint()
     alice = test_cloud.connect("alice")
     try:
         own_account = alice.object_store.get(alice.object_store.get_endpoint(), raise_exc=False)
@@ -102,4 +94,4 @@ def test_another_project_is_refused_the_platform_account(test_cloud, platform, c
     finally:
         alice.close()
     assert requests.get(f"{account}/{container}", timeout=10).status_code == 401
-    assert platform.object_store.download_object("model.bin", container=container) == b"weights"
+    assert service_account.object_store.download_object("model.bin", container=container) == b"weights"
