@@ -4,14 +4,17 @@ SHELL := /bin/bash
 VENV := .venv
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 STAMP := $(VENV)/.installed
-DEBIAN_PACKAGES := openssh-server util-linux procps iproute2
+DEBIAN_PACKAGES := openssh-server util-linux procps iproute2 chromium chromium-driver
+# tests/site: the site.yml test host (debootstrap, systemd-nspawn, tinyproxy), shellcheck of images/,
+# diskimage-builder's needs (it calls sudo even as root).
+DEBIAN_PACKAGES += debootstrap systemd-container tinyproxy shellcheck sudo
 
-.PHONY: run test lint system-packages runtimes testcloud
+.PHONY: run test lint system-packages runtimes testcloud assets site-tools
 
-run: system-packages $(STAMP) runtimes
+run: system-packages $(STAMP) runtimes assets
 	$(VENV)/bin/cloudml-os up $(if $(PORT),--port $(PORT))
 
-test: system-packages $(STAMP) runtimes testcloud lint
+test: system-packages $(STAMP) runtimes testcloud assets site-tools lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: $(STAMP)
@@ -20,7 +23,26 @@ lint: $(STAMP)
 runtimes: $(STAMP)
 	$(VENV)/bin/cloudml-os runtime build
 
+# The dashboard's front-end libraries (Bootstrap, htmx, Chart.js): pinned in package-lock.json, installed from
+# the npm registry and copied into the package's static folder (gitignored); nothing is fetched at run time.
+DASHBOARD := cloudml_os/dashboard
+VENDOR := $(DASHBOARD)/static/vendor
+assets: $(VENDOR)/.installed
+
+$(VENDOR)/.installed: $(DASHBOARD)/package.json $(DASHBOARD)/package-lock.json
+	cd $(DASHBOARD) && npm ci --ignore-scripts --no-audit --no-fund
+	mkdir -p $(VENDOR)
+	cp $(DASHBOARD)/node_modules/bootstrap/dist/css/bootstrap.min.css $(DASHBOARD)/node_modules/bootstrap/dist/js/bootstrap.bundle.min.js \
+	   $(DASHBOARD)/node_modules/htmx.org/dist/htmx.min.js $(DASHBOARD)/node_modules/chart.js/dist/chart.umd.min.js $(VENDOR)/
+	touch $@
+
 # The test cloud's OpenStack services (Keystone, Heat, Glance, Neutron, Swift): one virtualenv, built once.
+# tests/site's tools, each in a virtualenv of its own under ~/.cache/cloudml-os (rebuilt when its file changes):
+# Ansible and ansible-lint (ansible/requirements.txt), diskimage-builder (images/requirements.txt).
+site-tools: $(STAMP)
+	$(VENV)/bin/python -c "from tests.site.ansible_runner import ensure_ansible_venv; ensure_ansible_venv()"
+	$(VENV)/bin/python -c "from tests.site.test_image_build import ensure_dib_venv; ensure_dib_venv()"
+
 testcloud: $(STAMP)
 	$(VENV)/bin/python -c "from tests.testcloud.services import ensure_services_venv; ensure_services_venv()"
 

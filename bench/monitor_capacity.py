@@ -26,9 +26,12 @@ import resource
 import time
 from multiprocessing.sharedctypes import Synchronized
 
+from cloudml_os.platform import sample_writer
 from cloudml_os.serving.monitor import HealthMonitor, Target
+from cloudml_os.store import Store
 
 TARGET_CPU_SHARE = 0.5
+SAMPLE_SECONDS = 10.0  # the platform's default replica_sample_seconds
 
 
 class _ReadyStub(asyncio.Protocol):
@@ -65,15 +68,50 @@ def _serve(count: int, close: bool, answered: Synchronized, ready: multiprocessi
     asyncio.run(main())
 
 
-def _monitor(ports: list[int], healthy: Synchronized, unhealthy: Synchronized) -> None:
-    targets = [Target(port, "127.0.0.1", port, interval=1.0, timeout=1.0, rise=2, fall=3) for port in ports]
+def _monitor(ports: list[int], keys: list[int], healthy: Synchronized, unhealthy: Synchronized,
+             sampled: Synchronized, database_url: str | None) -> None:
+    targets = [Target(key, "127.0.0.1", port, interval=1.0, timeout=1.0, rise=2, fall=3)
+               for key, port in zip(keys, ports, strict=True)]
 
     def on_change(target: Target, now_healthy: bool, reason: str) -> None:
         counter = healthy if now_healthy else unhealthy
         with counter.get_lock():
             counter.value += 1
 
-    HealthMonitor(lambda: targets, on_change, refresh_interval=1.0).run_forever()
+    # The platform's sample writer (one batch insert per window, then retention) when given a database;
+    # else the samples are only counted (the aggregation's own cost).
+    write = sample_writer(Store(database_url), 24.0) if database_url else len
+
+    def on_samples(samples: list) -> None:
+        count = write(samples)
+        with sampled.get_lock():
+            sampled.value += count
+
+    HealthMonitor(lambda: targets, on_change, refresh_interval=1.0, on_samples=on_samples,
+                  sample_interval=SAMPLE_SECONDS).run_forever()
+
+
+def _replica_rows(database_url: str, count: int) -> list[int]:
+    """A migrated database's model version with ``count`` replicas (made once per run); their ids."""
+    from cloudml_os.store import migrate
+    from cloudml_os.store.models import Model, Replica, Version
+
+    migrate(database_url)
+    store = Store(database_url)
+    with store.session() as session:
+        model = Model(project="bench", name=f"capacity_{os.getpid()}")
+        session.add(model)
+        session.flush()
+        version = Version(model_id=model.id, name="v1", state="READY", deployment_uri="store://bench/model",
+                          framework="TENSORFLOW", runtime_version="2.21", machine_type="standard")
+        session.add(version)
+        session.flush()
+        replicas = [Replica(version_id=version.id, name=f"replica-{i}", state="READY") for i in range(count)]
+        session.add_all(replicas)
+        session.flush()
+        ids = [replica.id for replica in replicas]
+    store.engine.dispose()
+    return ids
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -83,15 +121,18 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(scenario: str, endpoints: int, warmup: float, seconds: float) -> bool:
+def measure(scenario: str, endpoints: int, warmup: float, seconds: float, database_url: str | None = None) -> bool:
     """Run one scenario; prints its figures; whether the target was met and every endpoint stayed healthy."""
     answered = multiprocessing.Value("q", 0, lock=False)
     healthy, unhealthy = multiprocessing.Value("q", 0), multiprocessing.Value("q", 0)
+    sampled = multiprocessing.Value("q", 0)
     receive, send = multiprocessing.Pipe(duplex=False)
     stub = multiprocessing.Process(target=_serve, args=(endpoints, scenario == "close", answered, send), daemon=True)
     stub.start()
     ports = receive.recv()
-    monitor = multiprocessing.Process(target=_monitor, args=(ports, healthy, unhealthy), daemon=True)
+    keys = _replica_rows(database_url, len(ports)) if database_url else ports  # made before the clock starts
+    monitor = multiprocessing.Process(target=_monitor, args=(ports, keys, healthy, unhealthy, sampled, database_url),
+                                      daemon=True)
     try:
         started = time.monotonic()
         monitor.start()
@@ -121,6 +162,7 @@ def measure(scenario: str, endpoints: int, warmup: float, seconds: float) -> boo
           f"{rate:7.1f} probes/s ({rate / endpoints:.3f} per endpoint per s); "
           f"{share / rate * 1e6 if rate else float('nan'):5.1f} µs CPU per probe; "
           f"all {endpoints} healthy after {became}; {healthy.value} reported healthy, {unhealthy.value} unhealthy; "
+          f"{sampled.value} replica samples {'written' if database_url else 'made'}; "
           f"stub CPU {stub_share:.1%} → {'met' if ok else 'MISSED'}")
     return ok
 
@@ -131,6 +173,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=5.0)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--scenarios", nargs="+", choices=["keep-alive", "close"], default=["keep-alive", "close"])
+    parser.add_argument("--database-url", help="write the replica samples there, as the platform's monitor does")
     args = parser.parse_args()
     # 1000 listening sockets and 1000 accepted connections in the stub: lift the soft limit on descriptors.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -140,7 +183,8 @@ def main() -> None:
                                                     hard))
     print(f"{args.endpoints} endpoints on 127.0.0.1, probed every 1 s; {args.warmup:g} s warm-up, "
           f"{args.seconds:g} s measured; {os.cpu_count()} CPUs")
-    verdicts = [measure(scenario, args.endpoints, args.warmup, args.seconds) for scenario in args.scenarios]
+    verdicts = [measure(scenario, args.endpoints, args.warmup, args.seconds, args.database_url)
+                for scenario in args.scenarios]
     print("all targets met" if all(verdicts) else "some target MISSED")
 
 

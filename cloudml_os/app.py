@@ -16,35 +16,38 @@ from collections.abc import Callable, Mapping
 from flask import Flask, g, request
 from flask_smorest import Api
 from sqlalchemy import text
+from werkzeug.exceptions import LengthRequired
 
 from cloudml_os import __version__
 from cloudml_os.api import (
     CONVERTERS,
     EXTENSION,
     Services,
+    admin,
     jobs,
     models,
     no_operation_queue,
     no_prediction,
+    no_replacement,
     operations,
     packages,
     projects,
+    quotas,
     services,
 )
 from cloudml_os.api.schemas import ErrorSchema, Int64
-from cloudml_os.archives import MAX_PACKAGE_BYTES
 from cloudml_os.artifacts import ArtifactStore
 from cloudml_os.auth import authorize
 from cloudml_os.auth.keystone import caller_from_headers, keystone_middleware
 from cloudml_os.auth.tokens import token_from_header
 from cloudml_os.config import Settings
+from cloudml_os.dashboard import register_dashboard
 from cloudml_os.errors import register_error_handlers
 from cloudml_os.frameworks.base import Framework
 from cloudml_os.store import Store
 
 # Requests that need no token: the API description and the load balancer's health probe.
 PUBLIC_ENDPOINTS = frozenset({"api-docs.openapi_json", "healthz"})
-MAX_JSON_BODY = 16 << 20
 
 
 class V1Api(Api):
@@ -65,10 +68,18 @@ def _authenticate() -> None:
         token = caller_from_headers(request.headers)
     else:
         token = token_from_header(svc.store, request.headers.get("Authorization"))
+    g.token = token  # before the check, so that a denied call is in the audit trail too
     project = (request.view_args or {}).get("project")
     if project is not None:
-        authorize(token, project, request.method, request.path.removeprefix("/v1/").split(":", 1)[0])
-    g.token = token
+        authorize(token, project, request.method, request.path.removeprefix("/v1/").split(":", 1)[0],
+                  svc.settings)
+
+
+def _require_length() -> None:
+    """Refuse bodies without a Content-Length (chunked), as S3 does: werkzeug stops reading those at the
+    body limit without saying so, so a too-big one would be cut short instead of answered 413."""
+    if "chunked" in request.headers.get("Transfer-Encoding", "").lower():
+        raise LengthRequired("send the body with a Content-Length header; chunked bodies are not accepted")
 
 
 def _healthz() -> dict[str, str]:
@@ -81,7 +92,8 @@ def _healthz() -> dict[str, str]:
 def create_app(settings: Settings, *, store: Store, artifacts: ArtifactStore,
                frameworks: Mapping[str, Framework], start_job: Callable[[int], None],
                start_operation: Callable[[int], None] = no_operation_queue,
-               predict: Callable[[int, str, bytes], tuple[int, bytes]] = no_prediction) -> Flask:
+               predict: Callable[[int, str, bytes], tuple[int, bytes]] = no_prediction,
+               replace_replica: Callable[[int], None] = no_replacement) -> Flask:
     """Build the API application.
 
     :param settings: the installation's settings (machine types among them).
@@ -94,6 +106,8 @@ def create_app(settings: Settings, *, store: Store, artifacts: ArtifactStore,
     :param predict: ``(version primary key, model name, request body) -> (HTTP status, body)`` from one
         of the version's replicas; raises :class:`~cloudml_os.errors.Unavailable` when none can answer.
         Without it, predictions answer 503.
+    :param replace_replica: called with an ejected replica's primary key; enqueues its replacement (a
+        platform admin's "replace node"). Without it, that request answers 503.
     """
     app = Flask("cloudml_os")
     app.config.update(
@@ -107,13 +121,14 @@ def create_app(settings: Settings, *, store: Store, artifacts: ArtifactStore,
                                     "this document needs 'Authorization: Bearer <token>'."},
             "security": [{"bearerAuth": []}],
         },
-        MAX_CONTENT_LENGTH=MAX_JSON_BODY,
-        PACKAGE_MAX_BYTES=MAX_PACKAGE_BYTES,
+        MAX_CONTENT_LENGTH=settings.max_request_bytes,  # a bigger body is answered 413, unread
+        PACKAGE_MAX_BYTES=settings.max_package_bytes,
         LOG_FOLLOW_INTERVAL=0.5,
     )
     app.extensions[EXTENSION] = Services(settings=settings, store=store, artifacts=artifacts,
                                          frameworks=dict(frameworks), start_job=start_job,
-                                         start_operation=start_operation, predict=predict)
+                                         start_operation=start_operation, predict=predict,
+                                         replace_replica=replace_replica)
     for name, (converter, _) in CONVERTERS.items():
         app.url_map.converters[name] = converter
 
@@ -130,8 +145,13 @@ def create_app(settings: Settings, *, store: Store, artifacts: ArtifactStore,
     api.register_blueprint(projects.blp)
     api.register_blueprint(models.blp)
     api.register_blueprint(operations.blp)
+    api.register_blueprint(quotas.blp)
+    api.register_blueprint(admin.blp)
 
+    app.before_request(_require_length)
     app.before_request(_authenticate)
+    app.after_request(admin.record_audit)
+    register_dashboard(app, settings)
     app.add_url_rule("/healthz", "healthz", _healthz)
     if settings.auth == "keystone":
         app.wsgi_app = keystone_middleware(app.wsgi_app, settings)

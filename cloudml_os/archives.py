@@ -18,7 +18,6 @@ import zlib
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
-MAX_PACKAGE_BYTES = 512 << 20  # size of the uploaded file
 MAX_MEMBERS = 20_000
 MAX_UNPACKED_BYTES = 4 << 30  # sum of member sizes (and of the decompressed tar stream)
 MAX_LINK_TARGET = 4096

@@ -1,7 +1,8 @@
-"""``cloudml-os``: the server-side command (up, api, worker, db, token, runtime).
+"""``cloudml-os``: the server-side command (up, api, worker, beat, monitor, db, token, runtime).
 
 ``up`` is the embedded default in one foreground command: it migrates the database, builds the node
-runtime if missing, and supervises one API server and one Celery worker process until interrupted.
+runtime if missing, and supervises one API server, one Celery worker, Celery beat (the reconciler's
+clock) and the health monitor until interrupted.
 Settings come from ``--config``/``CLOUDML_OS_CONFIG``, the environment, then these flags.
 """
 
@@ -44,7 +45,7 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     migrate(settings.database_url)
     try:
-        token = create_token(Store(settings.database_url), args.project, args.role, args.description)
+        token = create_token(Store.from_settings(settings), args.project, args.role, args.description)
     except ValueError as exc:
         print(f"cloudml-os: {exc}", file=sys.stderr)
         return 2
@@ -71,6 +72,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
         f"--loglevel={args.loglevel}", "--without-gossip", "--without-mingle", "--without-heartbeat",
         f"--hostname=cloudml-os-{os.getpid()}@%h",
     ])
+    return 0
+
+
+def cmd_beat(args: argparse.Namespace) -> int:
+    from cloudml_os.tasks import make_celery, run_beat
+
+    settings = _settings(args)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    run_beat(make_celery(settings), str(settings.data_dir / "celerybeat-schedule"), args.loglevel)
     return 0
 
 
@@ -126,6 +136,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         subprocess.Popen([*command, "worker"], env=env),
         subprocess.Popen([*command, "api"], env=env),
         subprocess.Popen([*command, "monitor"], env=env),
+        subprocess.Popen([*command, "beat"], env=env),
     ]
     base = f"http://{settings.api_host}:{settings.api_port}"
     data_flag = f" --data-dir {settings.data_dir}" if getattr(args, "data_dir", None) else ""
@@ -179,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--concurrency", type=int, default=8)
     worker.add_argument("--loglevel", default="INFO")
     worker.set_defaults(func=cmd_worker)
+
+    beat = commands.add_parser("beat", parents=[common],
+                               help="send the reconciler's task on schedule (Celery beat; one or more)")
+    beat.add_argument("--loglevel", default="INFO")
+    beat.set_defaults(func=cmd_beat)
 
     monitor = commands.add_parser("monitor", parents=[common], help="probe serving replicas; eject and replace")
     monitor.set_defaults(func=cmd_monitor)

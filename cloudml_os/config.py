@@ -7,8 +7,11 @@ in this module opens a connection or touches the disk beyond reading the file.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import ipaddress
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -48,8 +51,8 @@ class Settings:
     """Validated settings. Build with :func:`load_settings`; tests pass overrides explicitly."""
 
     data_dir: Path
-    database_url: str
-    broker_url: str
+    database_url: str = dataclasses.field(repr=False)  # may hold a password
+    broker_url: str = dataclasses.field(repr=False)
     api_host: str = "127.0.0.1"
     api_port: int = 8080
     driver: str = "local"
@@ -62,10 +65,28 @@ class Settings:
     ssh_boot_retries: int = 30
     ssh_parallelism: int = 16
     stop_grace_seconds: float = 5.0
+    # The reconciler (Celery beat, `cloudml-os beat`) runs every reconcile_interval seconds. A delivery
+    # running a job's step holds a lease of step_lease_seconds, renewed every third of it; a handed-over
+    # step must be picked up within step_pickup_seconds. An expired lease means the step's worker died or
+    # its message was lost: the reconciler sends the step again.
+    reconcile_interval: float = 15.0
+    step_lease_seconds: float = 60.0
+    step_pickup_seconds: float = 120.0
+    # A node that answers nothing (no TCP, no SSH reply) for this long is taken as dead: the watch step fails
+    # it (restartPolicy NEVER) or replaces it (ON_FAILURE) instead of waiting on it.
+    node_unreachable_seconds: float = 60.0
+    # First pause before a job's trainers are restarted (scheduling.restartPolicy ON_FAILURE); it doubles
+    # with each further restart up to 6 minutes, as Kubernetes' Job backoff does.
+    restart_backoff_seconds: float = 10.0
     local_address_prefix: str = "127.1"
     local_ssh_port: int = 2222
     local_port_base: int = 20000
     local_ports_per_node: int = 10
+    # Local nodes in network namespaces of their own (root only), one veth each onto a host bridge, so a
+    # node's link can be cut like a VM's; off by default (nodes on loopback addresses).
+    local_network_isolation: bool = False
+    local_network_bridge: str = "cmlos-nodes0"
+    local_network_subnet: str = "10.232.0.0/24"
     # Where artifacts live: "local" (a folder, the embedded default) or "swift" (OpenStack mode).
     artifacts: str = "local"
     # How API callers authenticate: "local" (cloudml-os tokens) or "keystone" (keystonemiddleware).
@@ -92,6 +113,28 @@ class Settings:
     openstack_console_timeout: float = 300.0
     swift_container_prefix: str = "cloudml-os-"
     swift_segment_size: int = 100 * 1024 * 1024
+    # Tenancy: callers with the admin role in this project are platform admins (every project, quotas).
+    admin_project: str = "admin"
+    # Per-project quotas when the project has no override; -1 is unlimited (as in OpenStack).
+    default_quota_gpus: int = -1
+    default_quota_nodes: int = -1
+    default_quota_jobs: int = -1
+    default_quota_replicas: int = -1
+    # Fernet key (urlsafe base64 of 32 bytes) encrypting clusters' SSH private keys in the database.
+    # Empty: one is generated once and kept in data_dir/key-encryption.key (the embedded default).
+    key_encryption_key: str = dataclasses.field(default="", repr=False)  # a secret: never in a repr
+    # Largest request body the API reads (JSON bodies), and largest trainer package it accepts.
+    max_request_bytes: int = 16 << 20
+    max_package_bytes: int = 512 << 20
+    # The dashboard's session cookies are signed with this key. Empty: one is made once and kept in
+    # data_dir/dashboard-session.key (the embedded default; every API process of the installation shares it).
+    dashboard_secret_key: str = dataclasses.field(default="", repr=False)  # a secret: never in a repr
+    # Send the dashboard's session cookie over HTTPS only (set it when a TLS proxy is in front).
+    dashboard_secure_cookie: bool = False
+    # The monitor records each replica's probes (count, failures, median and maximum latency) once per
+    # replica_sample_seconds, and deletes samples older than replica_sample_retention_hours.
+    replica_sample_seconds: float = 10.0
+    replica_sample_retention_hours: float = 24.0
     machine_types: dict[str, MachineType] = dataclasses.field(
         default_factory=lambda: dict(DEFAULT_MACHINE_TYPES)
     )
@@ -111,6 +154,12 @@ def _coerce(name: str, value: Any) -> Any:
             return int(value)
         if kind == "float":
             return float(value)
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            if str(value).strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                return str(value).strip().lower() in ("1", "true", "yes", "on")
+            raise TypeError
         if kind in ("Path", "Path | None"):
             return Path(value).expanduser().absolute()
         if kind == "str":
@@ -187,6 +236,40 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("settings 'openstack_node_port_first' < 'openstack_node_port_last' must be TCP ports")
     if settings.swift_segment_size < 1024 * 1024:
         raise ConfigError("setting 'swift_segment_size' must be at least 1 MiB (Swift's SLO minimum)")
+    if not settings.admin_project:
+        raise ConfigError("setting 'admin_project' must name a project")
+    for name in ("gpus", "nodes", "jobs", "replicas"):
+        if getattr(settings, f"default_quota_{name}") < -1:
+            raise ConfigError(f"setting 'default_quota_{name}' must be -1 (unlimited) or a non-negative count")
+    if settings.key_encryption_key and not _is_fernet_key(settings.key_encryption_key):
+        raise ConfigError("setting 'key_encryption_key' must be a Fernet key: urlsafe base64 of 32 bytes "
+                          "(make one with: python -c 'from cryptography.fernet import Fernet; "
+                          "print(Fernet.generate_key().decode())')")
+    if settings.max_request_bytes < 1024 or settings.max_package_bytes < 1024:
+        raise ConfigError("settings 'max_request_bytes' and 'max_package_bytes' must be at least 1024")
+    if min(settings.reconcile_interval, settings.step_lease_seconds, settings.step_pickup_seconds) <= 0:
+        raise ConfigError("settings 'reconcile_interval', 'step_lease_seconds' and 'step_pickup_seconds' must be "
+                          "positive")
+    if settings.node_unreachable_seconds <= 0 or settings.restart_backoff_seconds < 0:
+        raise ConfigError("setting 'node_unreachable_seconds' must be positive, 'restart_backoff_seconds' "
+                          "not negative")
+    try:
+        subnet = ipaddress.ip_network(settings.local_network_subnet)
+    except ValueError:
+        raise ConfigError("setting 'local_network_subnet' must be an IPv4 network like '10.232.0.0/24'") from None
+    if subnet.version != 4 or subnet.num_addresses < 4:
+        raise ConfigError("setting 'local_network_subnet' must be an IPv4 network of at least 4 addresses")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,14}", settings.local_network_bridge):
+        raise ConfigError("setting 'local_network_bridge' must be a network interface name of 1-15 letters, "
+                          "digits, '_', '.' or '-'")
     parts = settings.local_address_prefix.split(".")
     if len(parts) != 2 or parts[0] != "127" or not parts[1].isdigit() or not 0 <= int(parts[1]) < 256:
         raise ConfigError("setting 'local_address_prefix' must look like '127.N' (a loopback /16)")
+
+
+def _is_fernet_key(key: str) -> bool:
+    """Whether ``key`` is what ``Fernet(key)`` accepts: 32 bytes in urlsafe base64."""
+    try:
+        return len(base64.urlsafe_b64decode(key.encode("ascii"))) == 32
+    except (ValueError, UnicodeEncodeError):
+        return False

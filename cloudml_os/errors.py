@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Flask, Response, current_app, jsonify, request
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, OperationalError
 from werkzeug.exceptions import HTTPException
 
 
@@ -165,6 +165,14 @@ def _handle_database_down(error: OperationalError) -> Response:
     return error_response(503, "UNAVAILABLE", "The service is temporarily unavailable; retry later.")
 
 
+def _handle_data_error(error: DataError) -> Response:
+    """A value the schemas let through but the database cannot hold (an id past 64 bits): the request's
+    fault, so 400; the database's own message (SQL, column names) stays in the log."""
+    current_app.logger.warning("value refused by the database on %s %s: %s", request.method, request.path,
+                               error.orig)
+    return error_response(400, "INVALID_ARGUMENT", "A value in the request is out of range for its field.")
+
+
 def _handle_unexpected(error: Exception) -> Response:
     current_app.logger.exception("unhandled error on %s %s", request.method, request.path)
     return error_response(500, "INTERNAL", INTERNAL_MESSAGE)
@@ -175,4 +183,5 @@ def register_error_handlers(app: Flask) -> None:
     app.register_error_handler(ApiError, _handle_api_error)
     app.register_error_handler(HTTPException, _handle_http_exception)
     app.register_error_handler(OperationalError, _handle_database_down)
+    app.register_error_handler(DataError, _handle_data_error)
     app.register_error_handler(Exception, _handle_unexpected)

@@ -5,9 +5,11 @@ The only place where concrete implementations are chosen; everything else receiv
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from flask import Flask
 from sqlalchemy import select
@@ -16,9 +18,11 @@ from cloudml_os.artifacts import open_artifact_store
 from cloudml_os.cloud.base import load_driver
 from cloudml_os.config import Settings, load_settings
 from cloudml_os.frameworks.base import load_frameworks
+from cloudml_os.serving.monitor import ProbeSample
 from cloudml_os.store import Node, Store
 from cloudml_os.store.models import Replica, Version
-from cloudml_os.tasks import job_starter, make_celery, operation_starter, replica_replacer
+from cloudml_os.tasks import job_starter, make_celery, operation_starter, replica_replacer, step_sender
+from cloudml_os.workflows.reconcile import ReconcileContext
 from cloudml_os.workflows.serve import ServingContext, eject
 from cloudml_os.workflows.train import TrainingContext
 
@@ -37,7 +41,7 @@ def _connect(settings: Settings):
 def training_context(settings: Settings) -> TrainingContext:
     return TrainingContext(
         settings=settings,
-        store=Store(settings.database_url),
+        store=Store.from_settings(settings),
         driver=load_driver(settings),
         artifacts=open_artifact_store(settings),
         frameworks=load_frameworks(),
@@ -48,7 +52,7 @@ def training_context(settings: Settings) -> TrainingContext:
 def serving_context(settings: Settings) -> ServingContext:
     return ServingContext(
         settings=settings,
-        store=Store(settings.database_url),
+        store=Store.from_settings(settings),
         driver=load_driver(settings),
         artifacts=open_artifact_store(settings),
         frameworks=load_frameworks(),
@@ -57,8 +61,18 @@ def serving_context(settings: Settings) -> ServingContext:
     )
 
 
+def reconcile_context(settings: Settings) -> ReconcileContext:
+    return ReconcileContext(
+        settings=settings,
+        store=Store.from_settings(settings),
+        driver=load_driver(settings),
+        send_step=step_sender(make_celery(settings)),
+    )
+
+
 def worker_celery(settings: Settings):
-    return make_celery(settings, lambda: training_context(settings), lambda: serving_context(settings))
+    return make_celery(settings, lambda: training_context(settings), lambda: serving_context(settings),
+                       lambda: reconcile_context(settings))
 
 
 class HealthyReplicas:
@@ -122,7 +136,7 @@ def wsgi_app(settings: Settings | None = None) -> Flask:
     from cloudml_os.app import create_app
 
     settings = settings or load_settings()
-    store = Store(settings.database_url)
+    store = Store.from_settings(settings)
     celery = make_celery(settings)
     return create_app(
         settings,
@@ -132,6 +146,7 @@ def wsgi_app(settings: Settings | None = None) -> Flask:
         start_job=job_starter(celery),
         start_operation=operation_starter(celery),
         predict=predictor(settings, store, replica_replacer(celery)),
+        replace_replica=replica_replacer(celery),
     )
 
 
@@ -139,7 +154,7 @@ def run_monitor(settings: Settings) -> None:
     """The health monitor process: probes every READY replica, ejects those that fail (see eject)."""
     from cloudml_os.serving.monitor import HealthMonitor, Target
 
-    store = Store(settings.database_url)
+    store = Store.from_settings(settings)
     replace = replica_replacer(make_celery(settings))
 
     def targets() -> list[Target]:
@@ -155,4 +170,27 @@ def run_monitor(settings: Settings) -> None:
         if not healthy:
             eject(store, target.key, f"health check: {reason}", replace)
 
-    HealthMonitor(targets, on_change).run_forever()
+    HealthMonitor(targets, on_change, on_samples=sample_writer(store, settings.replica_sample_retention_hours),
+                  sample_interval=settings.replica_sample_seconds).run_forever()
+
+
+def sample_writer(store: Store, retention_hours: float) -> Callable[[list[ProbeSample]], int]:
+    """The monitor's ``on_samples``: one batch insert of the window's samples, then the samples past their
+    retention deleted (a batch at a time). Returns how many samples were written."""
+    def write(samples: list[ProbeSample]) -> int:
+        now = store.now()
+        written = store.add_replica_samples([sample_row(sample, now) for sample in samples])
+        store.prune_replica_samples(now - dt.timedelta(hours=retention_hours))
+        return written
+
+    return write
+
+
+def sample_row(sample: ProbeSample, time: dt.datetime) -> dict[str, Any]:
+    """A monitor sample as a ``replica_samples`` row (latencies in milliseconds)."""
+    def ms(seconds: float | None) -> float | None:
+        return None if seconds is None else round(seconds * 1000, 3)
+
+    return {"replica_id": sample.key, "time": time, "probes": sample.probes, "failures": sample.failures,
+            "latency_p50_ms": ms(sample.latency_p50), "latency_max_ms": ms(sample.latency_max),
+            "healthy": sample.healthy}

@@ -5,11 +5,13 @@ new runtime and the control plane knows the path on a node without asking it. Th
 GPU images install, so local nodes and OpenStack VMs run the same framework versions. Building takes
 minutes the first time; concurrent callers (several Celery workers, several jobs) build it once under a
 file lock, and a build that died half-way is detected by its missing ``.complete`` marker and redone.
-This module never imports an ML library; it only runs pip.
+This module never imports an ML library; it only runs pip. It imports only the standard library, so image
+builds (images/elements/cloudml-os-runtime) run this very file to build the images' runtimes.
 """
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import hashlib
 import os
@@ -150,3 +152,21 @@ def _run(command: list[str], what: str) -> None:
 
 def _progress(message: str) -> None:
     print(f"cloudml-os runtime: {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python runtimes.py --runtimes-dir DIR NAME…``: what image builds run, where the platform is not installed."""
+    parser = argparse.ArgumentParser(description="Build framework runtimes from their requirements files.")
+    parser.add_argument("--runtimes-dir", type=Path, required=True)
+    parser.add_argument("--source-dir", type=Path, default=RUNTIMES_SOURCE_DIR, help="folder of NAME.txt files")
+    parser.add_argument("--python", help="base interpreter (default: this one's)")
+    parser.add_argument("names", nargs="+")
+    args = parser.parse_args(argv)
+    for name in args.names:
+        requirements = requirements_file(name, args.source_dir)
+        print(ensure_runtime(name, args.runtimes_dir, python=args.python, requirements=requirements))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

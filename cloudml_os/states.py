@@ -45,12 +45,22 @@ class Step(enum.StrEnum):
     BOOTSTRAPPING = "BOOTSTRAPPING"
     LAUNCHING = "LAUNCHING"
     TRAINING = "TRAINING"
+    # A node died or a trainer failed under restartPolicy ON_FAILURE: stop, replace, restore, then BOOTSTRAPPING.
+    RESTARTING = "RESTARTING"
     EXPORTING = "EXPORTING"
     TEARING_DOWN = "TEARING_DOWN"
     DONE = "DONE"
 
 
 STEP_ORDER = list(Step)
+
+# A training job's ``scheduling.restartPolicy`` (as a Kubeflow job's): what a dead node or failed trainer
+# leads to; NEVER, the first, is the default. ``scheduling.backoffLimit`` bounds ON_FAILURE's restarts.
+RESTART_POLICIES = ("NEVER", "ON_FAILURE")
+DEFAULT_BACKOFF_LIMIT = 3
+MAX_BACKOFF_LIMIT = 100
+# A training node's process_state once it stopped answering: RESTARTING replaces it, teardown skips it.
+NODE_UNREACHABLE = "UNREACHABLE"
 
 
 class InvalidTransition(ValueError):

@@ -7,6 +7,7 @@ addresses of their own. Tests talk to it over HTTP only.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -44,19 +45,35 @@ def pytorch_runtime() -> Path:
     return node_runtime("pytorch-2.13")
 
 
-@pytest.fixture(scope="session")
-def database_url() -> Iterator[str]:
-    """A new, empty PostgreSQL database for this session, dropped afterwards."""
+@contextlib.contextmanager
+def new_postgres_database(prefix: str = "cloudml_test") -> Iterator[str]:
+    """A new, empty PostgreSQL database (its URL), dropped afterwards."""
     from sqlalchemy import create_engine, text
 
-    name = f"cloudml_test_{uuid.uuid4().hex[:10]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
         connection.execute(text(f'CREATE DATABASE "{name}"'))
-    yield PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    """The session's PostgreSQL database, shared by the session's platform (never emptied by a test)."""
+    with new_postgres_database() as url:
+        yield url
+
+
+@pytest.fixture
+def own_database_url() -> Iterator[str]:
+    """A PostgreSQL database of this test's own, for tests that need an empty one."""
+    with new_postgres_database("cloudml_own") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -93,6 +93,16 @@ class Platform:
     base_url: str
     env: dict[str, str]
     data_dir: Path
+    # The platform's processes by name (worker, beat, monitor, api), each the leader of its own process
+    # group, so a test can kill one with everything it forked and start it again.
+    processes: dict[str, subprocess.Popen] = dataclasses.field(default_factory=dict)
+
+    def start(self, name: str) -> subprocess.Popen:
+        """Start (or start again) the platform's process ``name``; its output is appended to logs/NAME.log."""
+        with (self.data_dir / "logs" / f"{name}.log").open("a") as log:
+            self.processes[name] = subprocess.Popen([sys.executable, "-m", "cloudml_os.cli", name], env=self.env,
+                                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return self.processes[name]
 
     def token(self, project: str, role: str = "admin") -> str:
         return cli(self.env, "token", "create", "--project", project, "--role", role).strip()
@@ -103,7 +113,8 @@ class Platform:
 
 @contextlib.contextmanager
 def start_platform(data_dir: Path, **settings: str) -> Iterator[Platform]:
-    """Migrate, start a worker and an API process with ``CLOUDML_OS_<SETTING>`` overrides, stop them after.
+    """Migrate, start the worker, beat, monitor and API processes with ``CLOUDML_OS_<SETTING>`` overrides,
+    stop them after.
 
     Nodes a failed run left behind are deleted through the driver at the end.
     """
@@ -111,21 +122,18 @@ def start_platform(data_dir: Path, **settings: str) -> Iterator[Platform]:
     env = {**os.environ, "CLOUDML_OS_DATA_DIR": str(data_dir), "CLOUDML_OS_API_PORT": str(port),
            **{f"CLOUDML_OS_{key.upper()}": str(value) for key, value in settings.items()}}
     cli(env, "db", "upgrade")
-    logs = data_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    processes = []
+    (data_dir / "logs").mkdir(parents=True, exist_ok=True)
+    base_url = f"http://127.0.0.1:{port}"
+    platform = Platform(base_url, env, data_dir)
     try:
-        for name in ("worker", "monitor", "api"):  # the API last: its health ends the wait
-            with (logs / f"{name}.log").open("w") as log:
-                processes.append(subprocess.Popen([sys.executable, "-m", "cloudml_os.cli", name], env=env,
-                                                  stdout=log, stderr=subprocess.STDOUT))
-        base_url = f"http://127.0.0.1:{port}"
-        _wait_http(f"{base_url}/healthz", processes[-1])
-        yield Platform(base_url, env, data_dir)
+        for name in ("worker", "beat", "monitor", "api"):  # the API last: its health ends the wait
+            platform.start(name)
+        _wait_http(f"{base_url}/healthz", platform.processes["api"])
+        yield platform
     finally:
-        for process in processes:
+        for process in platform.processes.values():
             process.terminate()
-        for process in processes:
+        for process in platform.processes.values():
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -161,6 +169,12 @@ def build_sdist(source: Path, out: Path, python: Path) -> Path:
     subprocess.run([str(python), "setup.py", "-q", "sdist", "--dist-dir", str(out)], cwd=source, check=True,
                    capture_output=True)
     return next(out.glob("*.tar.gz"))
+
+
+def cluster_processes(platform: Platform, cluster: str) -> list[int]:
+    """PIDs of the processes of ``platform``'s local-driver cluster ``cluster`` (not of a namesake elsewhere:
+    other platforms of the same test session number their clusters from 1 too)."""
+    return node_processes(f"{platform.data_dir / 'nodes' / 'clusters' / cluster}/")
 
 
 def node_processes(marker: str) -> list[int]:

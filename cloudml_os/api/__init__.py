@@ -36,6 +36,11 @@ def no_operation_queue(operation_pk: int) -> None:
     raise RuntimeError("create_app was given no start_operation; model versions cannot be deployed")
 
 
+def no_replacement(replica_pk: int) -> None:
+    """``replace_replica`` of an app built without a task queue: replacing a node answers 503."""
+    raise Unavailable("Replica replacement is not configured on this server.")
+
+
 def no_prediction(version_pk: int, model: str, body: bytes) -> tuple[int, bytes]:
     """``predict`` of an app built without a router."""
     raise Unavailable("Online prediction is not configured on this server.")
@@ -55,6 +60,8 @@ class Services:
     # (version row id, model name, request body) -> (HTTP status, body) from one of the version's replicas;
     # raises cloudml_os.errors.Unavailable when no replica can answer.
     predict: Callable[[int, str, bytes], tuple[int, bytes]] = no_prediction
+    # Enqueues the replacement of an ejected replica (a platform admin's "replace node").
+    replace_replica: Callable[[int], None] = no_replacement
 
 
 def services() -> Services:

@@ -19,6 +19,7 @@ from flask import Response, current_app
 from sqlalchemy import ColumnElement, delete, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
+from cloudml_os import metrics, quotas
 from cloudml_os.api import ApiBlueprint, resource_name, services
 from cloudml_os.api.filters import Condition, compare, parse_list_filter
 from cloudml_os.api.schemas import (
@@ -27,13 +28,14 @@ from cloudml_os.api.schemas import (
     EventListSchema,
     EventsQuerySchema,
     JobCreateSchema,
+    JobMetricsSchema,
     JobSchema,
     ListJobsQuerySchema,
     ListJobsResponseSchema,
     LogListSchema,
     LogsQuerySchema,
 )
-from cloudml_os.artifacts import ArtifactError, parse_uri
+from cloudml_os.artifacts import ArtifactError, job_dir_uri, parse_uri
 from cloudml_os.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from cloudml_os.frameworks.base import TopologyError, topology_from_training_input
 from cloudml_os.states import JobState, Step
@@ -48,6 +50,7 @@ DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 LOG_LIMIT_ONE_NODE = 1 << 20
 LOG_LIMIT_EACH_NODE = 256 << 10  # keeps a listing of a 30-node job's logs to a few MiB
+METRICS_LOG_LIMIT = 16 << 20  # the part of each node's log that log-line metrics are read from
 
 
 def _job_or_404(project: str, job_id: str) -> Job:
@@ -115,8 +118,9 @@ def create_job(body: dict[str, Any], project: str) -> Job:
         raise AlreadyExists(f"{name} already exists")
     job = Job(project=project, job_id=body["jobId"], state=JobState.QUEUED.value, step=Step.PROVISIONING.value,
               framework=training_input["framework"], training_input=training_input, labels=body["labels"])
-    try:
-        svc.store.create_job(job)
+    demand = quotas.job_demand(training_input, svc.settings.machine_types)
+    try:  # the quota check locks the project's quotas until the job row is in (429 and nothing created)
+        svc.store.create_job(job, check=lambda session: quotas.check(session, svc.settings, project, demand))
     except IntegrityError:  # a concurrent create with the same jobId won
         raise AlreadyExists(f"{name} already exists") from None
     try:
@@ -286,3 +290,26 @@ def job_logs(args: dict[str, Any], project: str, job: str) -> dict[str, Any] | R
         entries.append({"node": name, "offset": args["offset"], "nextOffset": next_offset - (len(data) - cut),
                         "text": data[:cut].decode("utf-8", errors="replace")})
     return {"logs": entries}
+
+
+@blp.route("/jobs/<resource_id:job>/metrics", methods=["GET"])
+@blp.response(200, JobMetricsSchema)
+def job_metrics(project: str, job: str) -> dict[str, Any]:
+    """The job's training metric curves: the TensorBoard scalars its trainers wrote, once it has ended and
+    they were archived, else the metrics its log lines report (see :mod:`cloudml_os.metrics`)."""
+    svc = services()
+    row = _job_or_404(project, job)
+    if JobState(row.state).is_final:
+        series = metrics.tensorboard_scalars(svc.artifacts, job_dir_uri(project, row.job_id, row.training_input))
+        if series:
+            return {"source": "tensorboard", "series": series}
+    logs = {}
+    for name in sorted(svc.store.log_nodes(row.id)):
+        chunks, offset = [], 0
+        while offset < METRICS_LOG_LIMIT:
+            data, offset = svc.store.read_log(row.id, name, offset, limit=LOG_LIMIT_ONE_NODE)
+            if not data:
+                break
+            chunks.append(data)
+        logs[name] = b"".join(chunks).decode("utf-8", errors="replace")
+    return {"source": "logs", "series": metrics.log_series(logs)}

@@ -13,6 +13,7 @@ serve and forwards the body unchanged through ``predict``. Added to v1: a versio
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 import logging
 import re
@@ -25,6 +26,7 @@ from sqlalchemy import Select, delete, func, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
+from cloudml_os import quotas
 from cloudml_os.api import ApiBlueprint, resource_name, services
 from cloudml_os.api.filters import compare, parse_list_filter
 from cloudml_os.api.jobs import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, decode_page_token, encode_page_token
@@ -41,6 +43,8 @@ from cloudml_os.api.schemas import (
     OperationSchema,
     PredictRequestSchema,
     PredictResponseSchema,
+    ReplicaStatsQuerySchema,
+    ReplicaStatsSchema,
     SetDefaultVersionRequestSchema,
     UpdateMaskQuerySchema,
     VersionCreateSchema,
@@ -49,9 +53,10 @@ from cloudml_os.api.schemas import (
     VersionSchema,
 )
 from cloudml_os.artifacts import ArtifactError, parse_uri
+from cloudml_os.config import MachineType
 from cloudml_os.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from cloudml_os.frameworks.base import TopologyError
-from cloudml_os.store.models import Model, Operation, Replica, Version, VersionEvent, utcnow
+from cloudml_os.store.models import Model, Operation, Replica, ReplicaSample, Version, VersionEvent, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +71,7 @@ DEFAULT_MACHINE_TYPE = "standard"
 SERVING_STATES = ("READY", "UPDATING")  # a scale in progress keeps the replicas that serve serving
 DELETABLE_STATES = ("READY", "FAILED")
 EVENT_LIMIT = 1000
+SAMPLE_LIMIT = 20000  # a day of 10 s samples of 2 replicas or so; the chart needs no more
 MODEL_MESSAGE_LIMIT = 2000  # a model's error message is passed on, but not a whole traceback
 # google.rpc.Code, which operation errors carry (v1's google.rpc.Status).
 RPC_CODES = {"OK": 0, "CANCELLED": 1, "UNKNOWN": 2, "INVALID_ARGUMENT": 3, "DEADLINE_EXCEEDED": 4, "NOT_FOUND": 5,
@@ -432,8 +438,11 @@ def create_version(body: dict[str, Any], project: str, model: str) -> OperationV
         _model_or_404(session, project, model)
     runtime_version, machine_type = _check_version(project, body)
     name = resource_name(project, "models", model, "versions", body["name"])
+    svc = services()
+    demand = quotas.version_demand(body["nodes"], svc.settings.machine_types[machine_type])
     try:
         with store.session() as session:
+            quotas.check(session, svc.settings, project, demand)  # locks the project's quotas until committed
             parent = _model_or_404(session, project, model)
             existing = session.scalar(select(Version).where(Version.model_id == parent.id,
                                                             Version.name == body["name"]))
@@ -573,6 +582,9 @@ def patch_version(body: dict[str, Any], args: dict[str, Any], project: str, mode
             raise FailedPrecondition(f"{name} cannot be scaled in state {row.state}"
                                      + ("; delete it and create it again" if row.state == "FAILED" else
                                         "; wait for its operation to finish"))
+        settings = services().settings
+        machine_type = settings.machine_types.get(row.machine_type, MachineType(row.machine_type, "", 0))
+        quotas.check(session, settings, project, quotas.version_demand(nodes - row.replicas, machine_type))
         moved = session.execute(update(Version).where(Version.id == row.id, Version.state == "READY")
                                 .values(state="UPDATING", replicas=nodes, etag=Version.etag + 1, **values)
                                 .execution_options(synchronize_session=False)).rowcount
@@ -618,6 +630,21 @@ def list_version_events(args: dict[str, Any], project: str, model: str, version:
             VersionEvent.version_id == row.id, VersionEvent.id > args["after"]).order_by(VersionEvent.id)
             .limit(EVENT_LIMIT)))
     return {"events": events}
+
+
+@blp.route("/models/<resource_id:model>/versions/<resource_id:version>/replicaStats", methods=["GET"])
+@blp.arguments(ReplicaStatsQuerySchema, location="query")
+@blp.response(200, ReplicaStatsSchema)
+def replica_stats(args: dict[str, Any], project: str, model: str, version: str) -> dict[str, Any]:
+    """Added: the health monitor's samples of the version's replicas over the last ``minutes``, oldest first
+    (at most the newest SAMPLE_LIMIT): probes, failures, median and maximum latency, health."""
+    since = utcnow() - dt.timedelta(minutes=args["minutes"])
+    with services().store.session() as session:
+        row = _version_or_404(session, _model_or_404(session, project, model), version)
+        newest = list(session.scalars(select(ReplicaSample).where(
+            ReplicaSample.version_id == row.id, ReplicaSample.time >= since)
+            .order_by(ReplicaSample.time.desc(), ReplicaSample.id.desc()).limit(SAMPLE_LIMIT)))
+    return {"samples": newest[::-1]}
 
 
 # ---- online prediction -----------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from marshmallow import (
 )
 
 from cloudml_os.api import RESOURCE_ID_PATTERN
-from cloudml_os.states import JobState
+from cloudml_os.states import DEFAULT_BACKOFF_LIMIT, MAX_BACKOFF_LIMIT, RESTART_POLICIES, JobState
 
 SCALE_TIERS = ("BASIC", "STANDARD_1", "PREMIUM_1", "BASIC_GPU", "CUSTOM")
 PYTHON_MODULE_PATTERN = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
@@ -126,6 +126,15 @@ class SchedulingSchema(Schema):
     maxRunningTime = _duration()
     maxWaitTime = _duration()
     priority = fields.Integer()
+    restartPolicy = fields.String(
+        validate=validate.OneOf(RESTART_POLICIES, error="unknown restart policy {input!r}; valid policies: "
+                                                        + ", ".join(RESTART_POLICIES)),
+        metadata={"description": "added field, as Kubeflow's restartPolicy: NEVER (default) fails the job when a "
+                                 "node dies or a trainer fails; ON_FAILURE replaces dead nodes and restarts "
+                                 "every trainer, up to backoffLimit times"})
+    backoffLimit = fields.Integer(
+        validate=validate.Range(min=0, max=MAX_BACKOFF_LIMIT, error="must be between {min} and {max}"),
+        metadata={"description": f"added field: restarts allowed under ON_FAILURE (default {DEFAULT_BACKOFF_LIMIT})"})
 
 
 class EncryptionConfigSchema(Schema):
@@ -221,6 +230,7 @@ class JobCreateSchema(Schema):
     etag = fields.Raw(metadata=_OUTPUT_ONLY)
     step = fields.Raw(metadata=_OUTPUT_ONLY)
     framework = fields.Raw(metadata=_OUTPUT_ONLY)
+    restartCount = fields.Raw(metadata=_OUTPUT_ONLY)
 
     @validates("predictionInput")
     def _no_prediction(self, value: Any, **kwargs: Any) -> None:
@@ -246,6 +256,8 @@ class JobSchema(Schema):
     etag = fields.Method("_etag", metadata={"format": "byte"})
     step = fields.String(metadata={"description": "added field: the workflow step that owns the job now"})
     framework = fields.String(metadata={"description": "added field: the framework plugin running the job"})
+    restartCount = fields.Integer(attribute="restart_count", metadata={
+        "description": "added field: times the trainers were restarted (scheduling.restartPolicy ON_FAILURE)"})
 
     def _etag(self, job: Any) -> str:
         # v1 etags are opaque bytes sent base64-encoded; ours is the row's version counter.
@@ -331,6 +343,19 @@ class LogListSchema(Schema):
     logs = fields.List(fields.Nested(LogEntrySchema))
 
 
+class MetricPointSchema(Schema):
+    x = fields.Float(metadata={"description": "the training step"})
+    y = fields.Float(metadata={"description": "the metric's value at that step"})
+
+
+class JobMetricsSchema(Schema):
+    source = fields.String(metadata={"enum": ["tensorboard", "logs"], "description":
+                                     "tensorboard: the scalars of the event files the trainers wrote under their job "
+                                     "directory (archived when the job ends); logs: metrics read from log lines"})
+    series = fields.Dict(keys=fields.String(), values=fields.List(fields.Nested(MetricPointSchema)),
+                         metadata={"description": "one curve per 'NODE: METRIC', points by step"})
+
+
 # ---- packages -------------------------------------------------------------------------------------
 
 
@@ -367,12 +392,49 @@ class MachineTypeSchema(Schema):
     gpus = fields.Integer()
 
 
+class QuotaValuesSchema(Schema):
+    """One number per quota: a limit (-1 unlimited) or a usage."""
+
+    gpus = fields.Integer(strict=True, validate=validate.Range(min=-1))
+    nodes = fields.Integer(strict=True, validate=validate.Range(min=-1))
+    jobs = fields.Integer(strict=True, validate=validate.Range(min=-1))
+    replicas = fields.Integer(strict=True, validate=validate.Range(min=-1))
+
+
+MAX_QUOTA = (1 << 31) - 1  # the column is a 32-bit integer
+
+
+class QuotaOverridesSchema(Schema):
+    """Limits to override; null puts a quota back to the installation's default."""
+
+    gpus = fields.Integer(strict=True, allow_none=True, validate=validate.Range(min=-1, max=MAX_QUOTA))
+    nodes = fields.Integer(strict=True, allow_none=True, validate=validate.Range(min=-1, max=MAX_QUOTA))
+    jobs = fields.Integer(strict=True, allow_none=True, validate=validate.Range(min=-1, max=MAX_QUOTA))
+    replicas = fields.Integer(strict=True, allow_none=True, validate=validate.Range(min=-1, max=MAX_QUOTA))
+
+
+class QuotaUpdateSchema(Schema):
+    quotas = fields.Nested(QuotaOverridesSchema, required=True)
+
+
+class ProjectQuotasSchema(Schema):
+    project = fields.String()
+    quotas = fields.Nested(QuotaValuesSchema, metadata={"description": "limits; -1 is unlimited"})
+    usage = fields.Nested(QuotaValuesSchema, metadata={"description": "computed from unfinished jobs and "
+                                                                      "live versions"})
+
+
+class ProjectQuotasListSchema(Schema):
+    projects = fields.List(fields.Nested(ProjectQuotasSchema))
+
+
 class ProjectConfigSchema(Schema):
     serviceAccount = fields.String()
     serviceAccountProject = fields.String()
     config = fields.Dict()
     runtimes = fields.List(fields.Nested(RuntimeSchema))
     machineTypes = fields.List(fields.Nested(MachineTypeSchema))
+    quotas = fields.Nested(ProjectQuotasSchema, metadata={"description": "added: the project's quotas and usage"})
 
 
 # ---- errors (documentation of the v1 error body; errors.py builds it) -------------------------------
@@ -659,6 +721,28 @@ class VersionEventSchema(Schema):
 
 class VersionEventListSchema(Schema):
     events = fields.List(fields.Nested(VersionEventSchema))
+
+
+class ReplicaStatsQuerySchema(Schema):
+    minutes = fields.Integer(load_default=60, validate=validate.Range(min=1, max=24 * 60),
+                             metadata={"description": "how far back, in minutes (1 to 1440; samples are kept 24 h)"})
+
+
+class ReplicaSampleSchema(Schema):
+    """Added: one replica's health probes over one sampling window (10 s by default) of the health monitor."""
+
+    replica = fields.String()
+    time = Timestamp(metadata={"description": "the end of the window"})
+    probes = fields.Integer()
+    failures = fields.Integer()
+    latencyP50Ms = fields.Float(attribute="latency_p50_ms", allow_none=True,
+                                metadata={"description": "median latency of the answered probes; null if none"})
+    latencyMaxMs = fields.Float(attribute="latency_max_ms", allow_none=True)
+    healthy = fields.Boolean(metadata={"description": "the replica's health at the end of the window"})
+
+
+class ReplicaStatsSchema(Schema):
+    samples = fields.List(fields.Nested(ReplicaSampleSchema))
 
 
 class OperationMetadataSchema(_OmitEmpty):

@@ -37,6 +37,12 @@ def make_uri(project: str, key: str) -> str:
     return f"{SCHEME}{project}/{key}"
 
 
+def job_dir_uri(project: str, job_id: str, training_input: dict) -> str:
+    """Where a training job's outputs go (model, logs, TensorBoard files): its ``jobDir``, or the project's
+    ``jobs/JOB_ID`` in the artifact store."""
+    return training_input.get("jobDir") or make_uri(project, f"jobs/{job_id}")
+
+
 class ArtifactStore(Protocol):
     """What the API and the workflows need from an artifact store."""
 

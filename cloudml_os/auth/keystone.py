@@ -5,7 +5,8 @@ clouds.yaml entry ``openstack_auth_cloud``, which needs Keystone's ``service`` r
 and sets the ``X-Project-*`` and ``X-Roles`` headers, after removing any the client sent itself. The
 API's project path segment is the Keystone project's *name* (``/v1/projects/team-a/jobs``), so that paths
 read as in Cloud ML Engine; Keystone roles map onto the platform's roles: ``admin`` → admin,
-``member`` → member, ``reader`` → viewer. The same :func:`cloudml_os.auth.authorize` rule then applies.
+``member`` → member, ``reader`` → viewer. The same :func:`cloudml_os.auth.authorize` rule then applies,
+platform admins included: the ``admin`` role on the Keystone project named by setting ``admin_project``.
 """
 
 from __future__ import annotations

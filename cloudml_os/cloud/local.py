@@ -18,8 +18,16 @@ continue or delete what another one started::
                                    unshare.pid, init.pid, work/
 
 Slot N gives the address ``PREFIX.(N // 256).(N % 256)`` and the framework ports
-``local_port_base + N * local_ports_per_node`` onwards. This module must not import paramiko (only
-``cloudml_os.remote`` speaks SSH); it only checks that a node's sshd accepts TCP.
+``local_port_base + N * local_ports_per_node`` onwards.
+
+With ``local_network_isolation`` (root only), each node also gets a network namespace of its own, named
+after the bridge and its slot, whose ``eth0`` is one end of a veth; the other end is plugged into the
+bridge ``local_network_bridge`` on this host, which holds the first address of ``local_network_subnet``.
+Slot N then has the subnet's address N + 1. Cutting the host end (``ip link set LINK down``) cuts the
+node off like a VM whose network failed; :meth:`LocalDriver.host_link` names that link.
+
+This module must not import paramiko (only ``cloudml_os.remote`` speaks SSH); it only checks that a node's
+sshd accepts TCP.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import ipaddress
 import json
 import os
 import pwd
@@ -36,6 +45,7 @@ import signal
 import socket
 import subprocess
 import time
+import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -45,6 +55,7 @@ from cloudml_os.keys import generate_keypair
 
 SSHD = "/usr/sbin/sshd"
 UNSHARE = "unshare"
+IP = "ip"
 RUN_SSHD = Path("/run/sshd")  # sshd's privilege separation directory; must exist
 # Cluster and node names become path components and symlink targets.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -131,6 +142,14 @@ class LocalDriver(Driver):
         if not clusters.is_dir():
             return []
         return sorted(entry.name for entry in clusters.iterdir() if entry.is_dir())
+
+    def host_link(self, cluster: str, node: str) -> str | None:
+        """The host end of the node's veth (``local_network_isolation``), or None when nodes share the host's
+        network. Setting it down cuts the node off; setting it up again reconnects it."""
+        if not self._settings.local_network_isolation:
+            return None
+        state = json.loads((self._cluster_dir(cluster) / "nodes" / node / "node.json").read_text())
+        return self._network_names(state["slot"])[1]
 
     # -- creating ------------------------------------------------------------------------------
 
@@ -297,7 +316,7 @@ class LocalDriver(Driver):
             name=node.name,
             task_type=node.task_type,
             task_index=node.task_index,
-            address=_slot_address(settings.local_address_prefix, slot),
+            address=self._node_address(slot),
             ssh_port=settings.local_ssh_port,
             username=username,
             host_keys=(write_host_key(node_dir),),
@@ -314,15 +333,22 @@ class LocalDriver(Driver):
         return info
 
     def _start_node(self, node_dir: Path, info: NodeInfo) -> int:
-        """Start the node's sshd as PID 1 of a new PID namespace, in its own session; return unshare's pid."""
-        if accepts_tcp(info.address, info.ssh_port):
+        """Start the node's sshd as PID 1 of a new PID namespace, in its own session; return unshare's pid.
+
+        With network isolation the node's network namespace is made anew first and sshd starts inside it.
+        """
+        prefix: list[str] = []
+        if self._settings.local_network_isolation:
+            slot = json.loads((node_dir / "node.json").read_text())["slot"]
+            prefix = [IP, "netns", "exec", self._plug(slot)]
+        elif accepts_tcp(info.address, info.ssh_port):
             raise DriverError(f"node {info.name}: {info.address}:{info.ssh_port} is already in use by a "
                               "process this driver does not manage")
         RUN_SSHD.mkdir(mode=0o755, parents=True, exist_ok=True)
         log_path = node_dir / "sshd.log"
         with open(log_path, "ab") as log:
             process = subprocess.Popen(
-                [UNSHARE, "--pid", "--fork", "--kill-child", "--mount-proc",
+                [*prefix, UNSHARE, "--pid", "--fork", "--kill-child", "--mount-proc",
                  SSHD, "-D", "-f", str(node_dir / "sshd_config"), "-E", str(log_path)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, env=NODE_ENVIRONMENT,
@@ -353,16 +379,29 @@ class LocalDriver(Driver):
     def _allocate_slot(self, owner: str) -> int:
         settings = self._settings
         last_by_port = (65536 - settings.local_port_base) // settings.local_ports_per_node - 1
-        for slot in range(1, min(65535, last_by_port) + 1):
+        last = min(65535, last_by_port)
+        if settings.local_network_isolation:
+            # Network, bridge and broadcast addresses are no node's.
+            last = min(last, ipaddress.ip_network(settings.local_network_subnet).num_addresses - 3)
+        for slot in range(1, last + 1):
             if slot % 256 in (0, 255) or not _claim(self._slots_dir / str(slot), owner):
                 continue
+            if settings.local_network_isolation:
+                if Path("/run/netns", self._network_names(slot)[0]).exists():
+                    # Another installation on the same bridge holds this slot's namespace (a slot just
+                    # claimed here has none of ours): leave it alone.
+                    (self._slots_dir / str(slot)).unlink()
+                    continue
+                return slot
             if accepts_tcp(_slot_address(settings.local_address_prefix, slot), settings.local_ssh_port):
                 # Someone outside this data_dir (another installation, a test run) listens there.
                 (self._slots_dir / str(slot)).unlink()
                 continue
             return slot
-        raise DriverError("no free node slot left on this host: every address and port range of "
-                          f"{settings.local_address_prefix}.0.0/16 is taken; delete some clusters")
+        where = (settings.local_network_subnet if settings.local_network_isolation
+                 else f"{settings.local_address_prefix}.0.0/16")
+        raise DriverError(f"no free node slot left on this host: every address and port range of {where} is "
+                          "taken; delete some clusters")
 
     def _allocate_gpus(self, owner: str, node: NodeSpec) -> list[str]:
         if node.gpus <= 0:
@@ -436,7 +475,68 @@ class LocalDriver(Driver):
         Released last, so a slot's address is never reused while an old sshd could still hold it.
         """
         for claim in self._owned(self._slots_dir, owner) + self._owned(self._gpus_dir, owner):
+            if claim.parent == self._slots_dir and self._settings.local_network_isolation:
+                self._unplug(int(claim.name))
             claim.unlink(missing_ok=True)
+
+    # -- network isolation ---------------------------------------------------------------------
+
+    def _node_address(self, slot: int) -> str:
+        if not self._settings.local_network_isolation:
+            return _slot_address(self._settings.local_address_prefix, slot)
+        return str(ipaddress.ip_network(self._settings.local_network_subnet).network_address + 1 + slot)
+
+    def _network_names(self, slot: int) -> tuple[str, str]:
+        """(network namespace, host end of the veth) of a slot; the link name fits in 15 characters."""
+        bridge = self._settings.local_network_bridge
+        return f"{bridge}-s{slot}", f"cv{zlib.crc32(bridge.encode()) % 100000:05d}s{slot}"
+
+    def _plug(self, slot: int) -> str:
+        """Make the slot's network namespace anew, its veth on the bridge; return the namespace's name."""
+        settings = self._settings
+        subnet = ipaddress.ip_network(settings.local_network_subnet)
+        self._ensure_bridge(f"{subnet.network_address + 1}/{subnet.prefixlen}")
+        self._unplug(slot)
+        netns, link = self._network_names(slot)
+        _ip("netns", "add", netns)
+        try:
+            _ip("-n", netns, "link", "set", "lo", "up")
+            # A MAC of the slot's own: a node booted again in the slot has the same address and MAC, so this
+            # host's ARP entry for it stays right (a new random MAC would be unreachable until it expired).
+            _ip("link", "add", link, "type", "veth", "peer", "name", "eth0", "address", self._mac(slot),
+                "netns", netns)
+            _ip("link", "set", link, "master", settings.local_network_bridge, "up")
+            _ip("-n", netns, "addr", "add", f"{self._node_address(slot)}/{subnet.prefixlen}", "dev", "eth0")
+            _ip("-n", netns, "link", "set", "eth0", "up")
+        except BaseException:
+            self._unplug(slot)
+            raise
+        return netns
+
+    def _mac(self, slot: int) -> str:
+        """A locally administered unicast MAC made of the bridge's name and the slot."""
+        bridge = zlib.crc32(self._settings.local_network_bridge.encode())
+        octets = [0x02, (bridge >> 16) & 0xFF, (bridge >> 8) & 0xFF, bridge & 0xFF, (slot >> 8) & 0xFF, slot & 0xFF]
+        return ":".join(f"{octet:02x}" for octet in octets)
+
+    def _unplug(self, slot: int) -> None:
+        """Delete the slot's network namespace and veth, if any (the node's processes are gone already)."""
+        netns, link = self._network_names(slot)
+        if Path("/run/netns", netns).exists():
+            _ip("netns", "del", netns, check=False)
+        if Path("/sys/class/net", link).exists():
+            _ip("link", "del", link, check=False)
+
+    def _ensure_bridge(self, address: str) -> None:
+        bridge = self._settings.local_network_bridge
+        if not Path("/sys/class/net", bridge).exists():
+            _ip("link", "add", bridge, "type", "bridge", check=False)  # another worker may race us to it
+        # A bridge takes the lowest MAC of its ports unless given one: plugging a node in would change it under
+        # the other nodes' ARP entries, and their replies would go nowhere.
+        _ip("link", "set", bridge, "address", self._mac(0))
+        if address not in _ip("-o", "addr", "show", "dev", bridge).split():
+            _ip("addr", "add", address, "dev", bridge, check=False)
+        _ip("link", "set", bridge, "up")
 
     def _kill_node(self, node_dir: Path, processes: dict[str, int]) -> None:
         """SIGKILL the node's namespace PID 1, which ends every process of the node; wait until it is gone.
@@ -535,6 +635,14 @@ def _root_username() -> str:
                           "namespace (unshare --pid) and accepts root logins; run the worker as root or "
                           "use the openstack driver")
     return pwd.getpwuid(0).pw_name
+
+
+def _ip(*args: str, check: bool = True) -> str:
+    """Run ``ip ARGS``; its output. :raises DriverError: when it fails and ``check``."""
+    result = subprocess.run([IP, *args], capture_output=True, text=True, timeout=60, check=False)
+    if check and result.returncode != 0:
+        raise DriverError(f"`ip {' '.join(args)}` failed: {result.stderr.strip()}")
+    return result.stdout
 
 
 def _slot_address(prefix: str, slot: int) -> str:

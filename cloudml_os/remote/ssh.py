@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _READ_CHUNK = 65536
+SFTP_REPLY_TIMEOUT = 60.0  # seconds an SFTP request may wait for its reply (a hung node's sshd sends none)
 
 
 class RemoteError(RuntimeError):
@@ -222,13 +223,22 @@ class NodeSession:
 
     @classmethod
     def connect(cls, *, name: str, address: str, port: int, username: str, host_keys: Sequence[str],
-                private_key: str, timeout: float, retries: int) -> NodeSession:
+                private_key: str, timeout: float, retries: int,
+                unreachable_after: float | None = None) -> NodeSession:
         """Connect with the node's host keys pinned, retrying while the node boots.
+
+        A node whose network is cut answers nothing: TCP neither fails nor succeeds on its own, and every
+        read would wait forever. ``unreachable_after`` bounds that. Connecting gives up after that many
+        seconds of attempts, and on the connection, data the node's kernel does not acknowledge for that
+        long (``TCP_USER_TIMEOUT``, with keepalives so an idle connection has data in flight) breaks it, so
+        a waiting command or SFTP request fails with :class:`RemoteError` instead of hanging. A node that
+        acknowledges but is slow to reply (busy, not cut off) is not judged by this bound.
 
         :param host_keys: OpenSSH public key lines the node's sshd must present one of.
         :param private_key: the cluster's OpenSSH-format private key text (loaded from memory).
         :param timeout: seconds for each TCP connect, banner and authentication.
         :param retries: further attempts after the first on refused or timed-out connections.
+        :param unreachable_after: seconds of silence after which the node counts as unreachable; None: no bound.
         :raises HostKeyMismatch: the node presented another key (no retry).
         :raises RemoteError: no connection after the retries, authentication refused, bad key text.
         """
@@ -248,6 +258,8 @@ class NodeSession:
             sock = socket.create_connection((address, port), timeout=timeout)
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if unreachable_after is not None:
+                    _bound_silence(sock, unreachable_after)
                 client.connect(address, port=port, username=username, pkey=pkey, timeout=timeout,
                                banner_timeout=timeout, auth_timeout=timeout, allow_agent=False,
                                look_for_keys=False, sock=sock)
@@ -257,9 +269,12 @@ class NodeSession:
                 raise
             return client
 
+        stop = tenacity.stop_after_attempt(max(0, retries) + 1)
+        if unreachable_after is not None:
+            stop = stop | tenacity.stop_after_delay(unreachable_after)
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception(_is_transient),
-            stop=tenacity.stop_after_attempt(max(0, retries) + 1),
+            stop=stop,
             wait=tenacity.wait_exponential(multiplier=0.05, max=2.0),
             reraise=True,
         )
@@ -269,14 +284,20 @@ class NodeSession:
             raise HostKeyMismatch(
                 f"node {name}: {address}:{port} presented host key {exc.key.get_name()} "
                 f"{exc.key.fingerprint}, which is not the pinned key; refusing to connect") from None
-        except paramiko.AuthenticationException:
+        except paramiko.AuthenticationException as exc:
+            if _connection_lost(exc):
+                raise RemoteError(f"node {name}: the connection to {address}:{port} was lost while logging in "
+                                  f"({retries + 1} attempt(s) at most)") from None
             raise RemoteError(f"node {name}: {username}@{address}:{port} refused the cluster's key") from None
         except (OSError, EOFError, paramiko.SSHException) as exc:
             raise RemoteError(f"node {name}: cannot connect to {address}:{port} after {retries + 1} "
                               f"attempt(s): {exc}") from None
         transport = client.get_transport()
         if transport is not None:
-            transport.set_keepalive(30)  # a step may hold the session for hours while watching
+            # A step may hold the session for hours while watching; keepalives keep data in flight, so a cut
+            # link is noticed within unreachable_after even when no command runs.
+            interval = 30 if unreachable_after is None else max(1, min(30, int(unreachable_after / 3)))
+            transport.set_keepalive(interval)
         return cls(name, client)
 
     def __enter__(self) -> NodeSession:
@@ -334,8 +355,8 @@ class NodeSession:
             ended_at = self._sftp().stat(path).st_mtime  # one round trip while the process runs
         except FileNotFoundError:
             return ProcessStatus(running=True, exit_code=None, lost=False)
-        except OSError as exc:
-            raise RemoteError(f"node {self.name}: cannot read {path}: {exc}") from None
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            raise RemoteError(f"node {self.name}: cannot read {path}: {exc or type(exc).__name__}") from None
         text = self.read_file(path, 0, 64).strip()
         if not text.lstrip(b"-").isdigit():  # renamed into place, so never half-written; be safe anyway
             return ProcessStatus(running=True, exit_code=None, lost=False)
@@ -377,8 +398,8 @@ class NodeSession:
                 return remote.read(limit)
         except FileNotFoundError:
             return b""
-        except OSError as exc:
-            raise RemoteError(f"node {self.name}: cannot read {remote_path}: {exc}") from None
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            raise RemoteError(f"node {self.name}: cannot read {remote_path}: {exc or type(exc).__name__}") from None
 
     def get_tree(self, remote_dir: str, local_dir: Path) -> None:
         """Download a folder recursively (an exported model). Symbolic links are skipped: one could point
@@ -394,6 +415,14 @@ class NodeSession:
                     sftp.get(remote, str(local_dir / entry.filename))
         except OSError as exc:
             raise RemoteError(f"node {self.name}: cannot download {remote_dir}: {exc}") from None
+
+    def put_tree(self, local_dir: Path, remote_dir: str) -> None:
+        """Upload a local folder's files under ``remote_dir`` (created), each file whole or not at all;
+        files already there and not in ``local_dir`` are kept. Symbolic links are skipped."""
+        for path in sorted(local_dir.rglob("*")):
+            if path.is_file() and not path.is_symlink():
+                self.put(path, posixpath.join(remote_dir, path.relative_to(local_dir).as_posix()),
+                         mode=path.stat().st_mode & 0o777)
 
     def find(self, remote_dir: str, file_name: str) -> list[str]:
         """Folders under ``remote_dir`` (itself included) that hold a file named ``file_name``, sorted.
@@ -425,6 +454,10 @@ class NodeSession:
                 self._sftp_client = self._client.open_sftp()
             except (OSError, paramiko.SSHException) as exc:
                 raise RemoteError(f"node {self.name}: cannot open SFTP: {exc}") from None
+            # A reply that never comes fails the request instead of blocking it forever. Not the (shorter)
+            # unreachable bound: a node whose kernel acknowledges our packets is reachable, only busy, and
+            # TCP_USER_TIMEOUT already catches one that acknowledges nothing.
+            self._sftp_client.get_channel().settimeout(SFTP_REPLY_TIMEOUT)
         return self._sftp_client
 
     def _makedirs(self, folder: str) -> None:
@@ -450,8 +483,8 @@ class NodeSession:
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             channel = transport.open_session(timeout=timeout)
-        except (OSError, paramiko.SSHException) as exc:
-            raise RemoteError(f"node {self.name}: cannot open a channel: {exc}") from None
+        except (OSError, EOFError, paramiko.SSHException) as exc:  # EOFError: the connection broke
+            raise RemoteError(f"node {self.name}: cannot open a channel: {exc or 'connection lost'}") from None
         stdout, stderr = bytearray(), bytearray()
         try:
             channel.exec_command(command)
@@ -477,17 +510,37 @@ class NodeSession:
             if not transport.is_active() and channel.exit_status == -1:
                 raise RemoteError(f"node {self.name}: connection lost while running {describe}")
             return channel.exit_status, bytes(stdout), bytes(stderr)
-        except (OSError, paramiko.SSHException) as exc:
-            raise RemoteError(f"node {self.name}: {describe} failed: {exc}") from None
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            raise RemoteError(f"node {self.name}: {describe} failed: {exc or 'connection lost'}") from None
         finally:
             channel.close()
 
 
 def connect_node(node: NodeInfo, private_key: str, settings: Settings) -> NodeSession:
-    """Connect to a node a driver returned, with the timeouts and retries from settings."""
+    """Connect to a node a driver returned, with the timeouts and retries from settings.
+
+    Attempts end after ``ssh_boot_retries`` retries or ``node_unreachable_seconds``, whichever comes
+    first; the connection breaks after ``node_unreachable_seconds`` without an answer from the node.
+    """
     return NodeSession.connect(name=node.name, address=node.address, port=node.ssh_port,
                                username=node.username, host_keys=node.host_keys, private_key=private_key,
-                               timeout=settings.ssh_connect_timeout, retries=settings.ssh_boot_retries)
+                               timeout=min(settings.ssh_connect_timeout, settings.node_unreachable_seconds),
+                               retries=settings.ssh_boot_retries,
+                               unreachable_after=settings.node_unreachable_seconds)
+
+
+def _bound_silence(sock: socket.socket, seconds: float) -> None:
+    """Make the kernel break the connection once the peer has acknowledged nothing for ``seconds``.
+
+    TCP_USER_TIMEOUT covers data that goes unacknowledged; TCP keepalives put data in flight on an idle
+    connection, so silence is noticed whether or not the client is sending.
+    """
+    probe_interval = max(1, int(seconds / 3))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, probe_interval)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, probe_interval)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, int(seconds * 1000)))
 
 
 def _describe(argv: Sequence[str]) -> str:
@@ -496,10 +549,17 @@ def _describe(argv: Sequence[str]) -> str:
 
 
 def _is_transient(exc: BaseException) -> bool:
-    """Worth retrying while a node boots: refused, reset, timed out, no banner yet."""
-    if isinstance(exc, paramiko.BadHostKeyException | paramiko.AuthenticationException):
+    """Worth retrying while a node boots: refused, reset, timed out, no banner yet, lost while logging in."""
+    if isinstance(exc, paramiko.AuthenticationException):
+        return _connection_lost(exc)
+    if isinstance(exc, paramiko.BadHostKeyException):
         return False
     return isinstance(exc, OSError | EOFError | paramiko.SSHException)
+
+
+def _connection_lost(exc: paramiko.AuthenticationException) -> bool:
+    """paramiko reports a connection that ended during authentication as an authentication failure."""
+    return "transport shut down or saw EOF" in str(exc)
 
 
 def _parse_host_key(name: str, line: str) -> paramiko.PKey:

@@ -10,7 +10,9 @@ One asyncio loop probes every target (a task each) over raw streams with a minim
 keeps the connection open between probes, so one process watches a thousand replicas at one probe per
 second each on a fraction of a core. It knows nothing of the database or Celery: targets come from the
 ``targets`` callable, re-read every ``refresh_interval``; a target's state lives as long as its key is
-listed.
+listed. Optionally (``on_samples``) it also hands over, every ``sample_interval`` seconds, one aggregated
+:class:`ProbeSample` per target (probes, failures, median and maximum latency): a thousand replicas make one
+batch of a thousand small rows every ten seconds, not a write per probe.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ import contextlib
 import logging
 import random
 import signal
+import statistics
 import threading
 from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,26 @@ class Target:
     initially_healthy: bool = False
 
 
+@dataclass
+class ProbeSample:
+    """One target's probes over one sampling window: how many, how many failed, and the latency of the
+    answered ones (seconds; None when none was answered). ``healthy`` is the target's state at the end."""
+
+    key: Hashable
+    probes: int = 0
+    failures: int = 0
+    latencies: list[float] = field(default_factory=list)
+    healthy: bool = False
+
+    @property
+    def latency_p50(self) -> float | None:
+        return statistics.median(self.latencies) if self.latencies else None
+
+    @property
+    def latency_max(self) -> float | None:
+        return max(self.latencies) if self.latencies else None
+
+
 class _Malformed(Exception):
     """The answer is not the HTTP/1.x response we asked for."""
 
@@ -70,6 +93,7 @@ class _Probe:
         self.writer: asyncio.StreamWriter | None = None
         self.task: asyncio.Task | None = None
         self.request = _request(target)
+        self.sample = ProbeSample(target.key)
 
     def retarget(self, target: Target) -> None:
         if (target.address, target.port) != (self.target.address, self.target.port):
@@ -93,13 +117,20 @@ class HealthMonitor:
         in the order the transitions happened, never in the probing loop: a slow callback delays later
         callbacks and refreshes, never the probes. An exception it raises is logged.
     :param refresh_interval: seconds between two calls of ``targets``.
+    :param on_samples: ``on_samples([ProbeSample, …])``: every ``sample_interval`` seconds, one sample per
+        target probed in that window (e.g. written to the database in one batch). Called in the same thread
+        as ``on_change``; an exception it raises is logged and the samples are dropped.
     """
 
     def __init__(self, targets: Callable[[], list[Target]], on_change: Callable[[Target, bool, str], None],
-                 *, refresh_interval: float = 1.0):
+                 *, refresh_interval: float = 1.0,
+                 on_samples: Callable[[list[ProbeSample]], None] | None = None, sample_interval: float = 10.0):
         self._targets = targets
         self._on_change = on_change
         self._refresh_interval = refresh_interval
+        self._on_samples = on_samples
+        self._sample_interval = sample_interval
+        self._forgotten: list[ProbeSample] = []  # windows of targets dropped since the last hand-over
         self._probes: dict[Hashable, _Probe] = {}
         self._callbacks: ThreadPoolExecutor | None = None
 
@@ -111,9 +142,13 @@ class HealthMonitor:
         """Probe until ``stop`` is set, then close every connection and wait for pending callbacks."""
         loop = asyncio.get_running_loop()
         self._callbacks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="health-monitor")
+        next_sample = loop.time() + self._sample_interval
         try:
             while not stop.is_set():
                 await self._refresh(loop)
+                if loop.time() >= next_sample:
+                    self._hand_over_samples()
+                    next_sample = loop.time() + self._sample_interval
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._refresh_interval):
                         await stop.wait()
@@ -155,8 +190,31 @@ class HealthMonitor:
             elif probe.target != target:
                 probe.retarget(target)
 
+    def _hand_over_samples(self) -> None:
+        """Close every target's sampling window and pass the windows that saw probes to ``on_samples``."""
+        if self._on_samples is None:
+            return
+        samples, self._forgotten = self._forgotten, []
+        for probe in self._probes.values():
+            sample, probe.sample = probe.sample, ProbeSample(probe.target.key)
+            if sample.probes:
+                sample.healthy = probe.healthy
+                samples.append(sample)
+        if samples:
+            self._callbacks.submit(self._call_on_samples, samples)
+
+    def _call_on_samples(self, samples: list[ProbeSample]) -> None:
+        try:
+            self._on_samples(samples)
+        except Exception:
+            log.exception("on_samples for %d target(s) raised", len(samples))
+
     def _forget(self, key: Hashable) -> asyncio.Task:
         probe = self._probes.pop(key)
+        if probe.sample.probes:
+            # Its last window is still reported: often the very failures that got the replica ejected.
+            probe.sample.healthy = probe.healthy
+            self._forgotten.append(probe.sample)
         probe.task.cancel()
         probe.close()
         return probe.task
@@ -167,16 +225,25 @@ class HealthMonitor:
         await asyncio.sleep(random.uniform(0, probe.target.interval))
         due = loop.time()
         while True:
-            self._record(probe, await self._probe(probe))
+            started = loop.time()
+            failure = await self._probe(probe)
+            self._record(probe, failure, loop.time() - started)
             due += probe.target.interval
             delay = due - loop.time()
             if delay < 0:  # the probe outlasted the interval: probe again now, don't burst to catch up
                 due, delay = loop.time(), 0
             await asyncio.sleep(delay)
 
-    def _record(self, probe: _Probe, failure: str | None) -> None:
-        """Count one probe's outcome (``failure`` is its reason, None for success) and report a transition."""
+    def _record(self, probe: _Probe, failure: str | None, latency: float = 0.0) -> None:
+        """Count one probe's outcome (``failure`` is its reason, None for success; ``latency`` its seconds)
+        in the current sample, and report a transition."""
         target = probe.target
+        if self._on_samples is not None:  # samples nobody takes are not kept
+            probe.sample.probes += 1
+            if failure is None:
+                probe.sample.latencies.append(latency)
+            else:
+                probe.sample.failures += 1
         if failure is None:
             probe.failures = 0
             if not probe.healthy:

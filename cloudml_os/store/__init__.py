@@ -10,17 +10,31 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, delete, event, func, or_, select, update
+from cryptography.fernet import Fernet
+from sqlalchemy import create_engine, delete, event, func, insert, or_, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
+from cloudml_os.config import Settings
 from cloudml_os.states import JobState, Step
-from cloudml_os.store.models import Cluster, Job, JobEvent, LogChunk, Node, Package, Token, utcnow
+from cloudml_os.store.encryption import attach_cipher, load_key_encryption_key
+from cloudml_os.store.models import (
+    Cluster,
+    Job,
+    JobEvent,
+    LogChunk,
+    Node,
+    Package,
+    Replica,
+    ReplicaSample,
+    Token,
+    utcnow,
+)
 
 __all__ = ["Store", "Cluster", "Job", "JobEvent", "LogChunk", "Node", "Package", "Token", "migrate"]
 
@@ -50,13 +64,26 @@ def migrate(url: str) -> None:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    command.upgrade(config, "heads")
+    command.upgrade(config, "head")
 
 
 class Store:
-    def __init__(self, url: str):
+    def __init__(self, url: str, key_encryption_key: str | None = None):
+        """Open the database at ``url``.
+
+        :param key_encryption_key: the Fernet key that encrypts clusters' SSH private keys at rest
+            (:mod:`cloudml_os.store.encryption`). None makes a key for this Store alone: fine for a test
+            that reads back only what it wrote, never for processes that share a database.
+        :raises ValueError: the key is not a Fernet key.
+        """
         self.engine = _engine(url)
+        attach_cipher(self.engine.dialect, key_encryption_key or Fernet.generate_key().decode())
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Store:
+        """The installation's store: its database and its key-encryption key (made once when unset)."""
+        return cls(settings.database_url, load_key_encryption_key(settings.key_encryption_key, settings.data_dir))
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:
@@ -81,9 +108,15 @@ class Store:
 
     # ---- jobs ----------------------------------------------------------------------------------
 
-    def create_job(self, job: Job) -> Job:
-        """Insert a new job. :raises IntegrityError: when the project already has that jobId."""
+    def create_job(self, job: Job, check: Callable[[Session], None] | None = None) -> Job:
+        """Insert a new job. :raises IntegrityError: when the project already has that jobId.
+
+        :param check: called first in the same transaction (the project's quota check, which locks its
+            quota row until the job is inserted); what it raises aborts the insert.
+        """
         with self.session() as session:
+            if check is not None:
+                check(session)
             session.add(job)
             session.flush()
             session.add(JobEvent(job_id=job.id, kind="STATE", message="Job queued"))
@@ -123,12 +156,74 @@ class Store:
                 session.add(JobEvent(job_id=job_pk, kind="STEP", message=f"Step {new.value}"))
         return bool(moved)
 
-    def reschedule(self, job_pk: int, step: Step, seq: int) -> bool:
+    def reschedule(self, job_pk: int, step: Step, seq: int, **fields: Any) -> bool:
         """Claim the next run of a step that polls (compare-and-set on ``step_seq``)."""
         with self.session() as session:
             return bool(session.execute(
                 update(Job).where(Job.id == job_pk, Job.step == step.value, Job.step_seq == seq)
-                .values(step_seq=seq + 1)
+                .values(step_seq=seq + 1, **fields)
+            ).rowcount)
+
+    # ---- step leases (who runs a job's step now; see workflows/reconcile.py) ----------------------
+
+    def claim_step(self, job_pk: int, step: Step, seq: int, owner: str, ttl: float) -> bool:
+        """Take the lease of the job's step ``(step, seq)`` for ``ttl`` seconds (compare-and-set).
+
+        Fails while another delivery holds a live lease, so a step never runs twice at once; a lease whose
+        holder died is free once it expires (the reconciler then re-sends the step).
+        """
+        now = utcnow()
+        with self.session() as session:
+            return bool(session.execute(
+                update(Job).where(Job.id == job_pk, Job.step == step.value, Job.step_seq == seq,
+                                  or_(Job.lease_owner.is_(None), Job.lease_until.is_(None), Job.lease_until < now,
+                                      Job.lease_owner == owner))
+                .values(lease_owner=owner, lease_until=now + dt.timedelta(seconds=ttl))
+            ).rowcount)
+
+    def renew_step_lease(self, job_pk: int, owner: str, ttl: float) -> bool:
+        """Extend ``owner``'s lease by ``ttl`` seconds from now; False when it is no longer ``owner``'s."""
+        with self.session() as session:
+            return bool(session.execute(
+                update(Job).where(Job.id == job_pk, Job.lease_owner == owner)
+                .values(lease_until=utcnow() + dt.timedelta(seconds=ttl))
+            ).rowcount)
+
+    def release_step_lease(self, job_pk: int, owner: str, pickup: float) -> None:
+        """Give up ``owner``'s lease: whatever step the job is in now must be picked up within ``pickup``
+        seconds, or the reconciler sends it again."""
+        with self.session() as session:
+            session.execute(update(Job).where(Job.id == job_pk, Job.lease_owner == owner)
+                            .values(lease_owner=None, lease_until=utcnow() + dt.timedelta(seconds=pickup)))
+
+    def live_jobs(self) -> list[Job]:
+        """Jobs not in a final state (what the reconciler looks after)."""
+        final = [state.value for state in JobState if state.is_final]
+        with self.session() as session:
+            return list(session.scalars(select(Job).where(Job.state.not_in(final)).order_by(Job.id)))
+
+    def fail_outcome(self, job_pk: int, message: str) -> bool:
+        """Decide that a preparing or running job ends FAILED with ``message`` (its teardown still runs);
+        False when its outcome was already FAILED or it is in no such state."""
+        with self.session() as session:
+            return bool(session.execute(
+                update(Job).where(Job.id == job_pk,
+                                  Job.state.in_([JobState.PREPARING.value, JobState.RUNNING.value]),
+                                  or_(Job.outcome.is_(None), Job.outcome != JobState.FAILED.value))
+                .values(outcome=JobState.FAILED.value, error_message=message[:4000], etag=Job.etag + 1)
+            ).rowcount)
+
+    def take_expired_step(self, job_pk: int, step: str, seq: int, pickup: float, created_before: dt.datetime) -> bool:
+        """Claim the right to re-send step ``(step, seq)`` whose lease expired (or that never had one and was
+        created before ``created_before``); the message must then be picked up within ``pickup`` seconds.
+        Compare-and-set, so of two reconcilers only one sends."""
+        now = utcnow()
+        with self.session() as session:
+            return bool(session.execute(
+                update(Job).where(Job.id == job_pk, Job.step == step, Job.step_seq == seq,
+                                  or_(Job.lease_until < now,
+                                      Job.lease_until.is_(None) & (Job.create_time < created_before)))
+                .values(lease_owner=None, lease_until=now + dt.timedelta(seconds=pickup))
             ).rowcount)
 
     def update_job(self, job_pk: int, **fields: Any) -> None:
@@ -231,8 +326,23 @@ class Store:
                                 .values(lock_owner=None, lock_until=None))
 
     def update_cluster(self, cluster_id: int, **fields: Any) -> None:
+        """Change a cluster row; marking it DELETED also empties its private key (its nodes are gone)."""
+        if fields.get("state") == "DELETED":
+            fields.setdefault("private_key", "")
         with self.session() as session:
             session.execute(update(Cluster).where(Cluster.id == cluster_id).values(**fields))
+
+    def rekey_cluster(self, cluster_id: int, private_key: str, public_key: str) -> Cluster:
+        """Give a cluster whose key was deleted (it was DELETED and is coming back) a new keypair.
+
+        Compare-and-set on the empty key, so that of two concurrent callers one keypair wins; returns the
+        row as it is after, with the winner's keys.
+        """
+        with self.session() as session:
+            session.execute(update(Cluster).where(Cluster.id == cluster_id, Cluster.private_key == "")
+                            .values(private_key=private_key, public_key=public_key))
+        with self.session() as session:
+            return session.get(Cluster, cluster_id)
 
     def update_node(self, node_id: int, **fields: Any) -> None:
         with self.session() as session:
@@ -278,3 +388,29 @@ class Store:
 
     def now(self) -> dt.datetime:
         return utcnow()
+
+    def add_replica_samples(self, rows: list[dict[str, Any]]) -> int:
+        """Insert monitor samples (``replica_id`` plus :class:`ReplicaSample` columns but the replica's
+        version and name, looked up here in one query) in one batch; samples of unknown replicas are dropped.
+        Returns how many were written."""
+        if not rows:
+            return 0
+        with self.session() as session:
+            known = {r.id: r for r in session.execute(select(Replica.id, Replica.version_id, Replica.name).where(
+                Replica.id.in_([row["replica_id"] for row in rows])))}
+            batch = [{**row, "version_id": known[row["replica_id"]].version_id,
+                      "replica": known[row["replica_id"]].name} for row in rows if row["replica_id"] in known]
+            if batch:
+                session.execute(insert(ReplicaSample), batch)
+        return len(batch)
+
+    def prune_replica_samples(self, before: dt.datetime, batch: int = 5000) -> int:
+        """Delete samples older than ``before``, ``batch`` rows per transaction (short locks); how many."""
+        deleted = 0
+        while True:
+            with self.session() as session:
+                oldest = select(ReplicaSample.id).where(ReplicaSample.time < before).limit(batch)
+                count = session.execute(delete(ReplicaSample).where(ReplicaSample.id.in_(oldest))).rowcount
+            deleted += count
+            if count < batch:
+                return deleted

@@ -10,8 +10,10 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, ForeignKey, Index, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from cloudml_os.store.encryption import EncryptedText
 
 
 def utcnow() -> dt.datetime:
@@ -68,6 +70,12 @@ class Job(Base):
     training_output: Mapped[dict[str, Any]] = mapped_column(default=dict)
     # The state the job ends in once teardown has run (SUCCEEDED, FAILED or CANCELLED).
     outcome: Mapped[str | None] = mapped_column(String(16))
+    # Times the trainers were restarted as a whole (scheduling.restartPolicy ON_FAILURE).
+    restart_count: Mapped[int] = mapped_column(default=0)
+    # The step's lease: a delivery running the step holds it (``lease_owner``) and renews it; a handed-over
+    # step's message must be picked up before ``lease_until``. Once it has passed, the reconciler re-sends.
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[dt.datetime | None] = mapped_column(index=True)
     etag: Mapped[int] = mapped_column(default=1)
     clusters: Mapped[list[Cluster]] = relationship(back_populates="job", order_by="Cluster.id")
 
@@ -83,7 +91,7 @@ class Cluster(Base):
     name: Mapped[str] = mapped_column(String(128), unique=True)
     driver: Mapped[str] = mapped_column(String(32))
     state: Mapped[str] = mapped_column(String(16))  # CREATING, READY, DELETING, DELETED
-    private_key: Mapped[str] = mapped_column(Text)
+    private_key: Mapped[str] = mapped_column(EncryptedText)  # Fernet-encrypted at rest; emptied once DELETED
     public_key: Mapped[str] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     deleted_at: Mapped[dt.datetime | None]
@@ -115,6 +123,10 @@ class Node(Base):
     process_state: Mapped[str] = mapped_column(String(16), default="NONE")  # NONE, RUNNING, EXITED, STOPPED
     exit_code: Mapped[int | None]
     log_offset: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Which start of the trainer the node runs (the job's restart count when it was launched), and where in
+    # the stored log that start's output begins: each start writes a log file of its own on the node.
+    attempt: Mapped[int] = mapped_column(default=0)
+    log_base: Mapped[int] = mapped_column(BigInteger, default=0)
     cluster: Mapped[Cluster] = relationship(back_populates="nodes")
 
     # The fields a driver's NodeInfo (cloudml_os.cloud.base) gives a node row.
@@ -242,3 +254,54 @@ class Operation(Base):
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     create_time: Mapped[dt.datetime] = mapped_column(default=utcnow)
     end_time: Mapped[dt.datetime | None]
+
+
+class ProjectQuota(Base):
+    """A project's quota overrides (NULL: the installation's default) and the row its quota checks lock.
+
+    Every project that submits work gets a row, so that :func:`cloudml_os.quotas.check` can lock it
+    (``SELECT … FOR UPDATE``) and two concurrent submissions are counted one after the other.
+    """
+
+    __tablename__ = "project_quotas"
+    project: Mapped[str] = mapped_column(String(63), primary_key=True)
+    gpus: Mapped[int | None]
+    nodes: Mapped[int | None]
+    jobs: Mapped[int | None]
+    replicas: Mapped[int | None]
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class AuditEvent(Base):
+    """One mutating ``/v1`` call (the admin Events panel): who made it, on what, and how it was answered.
+
+    Denied calls are recorded too; the body never is, so no secret reaches this table.
+    """
+
+    __tablename__ = "audit_events"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    time: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+    caller: Mapped[str] = mapped_column(String(255))  # "token 12 (description)" or a Keystone user name
+    caller_project: Mapped[str] = mapped_column(String(63))
+    project: Mapped[str | None] = mapped_column(String(63), index=True)  # the project the path names
+    method: Mapped[str] = mapped_column(String(8))
+    resource: Mapped[str] = mapped_column(String(512))
+    status: Mapped[int]
+
+
+class ReplicaSample(Base):
+    """A replica's health probes over one sampling window (ten seconds by default): the Version page's
+    latency and health over time. Written in batches by the monitor, pruned after ``replica_sample_retention``."""
+
+    __tablename__ = "replica_samples"
+    __table_args__ = (Index("ix_replica_samples_version_time", "version_id", "time"),)
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"), primary_key=True)
+    version_id: Mapped[int]  # no foreign keys: samples outlive nothing and never block a deletion
+    replica_id: Mapped[int]
+    replica: Mapped[str] = mapped_column(String(64))
+    time: Mapped[dt.datetime] = mapped_column(index=True)  # the window's end
+    probes: Mapped[int]
+    failures: Mapped[int]
+    latency_p50_ms: Mapped[float | None]
+    latency_max_ms: Mapped[float | None]
+    healthy: Mapped[bool]

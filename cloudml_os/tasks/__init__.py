@@ -3,7 +3,9 @@
 Only this package imports Celery. Messages are acknowledged after the step ran (``acks_late``) and
 re-queued when a worker dies mid-step, so every step must be idempotent (it is: see workflows/train.py).
 A polling step re-sends itself with a countdown instead of holding a task open for a whole training
-run (RabbitMQ closes channels whose unacknowledged delivery outlives its consumer_timeout).
+run (RabbitMQ closes channels whose unacknowledged delivery outlives its consumer_timeout). Celery beat
+(``cloudml-os beat``) sends the reconciler's task every ``reconcile_interval`` seconds; it re-sends steps
+whose message was lost (see workflows/reconcile.py), so a message that cannot be sent is not fatal.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ log = logging.getLogger(__name__)
 TRAIN_STEP = "cloudml_os.train_step"
 SERVE_OPERATION = "cloudml_os.serve_operation"
 REPLACE_REPLICA = "cloudml_os.replace_replica"
+RECONCILE = "cloudml_os.reconcile"
 
 
 def make_celery(settings: Settings, context_factory: Callable[[], object] | None = None,
-                serving_context_factory: Callable[[], object] | None = None) -> Celery:
-    """A Celery app bound to ``settings``; the factories build the workers' Training- and ServingContext
-    lazily (an app without them only sends tasks)."""
+                serving_context_factory: Callable[[], object] | None = None,
+                reconcile_context_factory: Callable[[], object] | None = None) -> Celery:
+    """A Celery app bound to ``settings``; the factories build the workers' Training-, Serving- and
+    ReconcileContext lazily (an app without them only sends tasks, and beat's schedule)."""
     broker_url, transport = settings.broker_url, None
     if broker_url.startswith("sqla+"):
         broker_url, transport = broker_url.removeprefix("sqla+"), "cloudml_os.tasks.broker:Transport"
@@ -41,6 +45,11 @@ def make_celery(settings: Settings, context_factory: Callable[[], object] | None
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
+        beat_schedule={"reconcile": {
+            "task": RECONCILE, "schedule": settings.reconcile_interval,
+            # A pass queued behind a stopped worker is stale once the next one is due.
+            "options": {"expires": settings.reconcile_interval},
+        }},
     )
     state: dict[str, object] = {}
 
@@ -63,6 +72,12 @@ def make_celery(settings: Settings, context_factory: Callable[[], object] | None
             next_step, next_seq, delay = following
             self.app.send_task(TRAIN_STEP, args=(job_pk, next_step.value, next_seq),
                                countdown=delay or None)
+
+    @app.task(name=RECONCILE)
+    def reconcile() -> None:
+        from cloudml_os.workflows.reconcile import reconcile as reconcile_pass
+
+        reconcile_pass(built("reconcile", reconcile_context_factory))
 
     @app.task(name=SERVE_OPERATION)
     def serve_operation(operation_id: int) -> None:
@@ -95,6 +110,20 @@ def replica_replacer(app: Celery) -> Callable[[int], None]:
         app.send_task(REPLACE_REPLICA, args=(replica_id,))
 
     return replace
+
+
+def step_sender(app: Celery) -> Callable[[int, Step, int], None]:
+    """The reconciler's way to send one delivery of a job's step again."""
+
+    def send_step(job_pk: int, step: Step, seq: int) -> None:
+        app.send_task(TRAIN_STEP, args=(job_pk, step.value, seq))
+
+    return send_step
+
+
+def run_beat(app: Celery, schedule_file: str, loglevel: str = "INFO") -> None:
+    """Run Celery beat in this process: it sends the reconciler's task on schedule, nothing else."""
+    app.Beat(schedule=schedule_file, loglevel=loglevel, quiet=True).run()
 
 
 def job_starter(app: Celery) -> Callable[[int], None]:

@@ -116,6 +116,9 @@ def _ensure_cluster(ctx: ServingContext, version: Version) -> Cluster:
         private_key, public_key = generate_keypair(f"cloudml-os-{name}")
         cluster = ctx.store.create_cluster(Cluster(job_id=None, name=name, driver=ctx.driver.name, state="CREATING",
                                                    private_key=private_key, public_key=public_key))
+    elif not cluster.private_key:  # deleted with its last node (Store.update_cluster); nodes come back now
+        private_key, public_key = generate_keypair(f"cloudml-os-{cluster.name}")
+        cluster = ctx.store.rekey_cluster(cluster.id, private_key, public_key)
     return cluster
 
 

@@ -12,23 +12,30 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime as dt
 import functools
 import logging
+import os
 import re
+import socket
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from cloudml_os.artifacts import ArtifactError, ArtifactStore, make_uri, parse_uri
+from sqlalchemy.exc import OperationalError
+
+from cloudml_os.artifacts import ArtifactError, ArtifactStore, job_dir_uri, make_uri, parse_uri
 from cloudml_os.cloud.base import ClusterSpec, Driver, DriverError, NodeSpec
 from cloudml_os.config import Settings
 from cloudml_os.frameworks.base import Framework, Member, ProcessStatus, Role, topology_from_training_input
 from cloudml_os.keys import generate_keypair
-from cloudml_os.remote import NodeSession, RemoteError, fan_out
+from cloudml_os.remote import FanOutError, NodeSession, RemoteError, fan_out
 from cloudml_os.runtimes import runtime_python
-from cloudml_os.states import JobState, Step
+from cloudml_os.states import NODE_UNREACHABLE, JobState, Step
 from cloudml_os.store import Cluster, Job, Node, Store
 
 log = logging.getLogger(__name__)
@@ -69,7 +76,8 @@ def job_root(node: Node) -> str:
 
 
 def process_dir(node: Node) -> str:
-    return f"{job_root(node)}/process"
+    """The trainer's process folder on the node; each restart of the trainers gets a new one."""
+    return f"{job_root(node)}/process" + (f"-{node.attempt}" if node.attempt else "")
 
 
 def packages_dir(node: Node) -> str:
@@ -249,6 +257,19 @@ def watch(ctx: TrainingContext, job: Job) -> Handover:
     framework = ctx.frameworks[job.framework]
     roles = [_role(node, job, ctx) for node in cluster.nodes]
     max_running = _seconds(job.training_input.get("scheduling", {}).get("maxRunningTime"))
+    try:
+        return _watch_window(ctx, job, cluster, framework, roles, max_running)
+    except FanOutError as exc:
+        # A node that cannot be reached (connections refused or unanswered for node_unreachable_seconds,
+        # SSH broken) is dead to the job: the restart policy decides what follows.
+        from cloudml_os.workflows import restart
+
+        return restart.nodes_lost(ctx, job, [(node.name, str(error)) for node, error in exc.failures])
+
+
+def _watch_window(ctx: TrainingContext, job: Job, cluster: Cluster, framework: Framework, roles: list[Role],
+                  max_running: float | None) -> Handover:
+    """One delivery of :func:`watch`; a node that fails to answer raises :class:`FanOutError`."""
     window_ends = time.monotonic() + ctx.settings.watch_window
     logs_due = 0.0
     with _Sessions(ctx, cluster) as sessions:
@@ -267,7 +288,10 @@ def watch(ctx: TrainingContext, job: Job) -> Handover:
                 ctx.store.add_event(job.id, "OUTCOME", outcome.message or "Training succeeded")
                 return Handover(Step.EXPORTING)
             if outcome.state == "FAILED":
-                raise StepError(_with_log_tail(ctx, job, outcome.message, outcome.failed_role))
+                from cloudml_os.workflows import restart
+
+                return restart.trainers_failed(ctx, job, _with_log_tail(ctx, job, outcome.message,
+                                                                        outcome.failed_role))
             if max_running and job.start_time and (ctx.store.now() - job.start_time).total_seconds() > max_running:
                 raise StepError(f"Job ran longer than scheduling.maxRunningTime ({max_running:g}s)")
             if time.monotonic() >= window_ends or (logs and ctx.store.get_job(job.id).state != JobState.RUNNING.value):
@@ -321,16 +345,19 @@ def teardown(ctx: TrainingContext, job: Job) -> Handover:
     cluster = ctx.store.cluster_of(job.id)
     if cluster is not None:
         ctx.store.update_cluster(cluster.id, state="DELETING")
-        if cluster.nodes:
-            def stop(node: Node, session: NodeSession) -> None:
-                session.stop_process(process_dir(node), ctx.settings.stop_grace_seconds)
-                _fetch(ctx, job, node, session)
-
+        def stop(node: Node) -> None:
+            # Each node on its own: one that is gone already (or stopped answering) costs only its own last
+            # log bytes, never the others'; deletion runs in any case.
             try:
-                with _Sessions(ctx, cluster) as sessions:
-                    sessions.each(stop)
-            except (RemoteError, OSError) as exc:  # nodes may be gone already; deletion still runs
-                log.warning("job %s: could not stop trainers before deletion: %s", job.id, exc)
+                with ctx.connect(node, cluster.private_key) as session:
+                    session.stop_process(process_dir(node), ctx.settings.stop_grace_seconds)
+                    _fetch(ctx, job, node, session)
+                    _archive_summaries(ctx, job, node, session)
+            except (RemoteError, OSError) as exc:
+                log.warning("job %s: could not stop the trainer on %s before deletion: %s", job.id, node.name, exc)
+
+        fan_out([n for n in cluster.nodes if n.process_state != NODE_UNREACHABLE], stop,
+                ctx.settings.ssh_parallelism)
         ctx.driver.delete_cluster(cluster.name)
         ctx.store.update_cluster(cluster.id, state="DELETED", deleted_at=ctx.store.now())
         ctx.store.add_event(job.id, "CLUSTER", f"Cluster {cluster.name} deleted")
@@ -345,8 +372,7 @@ def teardown(ctx: TrainingContext, job: Job) -> Handover:
 
 
 def _job_dir(job: Job) -> str:
-    """Where the job's outputs go: its ``jobDir``, or the project's ``jobs/JOB_ID`` in the artifact store."""
-    return job.training_input.get("jobDir") or make_uri(job.project, f"jobs/{job.job_id}")
+    return job_dir_uri(job.project, job.job_id, job.training_input)
 
 
 def _archive_logs(ctx: TrainingContext, job: Job) -> None:
@@ -372,11 +398,45 @@ def _archive_logs(ctx: TrainingContext, job: Job) -> None:
         ctx.store.add_event(job.id, "LOGS", f"Logs of {len(nodes)} node(s) copied to {make_uri(project, key)}/logs/")
 
 
+def _archive_summaries(ctx: TrainingContext, job: Job, node: Node, session: NodeSession) -> None:
+    """Copy the TensorBoard event files (``*tfevents*``) under a node's job directory to
+    ``JOB_DIR/tensorboard/NODE/PATH`` in the artifact store, next to the logs (the dashboard draws the
+    job's curves from them). Never fails the teardown: a copy that fails is an event."""
+    project, key = parse_uri(_job_dir(job))
+    root = node_job_dir(node)
+    try:
+        found = session.run(["find", root, "-type", "f", "-name", "*tfevents*"], timeout=60, check=False)
+        paths = sorted(p for p in found.stdout.splitlines() if p.startswith(root + "/"))
+        for path in paths:
+            with tempfile.TemporaryFile() as spool:
+                offset = 0
+                while chunk := session.read_file(path, offset):
+                    spool.write(chunk)
+                    offset += len(chunk)
+                spool.seek(0)
+                ctx.artifacts.put_file(project, f"{key}/tensorboard/{node.name}/{path[len(root) + 1:]}", spool)
+    except (RemoteError, ArtifactError, OSError) as exc:
+        ctx.store.add_event(job.id, "SUMMARIES", f"TensorBoard summaries could not be copied: {exc}",
+                            node=node.name)
+        return
+    if paths:
+        ctx.store.add_event(job.id, "SUMMARIES", f"{len(paths)} TensorBoard event file(s) copied to "
+                            f"{make_uri(project, key)}/tensorboard/{node.name}/", node=node.name)
+
+
+def _restart_step(ctx: TrainingContext, job: Job) -> Handover:
+    """The RESTARTING step (its own module: imported here on use, as it builds on this one)."""
+    from cloudml_os.workflows import restart
+
+    return restart.restart(ctx, job)
+
+
 STEPS: dict[Step, Callable[[TrainingContext, Job], Handover]] = {
     Step.PROVISIONING: provision,
     Step.BOOTSTRAPPING: bootstrap,
     Step.LAUNCHING: launch,
     Step.TRAINING: watch,
+    Step.RESTARTING: _restart_step,
     Step.EXPORTING: export,
     Step.TEARING_DOWN: teardown,
 }
@@ -385,17 +445,38 @@ STEPS: dict[Step, Callable[[TrainingContext, Job], Handover]] = {
 def run_step(ctx: TrainingContext, job_pk: int, step: Step, seq: int) -> tuple[Step, int, float] | None:
     """Run one delivery of a step; returns (step, seq, delay) of the message to send next, or None.
 
-    A delivery whose (step, seq) is no longer the job's is a duplicate and does nothing.
+    A delivery whose (step, seq) is no longer the job's is a duplicate and does nothing; so is one that
+    finds the step's lease held by another delivery (a redelivered message while the first still runs, or
+    before a dead holder's lease expired: the reconciler re-sends the step then). The lease is renewed
+    while the step runs and released at the hand-over, giving the next message ``step_pickup_seconds``.
+    A database that is down ends the delivery without touching the job: its lease expires and the step is
+    sent again once the database is back.
     """
     job = ctx.store.get_job(job_pk)
     if job is None or job.step != step.value or job.step_seq != seq or JobState(job.state).is_final:
         return None  # a duplicate, or a job cancelled while queued (nothing was created for it)
+    owner = f"{socket.gethostname()[:30]}:{os.getpid()}:{uuid.uuid4().hex[:16]}"
+    if not ctx.store.claim_step(job_pk, step, seq, owner, ctx.settings.step_lease_seconds):
+        log.info("job %s: step %s/%s is held by another delivery; this one does nothing", job_pk, step.value, seq)
+        return None
+    with _renewing_lease(ctx, job_pk, owner):
+        following = _run_claimed_step(ctx, job, step, seq)
+    ctx.store.release_step_lease(job_pk, owner, ctx.settings.step_pickup_seconds + (following or (0, 0, 0.0))[2])
+    return following
+
+
+def _run_claimed_step(ctx: TrainingContext, job: Job, step: Step, seq: int) -> tuple[Step, int, float] | None:
+    job_pk = job.id
     if job.state == JobState.CANCELLING.value and step != Step.TEARING_DOWN:
         handover = Handover(Step.TEARING_DOWN)
         ctx.store.add_event(job.id, "CANCEL", f"Cancel requested during {step.value}")
+    elif job.outcome == JobState.FAILED.value and step != Step.TEARING_DOWN:
+        handover = Handover(Step.TEARING_DOWN)  # failed from outside the step (the reconciler's time limits)
     else:
         try:
             handover = STEPS[step](ctx, job)
+        except OperationalError:
+            raise  # the database is down: leave the job as it is; the step is sent again after its lease
         except (StepError, DriverError, RemoteError, ArtifactError) as exc:
             handover = _fail(ctx, job, step, str(exc))
         except Exception:
@@ -403,13 +484,40 @@ def run_step(ctx: TrainingContext, job_pk: int, step: Step, seq: int) -> tuple[S
             handover = _fail(ctx, job, step, f"Internal error during {step.value.lower()}; see the events")
     if handover.step is None:
         return None
+    # The hand-over releases the lease in the same update: the next message has step_pickup_seconds.
+    pickup = dt.timedelta(seconds=ctx.settings.step_pickup_seconds + handover.delay)
+    lease = {"lease_owner": None, "lease_until": ctx.store.now() + pickup}
     if handover.step == step:
-        if ctx.store.reschedule(job_pk, step, seq):
+        if ctx.store.reschedule(job_pk, step, seq, **lease):
             return step, seq + 1, handover.delay
         return None
-    if ctx.store.advance(job_pk, step, seq, handover.step):
+    if ctx.store.advance(job_pk, step, seq, handover.step, **lease):
         return (handover.step, 0, 0.0) if handover.step != Step.DONE else None
     return None
+
+
+@contextlib.contextmanager
+def _renewing_lease(ctx: TrainingContext, job_pk: int, owner: str) -> Iterator[None]:
+    """Renew the step's lease every third of its length while the block runs (a thread of its own)."""
+    ttl = ctx.settings.step_lease_seconds
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(ttl / 3):
+            try:
+                if not ctx.store.renew_step_lease(job_pk, owner, ttl):
+                    log.warning("job %s: the step's lease was taken over; another delivery may run it", job_pk)
+                    return
+            except OperationalError as exc:  # the database is away; the lease lapses if it stays away
+                log.warning("job %s: could not renew the step's lease: %s", job_pk, exc)
+
+    renewer = threading.Thread(target=renew, name=f"lease-{job_pk}", daemon=True)
+    renewer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        renewer.join()
 
 
 def _fail(ctx: TrainingContext, job: Job, step: Step, message: str) -> Handover:
@@ -439,7 +547,9 @@ def _fetch(ctx: TrainingContext, job: Job, node: Node, session: NodeSession, tho
     """
     status = session.process_status(process_dir(node)) if thorough else session.exit_status(process_dir(node))
     while logs or status.exit_code is not None:
-        data = session.read_file(f"{process_dir(node)}/output.log", node.log_offset, LOG_FETCH_LIMIT)
+        # The stored log runs on across restarts; this start's file begins at log_base of it.
+        data = session.read_file(f"{process_dir(node)}/output.log", node.log_offset - (node.log_base or 0),
+                                 LOG_FETCH_LIMIT)
         if not data:
             break
         ctx.store.append_log(job.id, node.id, node.name, node.log_offset, data)

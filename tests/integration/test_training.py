@@ -12,7 +12,7 @@ import zipfile
 import pytest
 
 from tests.conftest import ROOT
-from tests.harness import node_processes
+from tests.harness import cluster_processes
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +42,7 @@ def assert_no_node_left(platform, client, job_id: str) -> None:
     deleted = [m.split()[1] for m in events(client, job_id) if m.startswith("Cluster ") and m.endswith(" deleted")]
     assert len(deleted) == 1, events(client, job_id)
     name = deleted[0]
-    assert node_processes(name) == []
+    assert cluster_processes(platform, name) == []
     assert list((platform.data_dir / "nodes").rglob(f"*{name}*")) == []
 
 

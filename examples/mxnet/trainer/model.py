@@ -6,6 +6,10 @@ is one update with the mean gradient of the global batch, and every worker pulls
 The worker of rank 0 exports ``JOB_DIR/model/model-symbol.json`` and ``model-0000.params``: a
 ``SymbolBlock`` whose input is ``data``, float32 of shape [N, 1]; and ``warmup.json``, the instances the
 model server predicts before it reports ready.
+
+After every epoch each worker saves the parameters and the epoch to ``JOB_DIR/checkpoints``
+(``dist_sync`` keeps them equal on every worker); a restarted worker that finds them there loads them
+and resumes after that epoch instead of starting again.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ LOG = logging.getLogger("trainer")
 TRUE_SLOPE, TRUE_INTERCEPT = 3.0, 2.0
 EXPORT_PREFIX = "model"  # HybridBlock.export writes PREFIX-symbol.json and PREFIX-0000.params
 WARMUP_INSTANCES = [[0.0], [1.0]]
+CHECKPOINT_PARAMS, CHECKPOINT_STATE = "model.params", "state.json"
 
 
 def make_data(samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -67,6 +72,8 @@ def train_and_export(args: argparse.Namespace, kvstore_type: str) -> gluon.Hybri
     fail_at_step = args.fail_at_step if rank == fail_rank else 0
 
     net = build_model()
+    checkpoints = os.path.join(args.job_dir, "checkpoints")
+    done = restore(net, checkpoints)  # before the kvstore is initialised: it starts from these values
     trainer = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": args.learning_rate},
                             kvstore=kvstore)
     loss_function = gluon.loss.L2Loss()
@@ -74,8 +81,8 @@ def train_and_export(args: argparse.Namespace, kvstore_type: str) -> gluon.Hybri
     LOG.info("training: %d samples in this shard, batch %d, %d epochs of %d steps",
              len(x), args.batch_size, args.epochs, steps_per_epoch)
     started = time.monotonic()
-    step = 0
-    for epoch in range(1, args.epochs + 1):
+    step = done * steps_per_epoch
+    for epoch in range(done + 1, args.epochs + 1):
         permutation = order.permutation(len(x))
         total = 0.0
         for batch in range(steps_per_epoch):
@@ -89,16 +96,40 @@ def train_and_export(args: argparse.Namespace, kvstore_type: str) -> gluon.Hybri
             loss.backward()
             trainer.step(step_scale)
             total += float(loss.mean().asscalar())
+        save(net, checkpoints, epoch)
         LOG.info("epoch %d/%d step %d loss %.6f", epoch, args.epochs, step, total / steps_per_epoch)
     elapsed = time.monotonic() - started
     params = model_params(net)
     LOG.info("trained in %.2f s: y = %.3f x + %.3f (true: %.1f x + %.1f)", elapsed, params["weight"],
              params["bias"], TRUE_SLOPE, TRUE_INTERCEPT)
-    print(f"THROUGHPUT samples_per_second={step * args.batch_size / elapsed:.1f}", flush=True)
+    trained_steps = step - done * steps_per_epoch
+    print(f"THROUGHPUT samples_per_second={trained_steps * args.batch_size / elapsed:.1f}", flush=True)
     print(f"PARAMS {json.dumps(params, sort_keys=True)}", flush=True)
     if rank == 0:
         export(net, os.path.join(args.job_dir, "model"))
     return net
+
+
+def save(net: gluon.HybridBlock, folder: str, epoch: int) -> None:
+    """Parameters, then the state naming their epoch, each renamed into place: never a half checkpoint."""
+    os.makedirs(folder, exist_ok=True)
+    net.save_parameters(os.path.join(folder, f".{CHECKPOINT_PARAMS}.tmp"))
+    os.replace(os.path.join(folder, f".{CHECKPOINT_PARAMS}.tmp"), os.path.join(folder, CHECKPOINT_PARAMS))
+    with open(os.path.join(folder, f".{CHECKPOINT_STATE}.tmp"), "w") as handle:
+        json.dump({"epoch": epoch}, handle)
+    os.replace(os.path.join(folder, f".{CHECKPOINT_STATE}.tmp"), os.path.join(folder, CHECKPOINT_STATE))
+
+
+def restore(net: gluon.HybridBlock, folder: str) -> int:
+    """Load the checkpoint in ``folder``, if any; the epochs it holds."""
+    try:
+        with open(os.path.join(folder, CHECKPOINT_STATE)) as handle:
+            epoch = int(json.load(handle)["epoch"])
+    except FileNotFoundError:
+        return 0
+    net.load_parameters(os.path.join(folder, CHECKPOINT_PARAMS))
+    LOG.info("resumed from checkpoint %s: %d epoch(s) already done", folder, epoch)
+    return epoch
 
 
 def export(net: gluon.HybridBlock, export_dir: str) -> None:

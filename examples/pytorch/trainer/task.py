@@ -15,6 +15,10 @@ Rank 0 exports TorchScript to ``JOB_DIR/model/model.pt``: ``torch.jit.load`` it 
 float32 tensor of shape [N, 1] to get y of shape [N, 1], without this package. Beside it, ``warmup.json``
 holds the instances the model server predicts before it reports ready.
 
+After every epoch each rank saves the model, the optimizer and the epoch to
+``JOB_DIR/checkpoints/checkpoint.pt`` (DDP keeps them equal on every rank); a restarted rank that finds one
+there loads it and resumes after that epoch instead of starting again.
+
 Besides progress, each training rank prints ``THROUGHPUT samples_per_second=…`` (its own samples over its
 own training time, start-up and rendezvous excluded) and ``PARAMS {"weight": …, "bias": …}`` at full
 precision, for the platform's benchmarks and tests.
@@ -99,10 +103,12 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
     x, y = x.to(device), y.to(device)
     torch.manual_seed(args.seed)  # the same initial weights everywhere (DDP also broadcasts rank 0's)
     model = nn.Linear(1, 1).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate)
+    checkpoint = os.path.join(args.job_dir, "checkpoints", "checkpoint.pt")
+    done = restore(checkpoint, model, optimizer, device)  # before DDP broadcasts rank 0's parameters
     trained = model
     if world_size > 1:
         trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.SGD(trained.parameters(), lr=args.learning_rate)
     loss_fn = nn.MSELoss()
     # Equal shares (drop_last), so every rank takes the same number of steps: DDP needs that.
     sampler = DistributedSampler(range(args.samples), num_replicas=world_size, rank=rank, shuffle=True,
@@ -112,9 +118,9 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
     LOG.info("training: rank %d of %d on %s, batch %d per rank, %d epochs of %d steps",
              rank, world_size, device, args.batch_size, args.epochs, steps_per_epoch)
 
-    step = samples_seen = 0
+    step, samples_seen = done * steps_per_epoch, 0
     started = time.monotonic()
-    for epoch in range(1, args.epochs + 1):
+    for epoch in range(done + 1, args.epochs + 1):
         sampler.set_epoch(epoch)
         order = torch.tensor(list(sampler), device=device)
         loss_sum = torch.zeros((), device=device)
@@ -131,11 +137,30 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
             samples_seen += len(indexes)
         if world_size > 1:
             dist.all_reduce(loss_sum)  # the mean loss over every rank, the same line on each
+        save(checkpoint, model, optimizer, epoch)
         LOG.info("epoch %d/%d step %d loss %.6f", epoch, args.epochs, step,
                  loss_sum.item() / (steps_per_epoch * world_size))
     elapsed = time.monotonic() - started
     print(f"THROUGHPUT samples_per_second={samples_seen / elapsed:.1f}", flush=True)
     return model
+
+
+def save(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int) -> None:
+    """Write the checkpoint to a temporary name and rename it: a restart never reads half of one."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def restore(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> int:
+    """Load the checkpoint at ``path``, if any; the epochs it holds."""
+    if not os.path.exists(path):
+        return 0
+    state = torch.load(path, map_location=device)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    LOG.info("resumed from checkpoint %s: %d epoch(s) already done", path, state["epoch"])
+    return int(state["epoch"])
 
 
 def export(model: nn.Module, export_dir: str) -> str:

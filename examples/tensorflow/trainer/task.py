@@ -12,6 +12,13 @@ What it does depends on the cluster the platform describes in ``TF_CONFIG``:
 Every strategy shares one custom training loop (``strategy.run``): Keras 3's ``model.fit`` fails under
 MultiWorkerMirroredStrategy on TF 2.21. The chief writes a SavedModel to ``JOB_DIR/model`` whose
 ``serving_default`` signature takes ``x``, float32 of shape [None, 1], and returns ``y``.
+
+After every epoch a checkpoint (weights, optimizer, epoch) goes to ``JOB_DIR/checkpoints``, and a
+restarted trainer that finds one there resumes after its epoch instead of starting again: what
+``tf.keras.callbacks.BackupAndRestore`` does for ``model.fit``, done with ``tf.train.CheckpointManager``
+for this loop. Under MultiWorkerMirroredStrategy every task saves (saving is collective) but only the
+chief into ``JOB_DIR``; the others write scratch copies that are deleted, and all restore from
+``JOB_DIR/checkpoints`` (the platform puts the chief's job directory onto every node before a restart).
 """
 
 from __future__ import annotations
@@ -20,7 +27,9 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -46,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="only the task TYPE:INDEX fails (e.g. worker:1); default every training task")
     parser.add_argument("--sleep-before-training", type=float, default=0.0,
                         help="seconds to sleep first: a job still running when cancelled")
+    parser.add_argument("--sleep-after-epoch", type=float, default=0.0,
+                        help="seconds to sleep after each epoch: a job still training when a node dies")
     parser.add_argument("--note", default=None,
                         help="free text, logged as JSON: shows that arguments arrive literally")
     return parser.parse_args(argv)
@@ -110,6 +121,61 @@ def make_train_step(strategy: tf.distribute.Strategy, model: tf.keras.Model,
     return train_step
 
 
+class EpochCheckpoint:
+    """Saves weights, optimizer state and the epoch after each epoch; restores the latest at start.
+
+    :param owner: whether this task writes ``JOB_DIR/checkpoints`` (the chief, or a process alone);
+        the others save to a scratch folder, as MultiWorkerMirroredStrategy needs every task to save.
+    """
+
+    def __init__(self, job_dir: str, owner: bool, **objects):
+        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+        self.checkpoint = tf.train.Checkpoint(epoch=self.epoch, **objects)
+        self.shared = os.path.join(job_dir, "checkpoints")
+        self.scratch = None if owner else tempfile.mkdtemp(prefix="checkpoints-")
+        self.manager = tf.train.CheckpointManager(self.checkpoint, self.scratch or self.shared, max_to_keep=2)
+
+    def restore(self) -> int:
+        """Restore the latest checkpoint of ``JOB_DIR/checkpoints``, if any; the epochs it holds."""
+        latest = tf.train.latest_checkpoint(self.shared)
+        if latest is None:
+            return 0
+        self.checkpoint.restore(latest)
+        LOG.info("resumed from checkpoint %s: %d epoch(s) already done", latest, int(self.epoch.numpy()))
+        return int(self.epoch.numpy())
+
+    def save(self, epoch: int) -> None:
+        self.epoch.assign(epoch)
+        self.manager.save(checkpoint_number=epoch)
+
+    def close(self) -> None:
+        if self.scratch:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+class Summaries:
+    """TensorBoard scalars (``tf.summary``) in ``JOB_DIR/tensorboard``, written by the chief only: the same
+    per-epoch values the log lines show, which the platform archives and the dashboard draws.
+
+    ``tf.summary.scalar`` needs the ``tensorboard`` package, which the node runtime does not hold; this is
+    what it writes, with TensorFlow's own ``tf.summary.write`` and the scalars plugin's metadata.
+    """
+
+    METADATA = tf.compat.v1.SummaryMetadata(
+        plugin_data=tf.compat.v1.SummaryMetadata.PluginData(plugin_name="scalars")).SerializeToString()
+
+    def __init__(self, job_dir: str, owner: bool):
+        self.writer = tf.summary.create_file_writer(os.path.join(job_dir, "tensorboard")) if owner else None
+
+    def scalars(self, step: int, **values: float) -> None:
+        if self.writer is None:
+            return
+        with self.writer.as_default(step=step):
+            for name, value in values.items():
+                tf.summary.write(name, tf.constant(value, tf.float32), metadata=self.METADATA)
+        self.writer.flush()
+
+
 class Failer:
     """Raises before the configured step, in the configured task only: the platform's failure tests."""
 
@@ -131,22 +197,31 @@ def train_synchronously(args: argparse.Namespace, strategy: tf.distribute.Strate
     with strategy.scope():
         model = build_model()
         optimizer = tf.keras.optimizers.SGD(learning_rate=args.learning_rate)
+        checkpoint = EpochCheckpoint(args.job_dir, task_type == "chief", model=model, optimizer=optimizer)
     iterator = iter(strategy.experimental_distribute_dataset(make_dataset(x, y, global_batch, args.seed)))
     train_step = make_train_step(strategy, model, optimizer, global_batch)
     failer = Failer(args, task_type, task_index)
+    summaries = Summaries(args.job_dir, task_type == "chief")
+    done = checkpoint.restore()
     LOG.info("training with %s: %d replica(s), global batch %d, %d epochs of %d steps",
              strategy_name, strategy.num_replicas_in_sync, global_batch, args.epochs, steps_per_epoch)
-    step = 0
+    step = done * steps_per_epoch
     training_started = time.monotonic()
-    for epoch in range(1, args.epochs + 1):
+    for epoch in range(done + 1, args.epochs + 1):
         total = 0.0
         for _ in range(steps_per_epoch):
             step += 1
             failer.before(step)
             total += float(train_step(iterator))
+        checkpoint.save(epoch)
         LOG.info("epoch %d/%d step %d loss %.6f", epoch, args.epochs, step, total / steps_per_epoch)
+        summaries.scalars(step, loss=total / steps_per_epoch)
+        time.sleep(args.sleep_after_epoch)
+    checkpoint.close()
     # This task's own samples per second of training (start-up and rendezvous excluded), for benchmarks.
-    LOG.info("THROUGHPUT samples_per_second=%.1f", step * args.batch_size / (time.monotonic() - training_started))
+    trained_steps = step - done * steps_per_epoch
+    LOG.info("THROUGHPUT samples_per_second=%.1f",
+             trained_steps * args.batch_size / (time.monotonic() - training_started))
     return model
 
 
@@ -157,6 +232,7 @@ def train_with_parameter_servers(args: argparse.Namespace, resolver) -> tf.keras
     with strategy.scope():
         model = build_model()
         optimizer = tf.keras.optimizers.SGD(learning_rate=args.learning_rate)
+        checkpoint = EpochCheckpoint(args.job_dir, True, model=model, optimizer=optimizer)
     x, y = make_data(args.samples, args.seed)
 
     def dataset_fn():
@@ -166,12 +242,14 @@ def train_with_parameter_servers(args: argparse.Namespace, resolver) -> tf.keras
     train_step = make_train_step(strategy, model, optimizer, args.batch_size)
     steps_per_epoch = args.steps_per_epoch or max(1, args.samples // args.batch_size)
     failer = Failer(args, "chief", 0)
+    summaries = Summaries(args.job_dir, True)
+    done = checkpoint.restore()
     cluster = resolver.cluster_spec().as_dict()
     LOG.info("training with ParameterServerStrategy: %d worker(s), %d ps, batch %d per step, %d epochs of %d steps",
              len(cluster.get("worker", [])), len(cluster.get("ps", [])), args.batch_size, args.epochs,
              steps_per_epoch)
-    step = 0
-    for epoch in range(1, args.epochs + 1):
+    step = done * steps_per_epoch
+    for epoch in range(done + 1, args.epochs + 1):
         losses = []
         for _ in range(steps_per_epoch):
             step += 1
@@ -179,7 +257,10 @@ def train_with_parameter_servers(args: argparse.Namespace, resolver) -> tf.keras
             losses.append(coordinator.schedule(train_step, args=(iterator,)))
         coordinator.join()
         mean_loss = sum(float(loss.fetch()) for loss in losses) / len(losses)
+        checkpoint.save(epoch)
         LOG.info("epoch %d/%d step %d loss %.6f", epoch, args.epochs, step, mean_loss)
+        summaries.scalars(step, loss=mean_loss)
+        time.sleep(args.sleep_after_epoch)
     return model
 
 

@@ -1,0 +1,100 @@
+// Draws the dashboard's charts (Chart.js) from each <canvas data-chart="{...}">, also in fragments htmx swaps in.
+(function () {
+  "use strict";
+  const palette = ["#0d6efd", "#dc3545", "#198754", "#fd7e14", "#6f42c1", "#20c997", "#6c757d"];
+
+  function usage(spec) {
+    return {
+      type: "bar",
+      data: {
+        labels: spec.data.labels,
+        datasets: [
+          { label: "used", data: spec.data.usage, backgroundColor: "#0d6efd" },
+          { label: "quota", data: spec.data.quota, backgroundColor: "#adb5bd" },
+        ],
+      },
+      options: { animation: false, scales: { y: { beginAtZero: true, ticks: { precision: 0 } } } },
+    };
+  }
+
+  function metrics(spec) {
+    const datasets = Object.entries(spec.series).map(([name, points], i) => ({
+      label: name, data: points, borderColor: palette[i % palette.length], showLine: true, pointRadius: 2,
+    }));
+    return {
+      type: "scatter", data: { datasets },
+      options: { animation: false, scales: { x: { title: { display: true, text: "step" } } } },
+    };
+  }
+
+  function health(spec) {
+    // REPLICA is a replica becoming ready; the failover kinds are the serving workflow's event kinds.
+    const colours = { REPLICA: "#198754", EJECTED: "#dc3545", REPLACING: "#fd7e14", REPLACED: "#6f42c1",
+                      FAILOVER_LIMIT: "#000000", ERROR: "#dc3545", DELETED: "#6c757d", SCALE: "#0dcaf0" };
+    const datasets = Object.entries(spec.series).map(([kind, points], i) => ({
+      label: kind, data: points, pointRadius: 6,
+      backgroundColor: colours[kind] || palette[i % palette.length],
+    }));
+    return {
+      type: "scatter", data: { datasets },
+      options: {
+        animation: false,
+        scales: {
+          x: { title: { display: true, text: "seconds" }, beginAtZero: true },
+          y: { min: -1, max: spec.rows.length, reverse: true,
+               ticks: { stepSize: 1, callback: (v) => spec.rows[v] ?? "" } },
+        },
+        plugins: { tooltip: { callbacks: { label: (item) => item.raw.label } } },
+      },
+    };
+  }
+
+  function probes(spec) {
+    // The monitor's samples: one line per series (replica, or replica and statistic), minutes before now.
+    const datasets = Object.entries(spec.series).map(([name, points], i) => ({
+      label: name, data: points, showLine: true, borderWidth: 1.5,
+      pointRadius: points.map((p) => (p.healthy === false ? 5 : 2)),
+      borderColor: palette[Math.floor(i / (spec.unit === "ms" ? 2 : 1)) % palette.length],
+      borderDash: name.endsWith(" max") ? [4, 3] : [],
+      pointBackgroundColor: points.map((p) => (p.healthy === false ? "#dc3545" : undefined)),
+    }));
+    return {
+      type: "scatter", data: { datasets },
+      options: {
+        animation: false,
+        scales: {
+          x: { title: { display: true, text: "minutes (0 = now)" } },
+          y: spec.unit === "%" ? { min: 0, max: 100, title: { display: true, text: "%" } }
+            : { beginAtZero: true, title: { display: true, text: "ms" } },
+        },
+      },
+    };
+  }
+
+  const builders = { usage, metrics, health, probes };
+
+  function draw(root) {
+    root.querySelectorAll("canvas[data-chart]").forEach((canvas) => {
+      if (canvas.dataset.drawn) return;
+      const spec = JSON.parse(canvas.dataset.chart);
+      new Chart(canvas, builders[spec.type](spec));
+      canvas.dataset.drawn = "1";
+    });
+  }
+
+  // Polled tables hold forms: skip a refresh while the user has ticked a row or is typing in one.
+  window.dashboardIdle = function () {
+    const active = document.activeElement;
+    return !document.querySelector("tbody input[type=checkbox]:checked") &&
+      !(active && active.tagName === "INPUT" && active.closest("tbody"));
+  };
+
+  document.addEventListener("DOMContentLoaded", () => {
+    htmx.onLoad(draw);
+    // A chart drawn in a hidden tab has no size; give it one when its tab is shown.
+    document.addEventListener("shown.bs.tab", (event) => {
+      const pane = document.querySelector(event.target.dataset.bsTarget);
+      pane?.querySelectorAll("canvas[data-chart]").forEach((canvas) => Chart.getChart(canvas)?.resize());
+    });
+  });
+})();

@@ -1,0 +1,184 @@
+"""The reconciler: one pass that puts right what crashes and lost messages leave behind.
+
+Celery beat runs :func:`reconcile` every ``reconcile_interval`` seconds (``tasks/``). Each pass:
+
+- re-sends a job's step whose lease expired: its worker died mid-step, or its message was lost (a worker
+  died after recording the hand-over but before sending it, a broker restart dropped it);
+- fails jobs past ``scheduling.maxWaitTime`` (still QUEUED or PREPARING) or ``scheduling.maxRunningTime``
+  (RUNNING), also when no step of theirs is running, and sends them to teardown;
+- deletes clusters that belong to no live job or version (garbage collection): clusters the driver holds
+  whose job has ended (e.g. a crash between the driver's create and the database's record of the nodes,
+  followed by a failure or cancel) or whose version was deleted. A cluster whose name is not one the
+  platform makes, or that this database has no record of, is never touched.
+
+Everything is a compare-and-set or idempotent, so two passes at once (two beats) do no harm: only one of
+them re-sends a step, and deleting a cluster twice deletes it once. Plain functions: the store, the
+driver and the function that sends a step come in as arguments; this module must not import Celery.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import re
+from collections.abc import Callable
+
+from sqlalchemy import select
+
+from cloudml_os.cloud.base import Driver, DriverError
+from cloudml_os.config import Settings
+from cloudml_os.states import JobState, Step
+from cloudml_os.store import Cluster, Job, Store
+from cloudml_os.store.models import Version
+
+log = logging.getLogger(__name__)
+
+# The names workflows give clusters: cml-train-{job id}-… (train.cluster_name), cml-serve-{version id}.
+TRAINING_CLUSTER = re.compile(r"cml-train-(\d+)-")
+SERVING_CLUSTER = re.compile(r"cml-serve-(\d+)")
+QUEUED_STATES = (JobState.QUEUED.value, JobState.PREPARING.value)
+
+
+@dataclasses.dataclass
+class ReconcileContext:
+    """What a pass needs; ``send_step(job_pk, step, seq)`` enqueues one delivery of a training step."""
+
+    settings: Settings
+    store: Store
+    driver: Driver
+    send_step: Callable[[int, Step, int], None]
+
+
+@dataclasses.dataclass
+class Report:
+    """What one pass did (logged; tests and the bench read it)."""
+
+    resent: list[tuple[int, str]] = dataclasses.field(default_factory=list)
+    timed_out: list[int] = dataclasses.field(default_factory=list)
+    deleted_clusters: list[str] = dataclasses.field(default_factory=list)
+
+
+def reconcile(ctx: ReconcileContext) -> Report:
+    """One pass: time limits first (they may send a job to teardown), then expired leases, then garbage."""
+    report = Report()
+    enforce_time_limits(ctx, report)
+    resend_expired_steps(ctx, report)
+    collect_garbage(ctx, report)
+    if report.resent or report.timed_out or report.deleted_clusters:
+        log.info("reconciler: resent %s, timed out %s, deleted clusters %s", report.resent, report.timed_out,
+                 report.deleted_clusters)
+    return report
+
+
+# ---- step leases ---------------------------------------------------------------------------------------
+
+def resend_expired_steps(ctx: ReconcileContext, report: Report) -> None:
+    """Send again every live job's current step whose lease expired (or that never got one)."""
+    now = ctx.store.now()
+    pickup = ctx.settings.step_pickup_seconds
+    never_picked_up = now - dt.timedelta(seconds=pickup)
+    for job in ctx.store.live_jobs():
+        if job.step == Step.DONE.value:
+            continue
+        expired = job.lease_until < now if job.lease_until else job.create_time < never_picked_up
+        if not expired:
+            continue
+        if ctx.store.take_expired_step(job.id, job.step, job.step_seq, pickup, never_picked_up):
+            ctx.store.add_event(job.id, "RECONCILE", f"Step {job.step} had no live worker; sent again")
+            ctx.send_step(job.id, Step(job.step), job.step_seq)
+            report.resent.append((job.id, job.step))
+
+
+# ---- time limits ---------------------------------------------------------------------------------------
+
+def _limit(job: Job, name: str) -> float | None:
+    """``scheduling.NAME`` of the job in seconds (a google.protobuf.Duration such as "3600s"), if set."""
+    value = (job.training_input.get("scheduling") or {}).get(name)
+    return float(str(value).rstrip("s")) if value else None
+
+
+def overdue_reason(job: Job, now: dt.datetime) -> str | None:
+    """Why the job must stop now, or None: it waited longer than ``maxWaitTime`` to run, or ran longer than
+    ``maxRunningTime``."""
+    max_wait, max_running = _limit(job, "maxWaitTime"), _limit(job, "maxRunningTime")
+    if max_wait is not None and job.state in QUEUED_STATES and (now - job.create_time).total_seconds() > max_wait:
+        return f"Job waited longer than scheduling.maxWaitTime ({max_wait:g}s) to start running"
+    if (max_running is not None and job.state == JobState.RUNNING.value and job.start_time
+            and (now - job.start_time).total_seconds() > max_running):
+        return f"Job ran longer than scheduling.maxRunningTime ({max_running:g}s)"
+    return None
+
+
+def enforce_time_limits(ctx: ReconcileContext, report: Report) -> None:
+    """Fail overdue jobs. A queued job ends at once (nothing was created for it); the others get their
+    outcome set to FAILED, which sends them to teardown at their next step (run_step), and a job whose step
+    is not running (lease expired) is handed to teardown here."""
+    now = ctx.store.now()
+    for job in ctx.store.live_jobs():
+        reason = overdue_reason(job, now)
+        if reason is None or job.outcome == JobState.FAILED.value:
+            continue
+        if ctx.store.transition(job.id, [JobState.QUEUED], JobState.FAILED, error_message=reason):
+            ctx.store.add_event(job.id, "TIMEOUT", reason)
+            report.timed_out.append(job.id)
+            continue
+        if not ctx.store.fail_outcome(job.id, reason):
+            continue  # another pass (or the watch step) got there first
+        ctx.store.add_event(job.id, "TIMEOUT", reason)
+        report.timed_out.append(job.id)
+        step = Step(job.step)
+        if step not in (Step.TEARING_DOWN, Step.DONE) and (job.lease_until is None or job.lease_until < now):
+            pickup = now + dt.timedelta(seconds=ctx.settings.step_pickup_seconds)
+            if ctx.store.advance(job.id, step, job.step_seq, Step.TEARING_DOWN, lease_owner=None, lease_until=pickup):
+                ctx.send_step(job.id, Step.TEARING_DOWN, 0)
+
+
+# ---- garbage collection ------------------------------------------------------------------------------
+
+def is_garbage(store: Store, name: str) -> bool:
+    """Whether the driver's cluster ``name`` belongs to no live job or version of this installation.
+
+    A training cluster is garbage once its job is final; a serving cluster once its version is DELETED.
+    Workflows record the job or version (and the cluster row) before the driver creates anything, so a
+    cluster a step in progress created moments ago is always live. A cluster this database knows nothing
+    of (neither its row nor its job or version) is left alone: it may be another installation's in a
+    shared cloud project. Names the platform does not make are never garbage.
+    """
+    if match := TRAINING_CLUSTER.match(name):
+        job = store.get_job(int(match.group(1)))
+        return JobState(job.state).is_final if job is not None else _recorded(store, name)
+    if match := SERVING_CLUSTER.fullmatch(name):
+        with store.session() as session:
+            state = session.scalar(select(Version.state).where(Version.id == int(match.group(1))))
+        return state == "DELETED" if state is not None else _recorded(store, name)
+    return False
+
+
+def _recorded(store: Store, name: str) -> bool:
+    with store.session() as session:
+        return session.scalar(select(Cluster.id).where(Cluster.name == name)) is not None
+
+
+def collect_garbage(ctx: ReconcileContext, report: Report) -> None:
+    """Delete the driver's clusters that are garbage (see :func:`is_garbage`) and mark their rows DELETED."""
+    try:
+        names = ctx.driver.list_clusters()
+    except DriverError as exc:
+        log.warning("reconciler: cannot list the driver's clusters: %s", exc)
+        return
+    for name in names:
+        if not is_garbage(ctx.store, name):
+            continue
+        try:
+            ctx.driver.delete_cluster(name)
+        except DriverError as exc:
+            log.warning("reconciler: cannot delete cluster %s: %s", name, exc)
+            continue
+        with ctx.store.session() as session:
+            row = session.scalar(select(Cluster).where(Cluster.name == name))
+        if row is not None and row.state != "DELETED":
+            ctx.store.update_cluster(row.id, state="DELETED", deleted_at=ctx.store.now())
+        if row is not None and row.job_id is not None:
+            ctx.store.add_event(row.job_id, "RECONCILE", f"Cluster {name} belonged to no live job; deleted")
+        report.deleted_clusters.append(name)
