@@ -8,6 +8,8 @@ DEBIAN_PACKAGES := openssh-server util-linux procps iproute2 chromium chromium-d
 # tests/site: the site.yml test host (debootstrap, systemd-nspawn, tinyproxy), shellcheck of images/,
 # diskimage-builder's needs (it calls sudo even as root).
 DEBIAN_PACKAGES += debootstrap systemd-container tinyproxy shellcheck sudo
+# the reliability tests start private PostgreSQL and RabbitMQ servers (initdb, pg_ctl, rabbitmq-server)
+DEBIAN_PACKAGES += postgresql rabbitmq-server
 
 .PHONY: run test lint system-packages runtimes testcloud assets site-tools
 
