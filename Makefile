@@ -11,7 +11,7 @@ DEBIAN_PACKAGES += debootstrap systemd-container tinyproxy shellcheck sudo
 # the reliability tests start private PostgreSQL and RabbitMQ servers (initdb, pg_ctl, rabbitmq-server)
 DEBIAN_PACKAGES += postgresql rabbitmq-server
 
-.PHONY: run test lint system-packages runtimes testcloud assets site-tools
+.PHONY: run test lint system-packages runtimes testcloud assets site-tools release
 
 run: system-packages $(STAMP) runtimes assets
 	$(VENV)/bin/cloudml-os up $(if $(PORT),--port $(PORT))
@@ -59,3 +59,11 @@ $(STAMP): setup.cfg pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test]'
 	touch $@
+
+# What site.yml installs (ansible/, cloudml_os_source_archive): the source tree git knows (tracked and new,
+# not ignored files) plus the dashboard's front-end assets, which npm builds and git ignores.
+RELEASE_ARCHIVE ?= dist/cloudml-os.tar.gz
+release: assets
+	mkdir -p $(dir $(RELEASE_ARCHIVE))
+	{ git ls-files --cached --others --exclude-standard | while read -r f; do [ -f "$$f" ] && echo "$$f"; done; \
+	  ls $(VENDOR)/*.js $(VENDOR)/*.css; } | sort -u | tar -czf $(RELEASE_ARCHIVE) -T -

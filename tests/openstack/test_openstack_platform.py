@@ -119,3 +119,23 @@ def test_keystone_decides_who_sees_and_changes_what(platform, test_cloud, alice,
     bearer = requests.get(f"{platform.base_url}/v1/projects/team-a/jobs/os_tf_job", timeout=30,
                           headers={"Authorization": f"Bearer {alice.token}"})
     assert bearer.status_code == 200, bearer.text
+
+
+def test_no_clouds_yaml_password_or_keystone_token_reaches_logs_events_or_responses(platform, test_cloud, alice,
+                                                                                   trained):
+    """The platform holds the clouds.yaml passwords of its service accounts and its callers' Keystone tokens:
+    none of them may appear in its processes' logs, a job's events or logs, or any answer of the API."""
+    secrets = {test_cloud.service_password, test_cloud.admin_password, alice.token,
+               test_cloud.connect("cloudml-os").auth_token}
+    answers = [alice.request("GET", path).text for path in (
+        "/jobs", "/jobs/os_tf_job", "/jobs/os_tf_job/events", "/jobs/os_tf_job/logs", "/jobs/os_tf_job/metrics",
+        "/jobs/missing", ":getConfig", "/models")]
+    answers.append(alice.request("POST", "/jobs", json={"jobId": "bad", "trainingInput": {"region": 1}}).text)
+    files = [path for path in platform.data_dir.rglob("*") if path.is_file() and path.stat().st_size < 64 << 20]
+    assert any(path.name.endswith(".log") for path in files)  # the API's, the worker's and the monitor's
+    for secret in secrets:
+        assert secret and len(secret) >= 8
+        for path in files:
+            assert secret.encode() not in path.read_bytes(), f"a secret is in {path}"
+        for answer in answers:
+            assert secret not in answer

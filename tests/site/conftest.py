@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,14 +39,10 @@ def ansible() -> Ansible:
 
 @pytest.fixture(scope="session")
 def source_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The working tree as an operator's `git archive` would hold it (tracked and new files, not ignored ones)."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPOSITORY,
-                            capture_output=True, check=True).stdout.decode().split("\0")
+    """The working tree as an operator's release archive holds it (`make release`: the files git knows and the
+    dashboard's npm-built assets)."""
     archive = tmp_path_factory.mktemp("source") / "cloudml-os.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        for name in sorted(filter(None, listed)):
-            if (REPOSITORY / name).is_file():  # a tracked file deleted in the working tree is not there
-                tar.add(REPOSITORY / name, arcname=name)
+    subprocess.run(["make", "-s", "release", f"RELEASE_ARCHIVE={archive}"], cwd=REPOSITORY, check=True)
     return archive
 
 

@@ -72,6 +72,11 @@ def test_site_playbook_installs_a_healthy_control_plane_and_a_second_run_changes
     assert response.status_code == 200 and response.json() == {"status": "ok"}
     plain = requests.get(f"http://{site_host.address}/healthz", allow_redirects=False, timeout=30)
     assert plain.status_code == 301 and plain.headers["Location"].startswith("https://")
+    sign_in = requests.get(f"https://{site_host.address}/dashboard/login", verify=str(certificate), timeout=30)
+    assert sign_in.status_code == 200 and "vendor/bootstrap.min.css" in sign_in.text
+    styles = requests.get(f"https://{site_host.address}/dashboard/static/vendor/bootstrap.min.css",
+                          verify=str(certificate), timeout=30)
+    assert styles.status_code == 200 and "Bootstrap" in styles.text[:500]  # the npm-built assets were installed
 
     second = ansible.playbook("site.yml", *arguments)
     assert second.returncode == 0, second.tail()

@@ -46,6 +46,20 @@ class CloudContext:
     def port(self, service: str) -> int:
         return 35000 + 100 * self.instance + PORT_OFFSETS[service]
 
+    def reserve_ports(self) -> None:
+        """Keep the kernel from handing this cloud's ports to outgoing connections (they lie in the
+        ephemeral range, 32768–60999 here): a service finding its port taken by one fails to start.
+        Best effort: without the right to change the setting, the ports stay as they are."""
+        first = self.port("keystone")
+        block = f"{first}-{first + 99}"
+        setting = Path("/proc/sys/net/ipv4/ip_local_reserved_ports")
+        try:
+            reserved = [r for r in setting.read_text().strip().split(",") if r]
+            if block not in reserved:
+                setting.write_text(",".join([*reserved, block]))
+        except OSError:
+            pass
+
     def url(self, service: str, path: str = "") -> str:
         return f"http://{self.host}:{self.port(service)}{path}"
 

@@ -112,6 +112,7 @@ def start_test_cloud(root: Path, instance: int = 0) -> TestCloud:
     ctx = CloudContext(root=root, venv=services.ensure_services_venv(), instance=instance)
     cloud = TestCloud(ctx=ctx, clouds_yaml=root / "clouds.yaml")
     timings = cloud.timings
+    ctx.reserve_ports()
     try:
         with ThreadPoolExecutor(max_workers=8) as pool:
             # Databases of Heat and Glance need no Keystone: created while Keystone starts.
