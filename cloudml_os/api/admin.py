@@ -19,8 +19,9 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from cloudml_os.api import ApiBlueprint, resource_name, services
-from cloudml_os.api.jobs import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, decode_page_token, encode_page_token, parse_filter
 from cloudml_os.api.jobs import _where as job_condition
+from cloudml_os.api.jobs import parse_filter
+from cloudml_os.api.models import list_page
 from cloudml_os.api.schemas import EmptySchema, JobSchema, Timestamp
 from cloudml_os.auth import ROLES, is_platform_admin, is_write
 from cloudml_os.auth.tokens import PROJECT_ID, create_token, hash_token
@@ -227,18 +228,12 @@ def revoke_token(token_id: int) -> dict[str, Any]:
 @blp.response(200, AdminJobListSchema)
 def list_all_jobs(args: dict[str, Any]) -> dict[str, Any]:
     """Every project's jobs (or one project's), newest first; ``filter`` as in ``jobs.list``."""
-    page_size = min(args["pageSize"] or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
     query = select(Job).where(*[job_condition(c) for c in parse_filter(args["filter"])])
     if args["project"]:
         query = query.where(Job.project == args["project"])
-    if args["pageToken"]:
-        query = query.where(Job.id < decode_page_token(args["pageToken"]))
     with services().store.session() as session:
-        jobs = list(session.scalars(query.order_by(Job.id.desc()).limit(page_size + 1)))
-    result: dict[str, Any] = {"jobs": jobs[:page_size]}
-    if len(jobs) > page_size:
-        result["nextPageToken"] = encode_page_token(jobs[page_size - 1].id)
-    return result
+        jobs, next_page = list_page(session, query, Job.id, args, newest_first=True)
+    return {"jobs": jobs, **({"nextPageToken": next_page} if next_page else {})}
 
 
 # ---- clusters, nodes and replicas ------------------------------------------------------------------------
@@ -364,15 +359,9 @@ def record_audit(response: Response) -> Response:
 @blp.response(200, AuditListSchema)
 def list_audit_events(args: dict[str, Any]) -> dict[str, Any]:
     """The audit trail: mutating API calls of every project (or one), newest first."""
-    page_size = min(args["pageSize"] or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
     query = select(AuditEvent)
     if args["project"]:
         query = query.where(AuditEvent.project == args["project"])
-    if args["pageToken"]:
-        query = query.where(AuditEvent.id < decode_page_token(args["pageToken"]))
     with services().store.session() as session:
-        events = list(session.scalars(query.order_by(AuditEvent.id.desc()).limit(page_size + 1)))
-    result: dict[str, Any] = {"events": events[:page_size]}
-    if len(events) > page_size:
-        result["nextPageToken"] = encode_page_token(events[page_size - 1].id)
-    return result
+        events, next_page = list_page(session, query, AuditEvent.id, args, newest_first=True)
+    return {"events": events, **({"nextPageToken": next_page} if next_page else {})}

@@ -223,3 +223,20 @@ def test_topology_reads_like_the_training_input():
     assert topology({"scaleTier": "BASIC"}) == "BASIC"
     assert topology({"scaleTier": "CUSTOM", "masterType": "standard", "workerCount": 2,
                      "parameterServerCount": 1}) == "CUSTOM: master (standard) + 2 workers + 1 ps"
+
+
+def test_admin_job_and_event_listings_page_newest_first(env):
+    admin = bearer(env, "admin", "admin")
+    ids = [add_job(env, project, f"paged_{n}").job_id for n, project in enumerate(("team-a", "team-b", "team-a"))]
+    first = env.client.get("/v1/admin/jobs?pageSize=2", headers=admin).get_json()
+    assert [job["jobId"] for job in first["jobs"]] == ids[:0:-1] and first["nextPageToken"]
+    rest = env.client.get(f"/v1/admin/jobs?pageSize=2&pageToken={first['nextPageToken']}", headers=admin).get_json()
+    assert [job["jobId"] for job in rest["jobs"]] == ids[:1] and "nextPageToken" not in rest
+    for model in ("m1", "m2", "m3"):
+        env.client.post("/v1/projects/team-a/models", json={"name": model}, headers=bearer(env, "team-a", "admin"))
+    events = env.client.get("/v1/admin/events?pageSize=2&project=team-a", headers=admin).get_json()
+    assert len(events["events"]) == 2 and events["nextPageToken"]
+    older = env.client.get(f"/v1/admin/events?pageSize=2&project=team-a&pageToken={events['nextPageToken']}",
+                           headers=admin).get_json()
+    assert len(older["events"]) == 1 and "nextPageToken" not in older
+    assert events["events"][0]["time"] >= events["events"][1]["time"] >= older["events"][0]["time"]
