@@ -15,7 +15,7 @@ import pytest
 import yaml
 from openstack import exceptions
 
-from tests.testcloud.base import CloudContext
+from tests.testcloud.base import CloudContext, free_instance
 from tests.testcloud.cloud import FLAVORS, IMAGE_NAME, USERS, TestCloud, start_test_cloud
 from tests.testcloud.services import upload_image
 
@@ -154,7 +154,7 @@ def test_shared_resources_exist_for_the_platform(test_cloud: TestCloud):
 
 def test_a_start_that_fails_half_way_leaves_no_process(test_cloud: TestCloud, tmp_path, monkeypatch):
     # Its own instance, beside the session's cloud; every process it starts inherits the marker.
-    instance = test_cloud.ctx.instance + 10
+    instance = free_instance(test_cloud.ctx.instance + 10)
     marker = f"failed-start-{uuid.uuid4().hex}"
     monkeypatch.setenv("CLOUDML_OS_TESTCLOUD_RUN", marker)
     heat_port = CloudContext(root=tmp_path, venv=test_cloud.ctx.venv, instance=instance).port("heat")

@@ -17,6 +17,7 @@ import pytest
 
 from tests.site.ansible_runner import REPOSITORY, Ansible, ensure_ansible_venv
 from tests.site.host import SiteHost, start_site_host
+from tests.testcloud.base import free_instance
 
 HERE = Path(__file__).resolve().parent
 
@@ -29,7 +30,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def site_instance() -> int:
-    return int(os.environ.get("CLOUDML_OS_SITE_INSTANCE", "7"))
+    return free_instance(int(os.environ.get("CLOUDML_OS_SITE_INSTANCE", "7")))
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -42,6 +43,7 @@ class CloudContext:
     admin_password: str = "admin-secret"
     service_password: str = "service-secret"
     processes: list[subprocess.Popen] = dataclasses.field(default_factory=list)
+    log_paths: dict[int, Path] = dataclasses.field(default_factory=dict)
 
     def port(self, service: str) -> int:
         return 35000 + 100 * self.instance + PORT_OFFSETS[service]
@@ -59,6 +61,16 @@ class CloudContext:
                 setting.write_text(",".join([*reserved, block]))
         except OSError:
             pass
+
+    def ports_free(self) -> bool:
+        """Whether every port of this cloud can be bound now (a connection that took one from the
+        ephemeral range before :meth:`reserve_ports` keeps it until it closes)."""
+        for service in PORT_OFFSETS:
+            try:
+                socket.create_server(("0.0.0.0", self.port(service))).close()
+            except OSError:
+                return False
+        return True
 
     def url(self, service: str, path: str = "") -> str:
         return f"http://{self.host}:{self.port(service)}{path}"
@@ -107,7 +119,14 @@ class CloudContext:
             process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                        env={**os.environ, **(env or {})}, cwd=cwd, start_new_session=True)
         self.processes.append(process)
+        self.log_paths[process.pid] = logs / f"{name}.log"
         return process
+
+    def log_tail(self, process: subprocess.Popen, lines: int = 8) -> str:
+        """The last lines ``process`` logged: what a failed start says, kept in the error (CI keeps no logs)."""
+        path = self.log_paths.get(process.pid)
+        text = path.read_text(errors="replace") if path and path.exists() else ""
+        return "\n".join(text.rstrip().splitlines()[-lines:])
 
     def wait_http(self, url: str, process: subprocess.Popen | None = None, timeout: float = 60.0) -> None:
         """Wait until ``url`` answers any HTTP status; fail early if ``process`` exits."""
@@ -120,7 +139,7 @@ class CloudContext:
                 pass
             if process is not None and process.poll() is not None:
                 raise RuntimeError(f"{process.args[0]} exited with {process.returncode} before {url} answered; "
-                                   f"see {self.root / 'logs'}")
+                                   f"see {self.root / 'logs'}; it ended with:\n{self.log_tail(process)}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{url} did not answer within {timeout:g}s; see {self.root / 'logs'}")
             time.sleep(0.2)
@@ -141,3 +160,14 @@ class CloudContext:
                 process.wait()
         self.processes.clear()
 
+
+
+def free_instance(first: int) -> int:
+    """The first instance from ``first`` on whose ports, once reserved, nothing holds: a cloud started
+    beside the session's one must not find a long-lived outgoing connection sitting on its port."""
+    for instance in range(first, 250):
+        ctx = CloudContext(root=Path("."), venv=Path("."), instance=instance)
+        ctx.reserve_ports()
+        if ctx.ports_free():
+            return instance
+    raise RuntimeError(f"no test cloud instance from {first} on has all its ports free")
