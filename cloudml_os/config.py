@@ -60,7 +60,7 @@ class Settings:
     runtimes_dir: Path = Path.home() / ".cache" / "cloudml-os" / "runtimes"
     task_queue: str = "cloudml-os"
     watch_interval: float = 0.25
-    watch_window: float = 5.0
+    watch_window: float = 30.0
     ssh_connect_timeout: float = 10.0
     ssh_boot_retries: int = 30
     ssh_parallelism: int = 16

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable
 
 from celery import Celery
+from celery.signals import worker_shutting_down
 
 from cloudml_os.config import Settings
 from cloudml_os.states import Step
@@ -62,6 +63,13 @@ def make_celery(settings: Settings, context_factory: Callable[[], object] | None
 
     def context() -> object:
         return built("training", context_factory)
+
+    @worker_shutting_down.connect(weak=False)
+    def stop_polling(**_: object) -> None:
+        """A warm shutdown waits for running tasks: let polling steps hand over now, not at their window's end."""
+        training = state.get("training")
+        if training is not None:
+            training.stopping.set()
 
     @app.task(name=TRAIN_STEP, bind=True)
     def train_step(self, job_pk: int, step: str, seq: int) -> None:

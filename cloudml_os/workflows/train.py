@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 ERROR_LOG_LINES = 20
 LOG_FETCH_LIMIT = 1 << 20
 LOG_FETCH_INTERVAL = 1.0  # seconds between log fetches of a running job (what following the logs lags by)
+# For this long after the trainers start, exits are looked for every watch_interval (a short job, or a trainer
+# that dies on start, is seen at once); after it, once every LOG_FETCH_INTERVAL. Each poll costs the nodes a
+# few SFTP round trips, and synchronous training feels every interruption of its processes.
+FAST_POLL_SECONDS = 30.0
 
 
 class StepError(RuntimeError):
@@ -59,6 +63,8 @@ class TrainingContext:
     artifacts: ArtifactStore
     frameworks: dict[str, Framework]
     connect: Callable[[Node, str], NodeSession]
+    # Set when the worker begins to shut down: a polling window ends early and hands over to the next delivery.
+    stopping: threading.Event = dataclasses.field(default_factory=threading.Event)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,8 +255,9 @@ def launch(ctx: TrainingContext, job: Job) -> Handover:
 def watch(ctx: TrainingContext, job: Job) -> Handover:
     """Poll exit codes and fetch new log bytes; judge the job by its framework's success policy.
 
-    One delivery keeps its connections for ``watch_window`` seconds, polling every ``watch_interval``,
-    then re-sends itself: exits are seen within one interval without a handshake per node per poll,
+    One delivery keeps its connections for ``watch_window`` seconds (less when the worker shuts down),
+    polling every ``watch_interval`` during the first FAST_POLL_SECONDS of training and every
+    LOG_FETCH_INTERVAL after, then re-sends itself: exits are seen without a handshake per node per poll,
     and no message stays unacknowledged for a whole training run.
     """
     cluster = _cluster(ctx, job)
@@ -278,7 +285,8 @@ def _watch_window(ctx: TrainingContext, job: Job, cluster: Cluster, framework: F
             # fetched every LOG_FETCH_INTERVAL and when a process ends; the window's last poll also finds
             # processes that vanished without an exit code. Trainers share their nodes' cores with this.
             now = time.monotonic()
-            last = now + ctx.settings.watch_interval >= window_ends
+            interval = _poll_interval(ctx, job)
+            last = now + interval >= window_ends or ctx.stopping.is_set()
             logs = last or now >= logs_due
             logs_due = now + LOG_FETCH_INTERVAL if logs else logs_due
             statuses = sessions.each(functools.partial(_fetch, ctx, job, thorough=last, logs=logs))
@@ -294,9 +302,16 @@ def _watch_window(ctx: TrainingContext, job: Job, cluster: Cluster, framework: F
                                                                         outcome.failed_role))
             if max_running and job.start_time and (ctx.store.now() - job.start_time).total_seconds() > max_running:
                 raise StepError(f"Job ran longer than scheduling.maxRunningTime ({max_running:g}s)")
-            if time.monotonic() >= window_ends or (logs and ctx.store.get_job(job.id).state != JobState.RUNNING.value):
+            if last or (logs and ctx.store.get_job(job.id).state != JobState.RUNNING.value):
                 return Handover(Step.TRAINING)
-            time.sleep(ctx.settings.watch_interval)
+            ctx.stopping.wait(interval)
+
+
+def _poll_interval(ctx: TrainingContext, job: Job) -> float:
+    """Seconds until the next poll: ``watch_interval`` early in training, LOG_FETCH_INTERVAL later."""
+    running_for = (ctx.store.now() - job.start_time).total_seconds() if job.start_time else 0.0
+    fast = ctx.settings.watch_interval
+    return fast if running_for < FAST_POLL_SECONDS else max(fast, LOG_FETCH_INTERVAL)
 
 
 def _with_log_tail(ctx: TrainingContext, job: Job, message: str, role: Role | None) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 import zipfile
 
 import pytest
@@ -146,3 +147,20 @@ def test_a_plain_zip_archive_is_put_on_the_python_path(platform, client, tmp_pat
     assert job["state"] == "SUCCEEDED", job.get("errorMessage")
     assert "EXIT" in client.logs("zip_job")["chief-0"]
     assert "exportedModelUri" not in job.get("trainingOutput", {})
+
+
+def test_a_worker_asked_to_stop_while_a_job_trains_stops_at_once_and_the_job_goes_on(platform, client, package):
+    # The platform runs with the default watch_window (30 s): without the shutdown signal ending the polling
+    # window, a warm shutdown started a second into the window would wait for the rest of it.
+    client.submit("stopped_worker_job", package, args=["--sleep-before-training", "20", "--epochs", "2"])
+    assert client.wait("stopped_worker_job", states={"RUNNING"}, timeout=300)["state"] == "RUNNING"
+    time.sleep(1)
+    worker = platform.processes["worker"]
+    worker.terminate()  # SIGTERM: Celery's warm shutdown waits for the running tasks
+    try:
+        worker.wait(timeout=15)
+    finally:
+        platform.start("worker")
+    job = client.wait("stopped_worker_job", timeout=300)
+    assert job["state"] == "SUCCEEDED", job
+    assert_no_node_left(platform, client, job["jobId"])

@@ -7,6 +7,8 @@ a cancel wins over any step, every failure still deletes the cluster.
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import threading
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,13 @@ from cloudml_os.frameworks.tensorflow import TensorFlow
 from cloudml_os.remote import ProcessStatus, RemoteError
 from cloudml_os.states import JobState, Step
 from cloudml_os.store import Job, Package, Store, migrate
-from cloudml_os.workflows.train import TrainingContext, run_step
+from cloudml_os.workflows.train import (
+    FAST_POLL_SECONDS,
+    LOG_FETCH_INTERVAL,
+    TrainingContext,
+    _poll_interval,
+    run_step,
+)
 
 
 class RecordingDriver(Driver):
@@ -232,3 +240,37 @@ def test_max_running_time_fails_a_job_that_runs_too_long(world):
     job = ctx.store.get_job(job_pk)
     assert job.state == "FAILED"
     assert "maxRunningTime" in job.error_message
+
+
+def _until_training(ctx, job_pk):
+    """Deliver the steps before TRAINING; returns TRAINING's message."""
+    message = deliver(ctx, job_pk, Step.PROVISIONING)
+    while message[0] != Step.TRAINING:
+        message = run_step(ctx, job_pk, message[0], message[1])
+    return message
+
+
+def test_a_worker_shutting_down_ends_its_polling_window_at_once(world):
+    ctx, _, exits, _ = world
+    ctx = dataclasses.replace(ctx, settings=dataclasses.replace(ctx.settings, watch_window=3600))
+    job_pk = submit(ctx)
+    step, seq, _ = _until_training(ctx, job_pk)
+    handed_over = []
+    polling = threading.Thread(target=lambda: handed_over.append(run_step(ctx, job_pk, step, seq)), daemon=True)
+    polling.start()
+    polling.join(0.5)
+    assert polling.is_alive()  # the window is an hour long: still polling
+    ctx.stopping.set()  # what the worker's shutdown signal does
+    polling.join(10)
+    assert not polling.is_alive()
+    assert handed_over[0][0] == Step.TRAINING  # handed over to the next delivery; the trainers run on
+    assert ctx.store.get_job(job_pk).state == "RUNNING" and set(exits.values()) == {None}
+
+
+def test_polls_slow_down_once_training_has_run_for_a_while(world):
+    ctx, _, _, _ = world
+    job = ctx.store.get_job(submit(ctx))
+    job.start_time = ctx.store.now()
+    assert _poll_interval(ctx, job) == ctx.settings.watch_interval
+    job.start_time = ctx.store.now() - datetime.timedelta(seconds=FAST_POLL_SECONDS + 1)
+    assert _poll_interval(ctx, job) == LOG_FETCH_INTERVAL
