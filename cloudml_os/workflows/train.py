@@ -46,7 +46,7 @@ LOG_FETCH_INTERVAL = 1.0  # seconds between log fetches of a running job (what f
 # For this long after the trainers start, exits are looked for every watch_interval (a short job, or a trainer
 # that dies on start, is seen at once); after it, once every LOG_FETCH_INTERVAL. Each poll costs the nodes a
 # few SFTP round trips, and synchronous training feels every interruption of its processes.
-FAST_POLL_SECONDS = 30.0
+FAST_POLL_SECONDS = 10.0
 
 
 class StepError(RuntimeError):
