@@ -164,13 +164,23 @@ alive() {
 }
 """
 
-# $1 proc dir. Prints "exited CODE", "running" or "lost".
+# $1 proc dir. Prints "exited CODE WHEN" (WHEN: the exit code's mtime, epoch seconds), "running" or "lost".
 _STATUS_SCRIPT = "d=$1\n" + _ALIVE_FUNCTION + r"""
-if [ -s "$d/exit_code" ]; then echo "exited $(cat "$d/exit_code")"
+exited() { echo "exited $(cat "$d/exit_code") $(date -r "$d/exit_code" +%s.%N)"; }
+if [ -s "$d/exit_code" ]; then exited
 elif alive; then echo running
-elif [ -s "$d/exit_code" ]; then echo "exited $(cat "$d/exit_code")"
+elif [ -s "$d/exit_code" ]; then exited
 else echo lost
 fi
+"""
+
+# $1 proc dir, $2 first byte of output.log to send (1-based), $3 seconds between looks at the wrapper.
+# Streams the log as it grows until the wrapper has exited (then to the file's end; at once when it is
+# gone already); nothing runs on the node between log lines. tail also exits when the reader goes away
+# (its stdout pipe closes).
+_FOLLOW_SCRIPT = "d=$1\n" + _ALIVE_FUNCTION + r"""
+alive || exec tail -c "+$2" -- "$d/output.log"
+exec tail -c "+$2" -s "$3" --pid="$w" -f -- "$d/output.log"  # alive set $w, the wrapper's pid
 """
 
 # $1 proc dir, $2 grace in tenths of a second. TERM to the process group, KILL after the grace, then
@@ -202,8 +212,12 @@ def parse_process_status(output: str) -> ProcessStatus:
     words = output.split()
     if words == ["running"]:
         return ProcessStatus(running=True, exit_code=None, lost=False)
-    if len(words) == 2 and words[0] == "exited" and words[1].lstrip("-").isdigit():
-        return ProcessStatus(running=False, exit_code=int(words[1]), lost=False)
+    if len(words) in (2, 3) and words[0] == "exited" and words[1].lstrip("-").isdigit():
+        try:
+            ended_at = float(words[2]) if len(words) == 3 else None
+        except ValueError:
+            ended_at = None
+        return ProcessStatus(running=False, exit_code=int(words[1]), lost=False, ended_at=ended_at)
     return ProcessStatus(running=False, exit_code=None, lost=True)
 
 
@@ -368,6 +382,24 @@ class NodeSession:
         ticks = max(0, math.ceil(grace * 10))
         self.run(script_argv(_STOP_SCRIPT, proc_dir.rstrip("/"), str(ticks)), timeout=grace + 30)
 
+    def follow(self, proc_dir: str, offset: int, check_every: float) -> LogFollower:
+        """Stream ``proc_dir/output.log`` from byte ``offset`` until the process's wrapper exits.
+
+        One long-lived command on the node (``tail -f``) sends each new log line as it is written and looks
+        every ``check_every`` seconds whether the wrapper still lives: a running process costs the node
+        nothing else. The stream ends, after the log's last bytes, when the wrapper has exited (or at once
+        when it is gone already: ask :meth:`process_status` how it ended), or when the connection breaks.
+        """
+        argv = script_argv(_FOLLOW_SCRIPT, proc_dir.rstrip("/"), str(offset + 1), f"{check_every:g}")
+        channel = self._open_channel(60.0)
+        try:
+            channel.exec_command(build_command(argv))
+            channel.shutdown_write()
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            channel.close()
+            raise RemoteError(f"node {self.name}: cannot follow {proc_dir}: {exc or 'connection lost'}") from None
+        return LogFollower(channel)
+
     # -- files --
 
     def put(self, data: bytes | Path, remote_path: str, mode: int = 0o644) -> None:
@@ -475,16 +507,19 @@ class NodeSession:
                 except OSError:
                     sftp.stat(path)  # created meanwhile by someone else, or raise the real error
 
-    def _exec(self, command: str, timeout: float | None, describe: str) -> tuple[int, bytes, bytes]:
-        """Run a command line; read stdout and stderr together so neither can fill up and block."""
+    def _open_channel(self, timeout: float | None) -> paramiko.Channel:
         transport = self._client.get_transport()
         if transport is None or not transport.is_active():
             raise RemoteError(f"node {self.name}: the SSH connection is closed")
-        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            channel = transport.open_session(timeout=timeout)
+            return transport.open_session(timeout=timeout)
         except (OSError, EOFError, paramiko.SSHException) as exc:  # EOFError: the connection broke
             raise RemoteError(f"node {self.name}: cannot open a channel: {exc or 'connection lost'}") from None
+
+    def _exec(self, command: str, timeout: float | None, describe: str) -> tuple[int, bytes, bytes]:
+        """Run a command line; read stdout and stderr together so neither can fill up and block."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        channel = self._open_channel(timeout)
         stdout, stderr = bytearray(), bytearray()
         try:
             channel.exec_command(command)
@@ -507,13 +542,38 @@ class NodeSession:
                 stdout += channel.recv(_READ_CHUNK)
             while channel.recv_stderr_ready():
                 stderr += channel.recv_stderr(_READ_CHUNK)
-            if not transport.is_active() and channel.exit_status == -1:
+            if not channel.get_transport().is_active() and channel.exit_status == -1:
                 raise RemoteError(f"node {self.name}: connection lost while running {describe}")
             return channel.exit_status, bytes(stdout), bytes(stderr)
         except (OSError, EOFError, paramiko.SSHException) as exc:
             raise RemoteError(f"node {self.name}: {describe} failed: {exc or 'connection lost'}") from None
         finally:
             channel.close()
+
+
+class LogFollower:
+    """The bytes a node streams from :meth:`NodeSession.follow`, read without blocking."""
+
+    def __init__(self, channel: paramiko.Channel) -> None:
+        self._channel = channel
+
+    def poll(self) -> tuple[bytes, bool]:
+        """The bytes that arrived since the last poll, and whether the stream has ended (then they are
+        its last bytes: the exit status follows all data on an SSH channel)."""
+        ended = self._channel.exit_status_ready()
+        data = bytearray()
+        try:
+            while self._channel.recv_ready():
+                data += self._channel.recv(_READ_CHUNK)
+            while self._channel.recv_stderr_ready():  # tail's complaints: drained so they never block it
+                self._channel.recv_stderr(_READ_CHUNK)
+        except (OSError, EOFError, paramiko.SSHException):
+            ended = True  # the connection broke: the caller asks the node (and finds it unreachable)
+        return bytes(data), ended
+
+    def close(self) -> None:
+        """Stop following; the node's tail exits as its output closes."""
+        self._channel.close()
 
 
 def connect_node(node: NodeInfo, private_key: str, settings: Settings) -> NodeSession:

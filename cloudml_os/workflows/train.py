@@ -34,6 +34,7 @@ from cloudml_os.config import Settings
 from cloudml_os.frameworks.base import Framework, Member, ProcessStatus, Role, topology_from_training_input
 from cloudml_os.keys import generate_keypair
 from cloudml_os.remote import FanOutError, NodeSession, RemoteError, fan_out
+from cloudml_os.remote import ProcessStatus as RemoteStatus
 from cloudml_os.runtimes import runtime_python
 from cloudml_os.states import NODE_UNREACHABLE, JobState, Step
 from cloudml_os.store import Cluster, Job, Node, Store
@@ -42,11 +43,7 @@ log = logging.getLogger(__name__)
 
 ERROR_LOG_LINES = 20
 LOG_FETCH_LIMIT = 1 << 20
-LOG_FETCH_INTERVAL = 1.0  # seconds between log fetches of a running job (what following the logs lags by)
-# For this long after the trainers start, exits are looked for every watch_interval (a short job, or a trainer
-# that dies on start, is seen at once); after it, once every LOG_FETCH_INTERVAL. Each poll costs the nodes a
-# few SFTP round trips, and synchronous training feels every interruption of its processes.
-FAST_POLL_SECONDS = 10.0
+LOG_FETCH_INTERVAL = 1.0  # seconds between log writes to the store for a running job (what following lags by)
 
 
 class StepError(RuntimeError):
@@ -132,10 +129,10 @@ class _Sessions:
         for session in self.open.values():
             session.close()
 
-    def each(self, action: Callable[[Node, NodeSession], Any]) -> list[Any]:
-        """Run ``action`` on every node in parallel; results in node order."""
-        return fan_out(self.cluster.nodes, lambda node: action(node, self.open[node.name]),
-                       self.ctx.settings.ssh_parallelism)
+    def each(self, action: Callable[[Node, NodeSession], Any], nodes: list[Node] | None = None) -> list[Any]:
+        """Run ``action`` on every node (or on ``nodes``) in parallel; results in node order."""
+        return fan_out(self.cluster.nodes if nodes is None else nodes,
+                       lambda node: action(node, self.open[node.name]), self.ctx.settings.ssh_parallelism)
 
 
 # ---- the steps -------------------------------------------------------------------------------------
@@ -253,12 +250,10 @@ def launch(ctx: TrainingContext, job: Job) -> Handover:
 
 
 def watch(ctx: TrainingContext, job: Job) -> Handover:
-    """Poll exit codes and fetch new log bytes; judge the job by its framework's success policy.
+    """Follow every trainer's log and exit; judge the job by its framework's success policy.
 
     One delivery keeps its connections for ``watch_window`` seconds (less when the worker shuts down),
-    polling every ``watch_interval`` during the first FAST_POLL_SECONDS of training and every
-    LOG_FETCH_INTERVAL after, then re-sends itself: exits are seen without a handshake per node per poll,
-    and no message stays unacknowledged for a whole training run.
+    then re-sends itself, so no message stays unacknowledged for a whole training run.
     """
     cluster = _cluster(ctx, job)
     framework = ctx.frameworks[job.framework]
@@ -276,42 +271,81 @@ def watch(ctx: TrainingContext, job: Job) -> Handover:
 
 def _watch_window(ctx: TrainingContext, job: Job, cluster: Cluster, framework: Framework, roles: list[Role],
                   max_running: float | None) -> Handover:
-    """One delivery of :func:`watch`; a node that fails to answer raises :class:`FanOutError`."""
+    """One delivery of :func:`watch`; a node that fails to answer raises :class:`FanOutError`.
+
+    Each node streams its trainer's log to us until the trainer's wrapper exits (``NodeSession.follow``):
+    nothing is polled on the nodes, whose cores synchronous training shares with us. Only a node whose
+    stream ended is asked, with one status command, how its trainer ended (or whether it vanished).
+    """
     window_ends = time.monotonic() + ctx.settings.watch_window
-    logs_due = 0.0
-    with _Sessions(ctx, cluster) as sessions:
+    nodes = {node.name: node for node in cluster.nodes}
+    ended: dict[str, RemoteStatus] = {}  # node name -> how its trainer ended
+    unsent = {name: bytearray() for name in nodes}
+    logs_due = time.monotonic() + LOG_FETCH_INTERVAL
+    with _Sessions(ctx, cluster) as sessions, contextlib.ExitStack() as open_streams:
+        def follow(node: Node, session: NodeSession) -> Any:
+            follower = session.follow(process_dir(node), node.log_offset - (node.log_base or 0),
+                                      ctx.settings.watch_interval)
+            return open_streams.enter_context(contextlib.closing(follower))
+
+        followers = dict(zip(nodes, sessions.each(follow), strict=True))
+        refollow_at: dict[str, float] = {}  # a running trainer whose stream ended is followed again then
         while True:
-            # Every poll looks at exit codes (one SFTP stat per node, nothing runs on the node); logs are
-            # fetched every LOG_FETCH_INTERVAL and when a process ends; the window's last poll also finds
-            # processes that vanished without an exit code. Trainers share their nodes' cores with this.
+            for name, due in list(refollow_at.items()):
+                if time.monotonic() >= due:
+                    del refollow_at[name]
+                    followers[name] = sessions.each(follow, [nodes[name]])[0]
+            finished = []
+            for name, follower in list(followers.items()):
+                data, done = follower.poll()
+                unsent[name] += data
+                if done:
+                    follower.close()
+                    del followers[name]
+                    finished.append(nodes[name])
             now = time.monotonic()
-            interval = _poll_interval(ctx, job)
-            last = now + interval >= window_ends or ctx.stopping.is_set()
-            logs = last or now >= logs_due
-            logs_due = now + LOG_FETCH_INTERVAL if logs else logs_due
-            statuses = sessions.each(functools.partial(_fetch, ctx, job, thorough=last, logs=logs))
-            outcome = framework.outcome([ProcessStatus(role, status.exit_code, status.lost, status.ended_at)
-                                         for role, status in zip(roles, statuses, strict=True)])
-            if outcome.state == "SUCCEEDED":
-                ctx.store.add_event(job.id, "OUTCOME", outcome.message or "Training succeeded")
-                return Handover(Step.EXPORTING)
-            if outcome.state == "FAILED":
-                from cloudml_os.workflows import restart
+            last = now >= window_ends or ctx.stopping.is_set()
+            if finished or last or now >= logs_due:
+                for name, data in unsent.items():
+                    if data:
+                        ctx.store.append_log(job.id, nodes[name].id, name, nodes[name].log_offset, bytes(data))
+                        nodes[name].log_offset += len(data)
+                        data.clear()
+            if finished:
+                # The stream ended: the trainer exited (or vanished), or the connection broke (then asking
+                # fails, and watch hands the node to the restart policy). A trainer still running had its
+                # tail die: it is followed again.
+                statuses = sessions.each(functools.partial(_fetch, ctx, job), finished)
+                for node, status in zip(finished, statuses, strict=True):
+                    if status.running:
+                        log.warning("job %s: the log stream of %s ended while its trainer runs", job.id, node.name)
+                        refollow_at[node.name] = now + LOG_FETCH_INTERVAL
+                    else:
+                        ended[node.name] = status
+                outcome = framework.outcome([_process_status(role, ended.get(role.node_name)) for role in roles])
+                if outcome.state == "SUCCEEDED":
+                    ctx.store.add_event(job.id, "OUTCOME", outcome.message or "Training succeeded")
+                    return Handover(Step.EXPORTING)
+                if outcome.state == "FAILED":
+                    from cloudml_os.workflows import restart
 
-                return restart.trainers_failed(ctx, job, _with_log_tail(ctx, job, outcome.message,
-                                                                        outcome.failed_role))
-            if max_running and job.start_time and (ctx.store.now() - job.start_time).total_seconds() > max_running:
-                raise StepError(f"Job ran longer than scheduling.maxRunningTime ({max_running:g}s)")
-            if last or (logs and ctx.store.get_job(job.id).state != JobState.RUNNING.value):
-                return Handover(Step.TRAINING)
-            ctx.stopping.wait(interval)
+                    return restart.trainers_failed(ctx, job, _with_log_tail(ctx, job, outcome.message,
+                                                                            outcome.failed_role))
+            if now >= logs_due or last:
+                logs_due = now + LOG_FETCH_INTERVAL
+                if max_running and job.start_time and \
+                        (ctx.store.now() - job.start_time).total_seconds() > max_running:
+                    raise StepError(f"Job ran longer than scheduling.maxRunningTime ({max_running:g}s)")
+                if last or ctx.store.get_job(job.id).state != JobState.RUNNING.value:
+                    return Handover(Step.TRAINING)
+            ctx.stopping.wait(ctx.settings.watch_interval)
 
 
-def _poll_interval(ctx: TrainingContext, job: Job) -> float:
-    """Seconds until the next poll: ``watch_interval`` early in training, LOG_FETCH_INTERVAL later."""
-    running_for = (ctx.store.now() - job.start_time).total_seconds() if job.start_time else 0.0
-    fast = ctx.settings.watch_interval
-    return fast if running_for < FAST_POLL_SECONDS else max(fast, LOG_FETCH_INTERVAL)
+def _process_status(role: Role, status: RemoteStatus | None) -> ProcessStatus:
+    """What the framework's success policy reads of a node's trainer (None: still running)."""
+    if status is None:
+        return ProcessStatus(role, None)
+    return ProcessStatus(role, status.exit_code, status.lost, status.ended_at)
 
 
 def _with_log_tail(ctx: TrainingContext, job: Job, message: str, role: Role | None) -> str:
@@ -554,14 +588,10 @@ def _cluster(ctx: TrainingContext, job: Job) -> Cluster:
     return cluster
 
 
-def _fetch(ctx: TrainingContext, job: Job, node: Node, session: NodeSession, thorough: bool = True,
-           logs: bool = True) -> Any:
-    """Append the node's new log bytes to the store (``logs``); return its trainer's process status.
-
-    ``thorough=False`` only looks at the exit code, so a process that vanished without one reads as running.
-    """
-    status = session.process_status(process_dir(node)) if thorough else session.exit_status(process_dir(node))
-    while logs or status.exit_code is not None:
+def _fetch(ctx: TrainingContext, job: Job, node: Node, session: NodeSession) -> RemoteStatus:
+    """Append the node's new log bytes to the store; return its trainer's process status."""
+    status = session.process_status(process_dir(node))
+    while True:
         # The stored log runs on across restarts; this start's file begins at log_base of it.
         data = session.read_file(f"{process_dir(node)}/output.log", node.log_offset - (node.log_base or 0),
                                  LOG_FETCH_LIMIT)

@@ -223,6 +223,48 @@ def test_detached_process_records_exit_code_and_output_readable_by_offset(sessio
     assert session.read_file(f"{proc_dir}/output.log", 0, 1000) == log
 
 
+def read_stream(follower, until, timeout: float = 10.0) -> tuple[bytes, bool]:
+    """Poll a log stream until ``until(data, ended)`` holds (or the timeout passes); what came, and whether it ended."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while True:
+        chunk, ended = follower.poll()
+        data += chunk
+        if until(data, ended) or time.monotonic() > deadline:
+            return data, ended
+        time.sleep(0.02)
+
+
+def test_a_followed_log_streams_from_an_offset_until_the_process_exits(session, nodes):
+    workdir = nodes[0].workdir
+    proc_dir = f"{workdir}/procs/followed"
+    session.start_process(proc_dir, ["sh", "-c", "echo one; until [ -e go ]; do sleep 0.02; done; echo two; exit 4"],
+                          env={}, cwd=f"{workdir}/procs")
+    follower = session.follow(proc_dir, 0, 0.1)
+    data, ended = read_stream(follower, lambda data, ended: b"one\n" in data or ended)
+    assert (data, ended) == (b"one\n", False)  # the process waits: the stream stays open
+    follower.close()
+    tails = ["sh", "-c", f"pgrep -af '^tail .*{proc_dir}/output.log' || true"]
+    deadline = time.monotonic() + 10
+    while session.run(tails).stdout and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert session.run(tails).stdout == ""  # a closed stream leaves nothing running on the node
+
+    follower = session.follow(proc_dir, len(b"one\n"), 0.1)
+    session.put(b"", f"{workdir}/procs/go")
+    data, ended = read_stream(follower, lambda data, ended: ended)
+    assert (data, ended) == (b"two\n", True)
+    status = session.process_status(proc_dir)
+    assert status.exit_code == 4 and status.ended_at is not None and abs(status.ended_at - time.time()) < 600
+
+    finished = session.follow(proc_dir, 0, 0.1)  # an ended process: its log's rest, then the end
+    assert read_stream(finished, lambda data, ended: ended) == (b"one\ntwo\n", True)
+    never = session.follow(f"{workdir}/procs/never-started", 0, 0.1)
+    assert read_stream(never, lambda data, ended: ended) == (b"", True)
+    finished.close()
+    never.close()
+
+
 def test_detached_process_outlives_its_session(nodes, keypair, settings):
     proc_dir = f"{nodes[1].workdir}/procs/outlives"
     with connect_node(nodes[1], keypair[0], settings) as first:

@@ -104,6 +104,8 @@ def test_script_arguments_are_positional_parameters_never_script_text():
     ("running\n", ProcessStatus(running=True, exit_code=None, lost=False)),
     ("exited 3\n", ProcessStatus(running=False, exit_code=3, lost=False)),
     ("exited 137", ProcessStatus(running=False, exit_code=137, lost=False)),
+    ("exited 0 1764720000.250000000\n", ProcessStatus(running=False, exit_code=0, lost=False, ended_at=1764720000.25)),
+    ("exited 1 never\n", ProcessStatus(running=False, exit_code=1, lost=False)),
     ("lost\n", ProcessStatus(running=False, exit_code=None, lost=True)),
     ("exited \n", ProcessStatus(running=False, exit_code=None, lost=True)),
     ("", ProcessStatus(running=False, exit_code=None, lost=True)),

@@ -7,7 +7,6 @@ a cancel wins over any step, every failure still deletes the cluster.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import threading
 from pathlib import Path
 
@@ -20,13 +19,7 @@ from cloudml_os.frameworks.tensorflow import TensorFlow
 from cloudml_os.remote import ProcessStatus, RemoteError
 from cloudml_os.states import JobState, Step
 from cloudml_os.store import Job, Package, Store, migrate
-from cloudml_os.workflows.train import (
-    FAST_POLL_SECONDS,
-    LOG_FETCH_INTERVAL,
-    TrainingContext,
-    _poll_interval,
-    run_step,
-)
+from cloudml_os.workflows.train import TrainingContext, run_step
 
 
 class RecordingDriver(Driver):
@@ -63,12 +56,42 @@ class RecordingDriver(Driver):
 
 
 @dataclasses.dataclass
+class FakeFollower:
+    """A node's log stream: the chunks the test queued for the node, ending when its process exits
+    (or when the test cuts it: ``cut`` holds nodes whose next poll ends the stream)."""
+
+    session: FakeSession
+
+    def poll(self):
+        node, world = self.session.node, self.session.world
+        data = b"".join(world.queued.pop(node, []))
+        world.logs[node] = world.logs.get(node, b"") + data
+        ended = self.session.exits.get(node) is not None or node in world.cut
+        world.cut.discard(node)
+        return data, ended
+
+    def close(self):
+        pass
+
+
+@dataclasses.dataclass
+class FakeNodes:
+    """What the test's nodes hold beyond exit codes: each node's log, and chunks queued for its stream."""
+
+    logs: dict[str, bytes] = dataclasses.field(default_factory=dict)
+    queued: dict[str, list[bytes]] = dataclasses.field(default_factory=dict)
+    follows: list[tuple[str, int]] = dataclasses.field(default_factory=list)  # (node, offset) per stream opened
+    cut: set[str] = dataclasses.field(default_factory=set)
+
+
+@dataclasses.dataclass
 class FakeSession:
     """A node as the workflow sees it: processes that exit when the test says so."""
 
     node: str
     exits: dict[str, int | None]
     started: list[str]
+    world: FakeNodes = dataclasses.field(default_factory=FakeNodes)
     fail: bool = False
 
     def __enter__(self):
@@ -97,14 +120,15 @@ class FakeSession:
         code = self.exits.get(self.node)
         return ProcessStatus(running=code is None, exit_code=code, lost=False)
 
-    def exit_status(self, proc_dir):
-        return self.process_status(proc_dir)
+    def follow(self, proc_dir, offset, check_every):
+        self.world.follows.append((self.node, offset))
+        return FakeFollower(self)
 
     def stop_process(self, proc_dir, grace):
         self.exits[self.node] = self.exits.get(self.node) if self.exits.get(self.node) is not None else 143
 
     def read_file(self, path, offset, limit):
-        return b""
+        return self.world.logs.get(self.node, b"")[offset:offset + limit] if path.endswith("output.log") else b""
 
     def find(self, remote_dir, name):
         return []
@@ -122,14 +146,15 @@ def world(tmp_path: Path):
                       sha256="0" * 64, size=1))
     exits: dict[str, int | None] = {}
     started: list[str] = []
+    nodes = FakeNodes()
     driver = RecordingDriver()
     ctx = TrainingContext(
         settings=load_settings(environ={}, data_dir=tmp_path, watch_window=0, watch_interval=0.01),
         store=store, driver=driver, artifacts=artifacts,
         frameworks={"TENSORFLOW": TensorFlow()},
-        connect=lambda node, key: FakeSession(node.name, exits, started),
+        connect=lambda node, key: FakeSession(node.name, exits, started, nodes),
     )
-    return ctx, driver, exits, started
+    return ctx, driver, exits, started, nodes
 
 
 def submit(ctx: TrainingContext, **training_input) -> int:
@@ -155,7 +180,7 @@ def drive(ctx, job_pk, message, limit=50):
 
 
 def test_a_job_runs_through_every_step_and_deletes_its_cluster(world):
-    ctx, driver, exits, started = world
+    ctx, driver, exits, started, _ = world
     job_pk = submit(ctx)
     message = deliver(ctx, job_pk, Step.PROVISIONING)
     for _ in range(3):
@@ -171,7 +196,7 @@ def test_a_job_runs_through_every_step_and_deletes_its_cluster(world):
 
 
 def test_a_duplicate_delivery_of_a_finished_step_does_nothing(world):
-    ctx, driver, _, _ = world
+    ctx, driver, _, _, _ = world
     job_pk = submit(ctx)
     first = deliver(ctx, job_pk, Step.PROVISIONING)
     assert first == (Step.BOOTSTRAPPING, 0, 0.0)
@@ -180,7 +205,7 @@ def test_a_duplicate_delivery_of_a_finished_step_does_nothing(world):
 
 
 def test_a_stale_poll_dies_out_instead_of_doubling(world):
-    ctx, _, _, _ = world
+    ctx, _, _, _, _ = world
     job_pk = submit(ctx)
     message = deliver(ctx, job_pk, Step.PROVISIONING)
     while message[0] != Step.TRAINING:
@@ -191,7 +216,7 @@ def test_a_stale_poll_dies_out_instead_of_doubling(world):
 
 
 def test_a_cancel_wins_over_the_next_step_and_still_tears_down(world):
-    ctx, driver, _, _ = world
+    ctx, driver, _, _, _ = world
     job_pk = submit(ctx)
     message = deliver(ctx, job_pk, Step.PROVISIONING)
     assert ctx.store.transition(job_pk, [JobState.PREPARING], JobState.CANCELLING)
@@ -201,7 +226,7 @@ def test_a_cancel_wins_over_the_next_step_and_still_tears_down(world):
 
 
 def test_cancelling_a_queued_job_creates_nothing(world):
-    ctx, driver, _, _ = world
+    ctx, driver, _, _, _ = world
     job_pk = submit(ctx)
     assert ctx.store.transition(job_pk, [JobState.QUEUED], JobState.CANCELLED)
     assert deliver(ctx, job_pk, Step.PROVISIONING) is None
@@ -209,7 +234,7 @@ def test_cancelling_a_queued_job_creates_nothing(world):
 
 
 def test_a_driver_failure_fails_the_job_with_its_message(world):
-    ctx, driver, _, _ = world
+    ctx, driver, _, _, _ = world
     driver.fail_create = True
     job_pk = submit(ctx)
     drive(ctx, job_pk, deliver(ctx, job_pk, Step.PROVISIONING))
@@ -220,7 +245,7 @@ def test_a_driver_failure_fails_the_job_with_its_message(world):
 
 
 def test_a_worker_exit_code_fails_the_job_and_names_the_node(world):
-    ctx, driver, exits, _ = world
+    ctx, driver, exits, _, _ = world
     job_pk = submit(ctx, scaleTier="CUSTOM", masterType="standard", workerType="standard", workerCount=1)
     message = deliver(ctx, job_pk, Step.PROVISIONING)
     while message[0] != Step.TRAINING:
@@ -234,7 +259,7 @@ def test_a_worker_exit_code_fails_the_job_and_names_the_node(world):
 
 
 def test_max_running_time_fails_a_job_that_runs_too_long(world):
-    ctx, driver, _, _ = world
+    ctx, driver, _, _, _ = world
     job_pk = submit(ctx, scheduling={"maxRunningTime": "0.000001s"})
     drive(ctx, job_pk, deliver(ctx, job_pk, Step.PROVISIONING))
     job = ctx.store.get_job(job_pk)
@@ -251,7 +276,7 @@ def _until_training(ctx, job_pk):
 
 
 def test_a_worker_shutting_down_ends_its_polling_window_at_once(world):
-    ctx, _, exits, _ = world
+    ctx, _, exits, _, _ = world
     ctx = dataclasses.replace(ctx, settings=dataclasses.replace(ctx.settings, watch_window=3600))
     job_pk = submit(ctx)
     step, seq, _ = _until_training(ctx, job_pk)
@@ -267,10 +292,28 @@ def test_a_worker_shutting_down_ends_its_polling_window_at_once(world):
     assert ctx.store.get_job(job_pk).state == "RUNNING" and set(exits.values()) == {None}
 
 
-def test_polls_slow_down_once_training_has_run_for_a_while(world):
-    ctx, _, _, _ = world
-    job = ctx.store.get_job(submit(ctx))
-    job.start_time = ctx.store.now()
-    assert _poll_interval(ctx, job) == ctx.settings.watch_interval
-    job.start_time = ctx.store.now() - datetime.timedelta(seconds=FAST_POLL_SECONDS + 1)
-    assert _poll_interval(ctx, job) == LOG_FETCH_INTERVAL
+def test_the_streamed_log_is_stored_in_order_and_a_new_window_resumes_where_the_last_stopped(world):
+    ctx, _, exits, _, nodes = world
+    ctx = dataclasses.replace(ctx, settings=dataclasses.replace(ctx.settings, watch_window=0.05))
+    job_pk = submit(ctx)
+    message = _until_training(ctx, job_pk)
+    nodes.queued["chief-0"] = [b"epoch 1\n", b"epoch 2\n"]
+    message = run_step(ctx, job_pk, *message[:2])
+    assert message[0] == Step.TRAINING  # the window ended, the trainer runs on
+    nodes.queued["chief-0"] = [b"epoch 3\n"]
+    exits["chief-0"] = 0
+    drive(ctx, job_pk, message)
+    assert ctx.store.read_log(job_pk, "chief-0", 0, 1 << 20)[0] == b"epoch 1\nepoch 2\nepoch 3\n"
+    assert nodes.follows[:2] == [("chief-0", 0), ("chief-0", len(b"epoch 1\nepoch 2\n"))]
+    assert ctx.store.get_job(job_pk).state == "SUCCEEDED"
+
+
+def test_a_stream_that_ends_while_its_trainer_runs_is_followed_again(world):
+    ctx, _, exits, _, nodes = world
+    ctx = dataclasses.replace(ctx, settings=dataclasses.replace(ctx.settings, watch_window=1.5))
+    job_pk = submit(ctx)
+    message = _until_training(ctx, job_pk)
+    nodes.cut.add("chief-0")  # its tail died; the status command says the trainer still runs
+    assert run_step(ctx, job_pk, *message[:2])[0] == Step.TRAINING
+    assert [node for node, _ in nodes.follows] == ["chief-0", "chief-0"]
+    assert ctx.store.get_job(job_pk).state == "RUNNING" and exits["chief-0"] is None
