@@ -54,7 +54,7 @@ class CheckpointingSession(FakeSession):
 def replacing(world):  # noqa: F811
     """The workflow with a driver that replaces nodes; nodes named in ``unreachable`` refuse connections
     until replaced (a replaced node has a new host key)."""
-    ctx, _, exits, started = world
+    ctx, _, exits, started, nodes = world
     ctx.driver = ReplacingDriver()
     unreachable: set[str] = set()
     CheckpointingSession.uploads = []
@@ -62,7 +62,7 @@ def replacing(world):  # noqa: F811
     def connect(node, key):
         if node.name in unreachable and node.host_keys == ["ssh-ed25519 AAAA"]:
             raise RemoteError(f"{node.name}: connection refused")
-        return CheckpointingSession(node.name, exits, started)
+        return CheckpointingSession(node.name, exits, started, nodes)
 
     ctx.connect = connect
     return ctx, exits, started, unreachable
