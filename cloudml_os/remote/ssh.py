@@ -391,14 +391,7 @@ class NodeSession:
         when it is gone already: ask :meth:`process_status` how it ended), or when the connection breaks.
         """
         argv = script_argv(_FOLLOW_SCRIPT, proc_dir.rstrip("/"), str(offset + 1), f"{check_every:g}")
-        channel = self._open_channel(60.0)
-        try:
-            channel.exec_command(build_command(argv))
-            channel.shutdown_write()
-        except (OSError, EOFError, paramiko.SSHException) as exc:
-            channel.close()
-            raise RemoteError(f"node {self.name}: cannot follow {proc_dir}: {exc or 'connection lost'}") from None
-        return LogFollower(channel)
+        return LogFollower(self._open_channel(build_command(argv), 60.0))
 
     # -- files --
 
@@ -507,23 +500,29 @@ class NodeSession:
                 except OSError:
                     sftp.stat(path)  # created meanwhile by someone else, or raise the real error
 
-    def _open_channel(self, timeout: float | None) -> paramiko.Channel:
+    def _open_channel(self, command: str, timeout: float | None) -> paramiko.Channel:
+        """A channel running ``command`` (its stdin closed): the one place a command line reaches SSH."""
         transport = self._client.get_transport()
         if transport is None or not transport.is_active():
             raise RemoteError(f"node {self.name}: the SSH connection is closed")
         try:
-            return transport.open_session(timeout=timeout)
+            channel = transport.open_session(timeout=timeout)
         except (OSError, EOFError, paramiko.SSHException) as exc:  # EOFError: the connection broke
             raise RemoteError(f"node {self.name}: cannot open a channel: {exc or 'connection lost'}") from None
+        try:
+            channel.exec_command(command)
+            channel.shutdown_write()
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            channel.close()
+            raise RemoteError(f"node {self.name}: cannot run a command: {exc or 'connection lost'}") from None
+        return channel
 
     def _exec(self, command: str, timeout: float | None, describe: str) -> tuple[int, bytes, bytes]:
         """Run a command line; read stdout and stderr together so neither can fill up and block."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        channel = self._open_channel(timeout)
+        channel = self._open_channel(command, timeout)
         stdout, stderr = bytearray(), bytearray()
         try:
-            channel.exec_command(command)
-            channel.shutdown_write()
             while True:
                 while channel.recv_ready():
                     stdout += channel.recv(_READ_CHUNK)
