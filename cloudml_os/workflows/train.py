@@ -284,8 +284,7 @@ def _watch_window(ctx: TrainingContext, job: Job, cluster: Cluster, framework: F
     logs_due = time.monotonic() + LOG_FETCH_INTERVAL
     with _Sessions(ctx, cluster) as sessions, contextlib.ExitStack() as open_streams:
         def follow(node: Node, session: NodeSession) -> Any:
-            follower = session.follow(process_dir(node), node.log_offset - (node.log_base or 0),
-                                      ctx.settings.watch_interval)
+            follower = session.follow(process_dir(node), _log_file_offset(node), ctx.settings.watch_interval)
             return open_streams.enter_context(contextlib.closing(follower))
 
         followers = dict(zip(nodes, sessions.each(follow), strict=True))
@@ -308,8 +307,7 @@ def _watch_window(ctx: TrainingContext, job: Job, cluster: Cluster, framework: F
             if finished or last or now >= logs_due:
                 for name, data in unsent.items():
                     if data:
-                        ctx.store.append_log(job.id, nodes[name].id, name, nodes[name].log_offset, bytes(data))
-                        nodes[name].log_offset += len(data)
+                        _store_log(ctx, job, nodes[name], bytes(data))
                         data.clear()
             if finished:
                 # The stream ended: the trainer exited (or vanished), or the connection broke (then asking
@@ -592,13 +590,10 @@ def _fetch(ctx: TrainingContext, job: Job, node: Node, session: NodeSession) -> 
     """Append the node's new log bytes to the store; return its trainer's process status."""
     status = session.process_status(process_dir(node))
     while True:
-        # The stored log runs on across restarts; this start's file begins at log_base of it.
-        data = session.read_file(f"{process_dir(node)}/output.log", node.log_offset - (node.log_base or 0),
-                                 LOG_FETCH_LIMIT)
+        data = session.read_file(f"{process_dir(node)}/output.log", _log_file_offset(node), LOG_FETCH_LIMIT)
         if not data:
             break
-        ctx.store.append_log(job.id, node.id, node.name, node.log_offset, data)
-        node.log_offset += len(data)
+        _store_log(ctx, job, node, data)
         if len(data) < LOG_FETCH_LIMIT:
             break
     if status.exit_code is not None and node.process_state == "RUNNING":
@@ -606,6 +601,18 @@ def _fetch(ctx: TrainingContext, job: Job, node: Node, session: NodeSession) -> 
         ctx.store.update_node(node.id, process_state="EXITED", exit_code=status.exit_code)
         ctx.store.add_event(job.id, "PROCESS", f"Trainer exited with code {status.exit_code}", node=node.name)
     return status
+
+
+def _log_file_offset(node: Node) -> int:
+    """Where the stored log ends in this start's output.log: the stored log runs on across restarts, and
+    this start's file begins at ``log_base`` of it."""
+    return node.log_offset - (node.log_base or 0)
+
+
+def _store_log(ctx: TrainingContext, job: Job, node: Node, data: bytes) -> None:
+    """Append a node's next log bytes to the store and move its offset past them."""
+    ctx.store.append_log(job.id, node.id, node.name, node.log_offset, data)
+    node.log_offset += len(data)
 
 
 def _seconds(duration: str | None) -> float | None:
