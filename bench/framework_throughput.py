@@ -6,7 +6,9 @@ For each framework one small distributed job runs twice per round, in alternatin
   started over SSH with exactly the environment and command the framework plugin computes.
 Each example trainer logs ``THROUGHPUT samples_per_second=…`` for its own training loop; the figure is
 the sum over the processes that train. Target: orchestrated / by hand ≥ 0.98. The loops last 20–30 s on
-this 2-core machine: long enough that a second of start-up noise does not decide the figure.
+this 2-core machine: long enough that a second of start-up noise does not decide the figure. Before the
+rounds, one run of each side is a warm-up and not counted: the first runs of a fresh platform and nodes
+are the slowest (page cache, the first SSH logins), and would otherwise fall on one side.
 
     .venv/bin/python -m bench.framework_throughput [--rounds 3] [--frameworks TENSORFLOW MXNET PYTORCH]
 """
@@ -14,6 +16,7 @@ this 2-core machine: long enough that a second of start-up noise does not decide
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import statistics
 import tempfile
@@ -133,13 +136,16 @@ def main() -> None:
                 runtime = ensure_runtime(framework.runtime(None), settings.runtimes_dir)
                 package = build_sdist(ROOT / "examples" / example, tmp / f"sdist-{example}", runtime / "bin" / "python")
                 uri = client.upload(package)
+                sides = {True: functools.partial(orchestrated, client, uri, name, training_input, trainer_args),
+                         False: functools.partial(by_hand, driver, settings, framework, package, training_input,
+                                                  trainer_args)}
+                for orchestrated_turn in (True, False):
+                    print(f"  {name} warm-up (not counted): {'orchestrated' if orchestrated_turn else 'by hand'} "
+                          f"{sides[orchestrated_turn]():.0f} samples/s", flush=True)
                 ours, hand = [], []
                 for round_ in range(args.rounds):  # alternate which goes first
                     for orchestrated_turn in ((True, False) if round_ % 2 == 0 else (False, True)):
-                        if orchestrated_turn:
-                            ours.append(orchestrated(client, uri, name, training_input, trainer_args))
-                        else:
-                            hand.append(by_hand(driver, settings, framework, package, training_input, trainer_args))
+                        (ours if orchestrated_turn else hand).append(sides[orchestrated_turn]())
                         print(f"  {name} round {round_ + 1}: {'orchestrated' if orchestrated_turn else 'by hand'} "
                               f"{(ours if orchestrated_turn else hand)[-1]:.0f} samples/s", flush=True)
                 results[name] = (ours, hand)
