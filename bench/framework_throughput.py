@@ -44,7 +44,7 @@ JOBS = {
                         "workerCount": 1, "parameterServerType": "standard", "parameterServerCount": 1},
               ["--epochs", "25", "--samples", "32768"]),
     "PYTORCH": ("pytorch", {"scaleTier": "CUSTOM", "masterType": "standard", "workerType": "standard",
-                            "workerCount": 1}, ["--epochs", "30"]),
+                            "workerCount": 1}, ["--epochs", "30", "--threads", "1"]),
 }
 
 

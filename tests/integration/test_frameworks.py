@@ -114,10 +114,11 @@ def pytorch_uri(client, pytorch_package):
 def test_two_pytorch_ranks_synchronise_gradients_and_export_torchscript(platform, client, pytorch_uri,
                                                                         pytorch_runtime):
     client.submit("pytorch_ddp", pytorch_uri, framework="PYTORCH", scaleTier="CUSTOM", masterType="standard",
-                  workerType="standard", workerCount=1, args=["--epochs", "2"])
+                  workerType="standard", workerCount=1, args=["--epochs", "2", "--threads", "1"])
     job = client.wait("pytorch_ddp")
     assert job["state"] == "SUCCEEDED", job.get("errorMessage")
     logs = client.logs("pytorch_ddp")
+    assert all("device cpu, 1 intra-op thread(s)" in text for text in logs.values()), logs
     params = params_by_node(logs)
     assert set(params) == {"master-0", "worker-0"}
     assert params["master-0"] == params["worker-0"]  # DDP all-reduced every gradient

@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=float, default=0.1)
     parser.add_argument("--samples", type=int, default=65536, help="the whole data set, split between ranks")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="intra-op threads per process (torch.set_num_threads); 0: PyTorch's default, one per "
+                             "core. torchrun sets 1 when several processes share a host; so should you")
     parser.add_argument("--fail-at-step", type=int, default=0,
                         help="raise an exception before this (1-based) step: a failing trainer")
     parser.add_argument("--fail-rank", type=int, default=-1,
@@ -190,7 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(device)
     else:
         device, backend = torch.device("cpu"), "gloo"
-    LOG.info("rank %d of %d, PyTorch %s, device %s", rank, world_size, torch.__version__, device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    LOG.info("rank %d of %d, PyTorch %s, device %s, %d intra-op thread(s)", rank, world_size, torch.__version__,
+             device, torch.get_num_threads())
     if args.note is not None:
         LOG.info("note: %s", json.dumps(args.note))
     if args.sleep_before_training:
