@@ -7,8 +7,8 @@ For each framework one small distributed job runs twice per round, in alternatin
 Each example trainer logs ``THROUGHPUT samples_per_second=…`` for its own training loop; the figure is
 the sum over the processes that train. Target: orchestrated / by hand ≥ 0.98. The loops last 20–30 s on
 this 2-core machine: long enough that a second of start-up noise does not decide the figure. Before the
-rounds, one run of each side is a warm-up and not counted: the first runs of a fresh platform and nodes
-are the slowest (page cache, the first SSH logins), and would otherwise fall on one side.
+rounds, one run of each side is a warm-up and not counted: the first runs after a start were measured
+to be the slowest, and would otherwise fall on one side.
 
     .venv/bin/python -m bench.framework_throughput [--rounds 3] [--frameworks TENSORFLOW MXNET PYTORCH]
 """
