@@ -5,18 +5,25 @@ For each framework one small distributed job runs twice per round, in alternatin
 - by hand: on a cluster of the same local driver, the same package installed the same way, each process
   started over SSH with exactly the environment and command the framework plugin computes.
 Each example trainer logs ``THROUGHPUT samples_per_second=…`` for its own training loop; the figure is
-the sum over the processes that train. Target: orchestrated / by hand ≥ 0.98. The loops last 20–30 s on
-this 2-core machine: long enough that a second of start-up noise does not decide the figure. Before the
-rounds, one run of each side is a warm-up and not counted: the first runs after a start were measured
-to be the slowest, and would otherwise fall on one side.
+the sum over the processes that train. The loops last 20–30 s on this 2-core machine: long enough that a
+second of start-up noise does not decide the figure. Before the rounds, one run of each side is a warm-up
+and not counted: the first runs after a start were measured to be the slowest, and would otherwise fall
+on one side.
 
-    .venv/bin/python -m bench.framework_throughput [--rounds 3] [--frameworks TENSORFLOW MXNET PYTORCH]
+The figure is paired: each round's two runs go back to back, so the machine's drift over minutes, which
+moves both alike, cancels in their ratio. The ratio printed is the geometric mean of the rounds' ratios,
+with a 95 % bootstrap interval over the rounds. Target: ≥ 0.98.
+
+    .venv/bin/python -m bench.framework_throughput [--rounds 8] [--frameworks TENSORFLOW MXNET PYTORCH]
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import math
+import os
+import random
 import re
 import statistics
 import tempfile
@@ -50,6 +57,15 @@ JOBS = {
 
 def _throughput(logs: dict[str, str]) -> float:
     return sum(float(v) for text in logs.values() for v in THROUGHPUT.findall(text))
+
+
+def paired_ratio(ours: list[float], hand: list[float], resamples: int = 10_000) -> tuple[float, float, float]:
+    """Geometric mean of the rounds' ratios ours[i] / hand[i], and its 95 % bootstrap interval over rounds."""
+    logs = [math.log(a / b) for a, b in zip(ours, hand, strict=True)]
+    rng = random.Random(0)  # the same runs print the same interval
+    means = sorted(statistics.fmean(rng.choices(logs, k=len(logs))) for _ in range(resamples))
+    return (math.exp(statistics.fmean(logs)), math.exp(means[int(0.025 * resamples)]),
+            math.exp(means[int(0.975 * resamples) - 1]))
 
 
 def orchestrated(client, package_uri: str, framework: str, training_input: dict, args: list[str]) -> float:
@@ -118,7 +134,7 @@ def by_hand(driver: LocalDriver, settings, framework, package: Path, training_in
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--frameworks", nargs="*", default=list(JOBS))
     args = parser.parse_args()
     frameworks = load_frameworks()
@@ -149,16 +165,18 @@ def main() -> None:
                         print(f"  {name} round {round_ + 1}: {'orchestrated' if orchestrated_turn else 'by hand'} "
                               f"{(ours if orchestrated_turn else hand)[-1]:.0f} samples/s", flush=True)
                 results[name] = (ours, hand)
-    print(f"\nDistributed training throughput (samples/s summed over training processes), "
-          f"median of {args.rounds} rounds, 2 CPU cores")
-    print(f"  {'framework':12s} {'orchestrated':>14s} {'by hand':>10s} {'ratio':>7s}  target >= 0.98")
+    print(f"\nDistributed training throughput (samples/s summed over training processes), {args.rounds} rounds, "
+          f"{os.cpu_count()} CPU cores")
+    print(f"  {'framework':12s} {'orchestrated':>14s} {'by hand':>10s} {'ratio':>7s} {'95% interval':>14s}  "
+          f"target >= 0.98")
     for name, (ours, hand) in results.items():
-        a, b = statistics.median(ours), statistics.median(hand)
-        paired = sorted(x / y for x, y in zip(ours, hand, strict=True))  # each round's two runs, back to back
-        print(f"  {name:12s} {a:14.1f} {b:10.1f} {a / b:7.3f}  {'ok' if a / b >= 0.98 else 'below'}"
+        ratio, low, high = paired_ratio(ours, hand)
+        per_round = sorted(a / b for a, b in zip(ours, hand, strict=True))
+        print(f"  {name:12s} {statistics.median(ours):14.1f} {statistics.median(hand):10.1f} {ratio:7.3f} "
+              f"{low:6.3f}–{high:.3f}  {'ok' if ratio >= 0.98 else 'below'}"
               f"   (runs: ours {', '.join(f'{v:.0f}' for v in ours)}; by hand {', '.join(f'{v:.0f}' for v in hand)};"
-              f" per-round ratios {paired[0]:.2f}–{paired[-1]:.2f}, median {statistics.median(paired):.3f})")
-
+              f" per-round ratios {per_round[0]:.3f}–{per_round[-1]:.3f};"
+              f" medians' ratio {statistics.median(ours) / statistics.median(hand):.3f})")
 
 if __name__ == "__main__":
     main()

@@ -11,6 +11,7 @@ from cloudml_os.remote.ssh import (
     RemoteError,
     build_command,
     connect_node,
+    wait_for_streams,
 )
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "build_command",
     "connect_node",
     "fan_out",
+    "wait_for_streams",
 ]

@@ -33,7 +33,7 @@ from cloudml_os.cloud.base import ClusterSpec, Driver, DriverError, NodeSpec
 from cloudml_os.config import Settings
 from cloudml_os.frameworks.base import Framework, Member, ProcessStatus, Role, topology_from_training_input
 from cloudml_os.keys import generate_keypair
-from cloudml_os.remote import FanOutError, NodeSession, RemoteError, fan_out
+from cloudml_os.remote import FanOutError, NodeSession, RemoteError, fan_out, wait_for_streams
 from cloudml_os.remote import ProcessStatus as RemoteStatus
 from cloudml_os.runtimes import runtime_python
 from cloudml_os.states import NODE_UNREACHABLE, JobState, Step
@@ -336,7 +336,12 @@ def _watch_window(ctx: TrainingContext, job: Job, cluster: Cluster, framework: F
                     raise StepError(f"Job ran longer than scheduling.maxRunningTime ({max_running:g}s)")
                 if last or ctx.store.get_job(job.id).state != JobState.RUNNING.value:
                     return Handover(Step.TRAINING)
-            ctx.stopping.wait(ctx.settings.watch_interval)
+            # At most one look per watch_interval (a chatty trainer's lines come in batches), and between
+            # looks sleep until a stream has bytes or ends or something falls due: a quiet trainer's
+            # nodes and this worker wake about once a second.
+            if not ctx.stopping.wait(ctx.settings.watch_interval):
+                wait_for_streams(followers.values(),
+                                 min(logs_due, window_ends, *refollow_at.values()) - time.monotonic())
 
 
 def _process_status(role: Role, status: RemoteStatus | None) -> ProcessStatus:

@@ -7,6 +7,7 @@ a cancel wins over any step, every failure still deletes the cluster.
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 from pathlib import Path
 
@@ -70,8 +71,21 @@ class FakeFollower:
         world.cut.discard(node)
         return data, ended
 
+    def fileno(self):
+        """Always readable: the watch looks at the fake streams every ``watch_interval``."""
+        return _ALWAYS_READABLE
+
     def close(self):
         pass
+
+
+def _always_readable() -> int:
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"x")
+    return read_end
+
+
+_ALWAYS_READABLE = _always_readable()
 
 
 @dataclasses.dataclass
