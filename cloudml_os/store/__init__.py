@@ -350,17 +350,20 @@ class Store:
 
     # ---- logs ----------------------------------------------------------------------------------
 
-    def append_log(self, job_pk: int, node_id: int, node: str, offset: int, data: bytes) -> None:
-        """Store bytes fetched from ``offset`` of a node's log and move the node's offset past them."""
-        if not data:
+    def append_logs(self, job_pk: int, chunks: Iterable[tuple[int, str, int, bytes]]) -> None:
+        """Store bytes fetched from nodes' logs, ``(node_id, node, offset, data)`` each, and move each node's
+        offset past them, in one transaction: a watch stores all its nodes' new lines with one commit."""
+        chunks = [chunk for chunk in chunks if chunk[3]]
+        if not chunks:
             return
         with self.session() as session:
-            exists = session.scalar(select(LogChunk.id).where(
-                LogChunk.job_id == job_pk, LogChunk.node == node, LogChunk.offset == offset))
-            if exists is None:
-                session.add(LogChunk(job_id=job_pk, node=node, offset=offset, data=data))
-            session.execute(update(Node).where(Node.id == node_id, Node.log_offset == offset)
-                            .values(log_offset=offset + len(data)))
+            for node_id, node, offset, data in chunks:
+                exists = session.scalar(select(LogChunk.id).where(
+                    LogChunk.job_id == job_pk, LogChunk.node == node, LogChunk.offset == offset))
+                if exists is None:
+                    session.add(LogChunk(job_id=job_pk, node=node, offset=offset, data=data))
+                session.execute(update(Node).where(Node.id == node_id, Node.log_offset == offset)
+                                .values(log_offset=offset + len(data)))
 
     def read_log(self, job_pk: int, node: str, offset: int = 0, limit: int = 1 << 20) -> tuple[bytes, int]:
         """Up to ``limit`` bytes of a node's log from ``offset``; returns them and the next offset."""

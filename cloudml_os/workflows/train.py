@@ -305,10 +305,9 @@ def _watch_window(ctx: TrainingContext, job: Job, cluster: Cluster, framework: F
             now = time.monotonic()
             last = now >= window_ends or ctx.stopping.is_set()
             if finished or last or now >= logs_due:
-                for name, data in unsent.items():
-                    if data:
-                        _store_log(ctx, job, nodes[name], bytes(data))
-                        data.clear()
+                _store_logs(ctx, job, [(nodes[name], bytes(data)) for name, data in unsent.items() if data])
+                for data in unsent.values():
+                    data.clear()
             if finished:
                 # The stream ended: the trainer exited (or vanished), or the connection broke (then asking
                 # fails, and watch hands the node to the restart policy). A trainer still running had its
@@ -598,7 +597,7 @@ def _fetch(ctx: TrainingContext, job: Job, node: Node, session: NodeSession) -> 
         data = session.read_file(f"{process_dir(node)}/output.log", _log_file_offset(node), LOG_FETCH_LIMIT)
         if not data:
             break
-        _store_log(ctx, job, node, data)
+        _store_logs(ctx, job, [(node, data)])
         if len(data) < LOG_FETCH_LIMIT:
             break
     if status.exit_code is not None and node.process_state == "RUNNING":
@@ -614,10 +613,11 @@ def _log_file_offset(node: Node) -> int:
     return node.log_offset - (node.log_base or 0)
 
 
-def _store_log(ctx: TrainingContext, job: Job, node: Node, data: bytes) -> None:
-    """Append a node's next log bytes to the store and move its offset past them."""
-    ctx.store.append_log(job.id, node.id, node.name, node.log_offset, data)
-    node.log_offset += len(data)
+def _store_logs(ctx: TrainingContext, job: Job, pieces: list[tuple[Node, bytes]]) -> None:
+    """Append nodes' next log bytes to the store (one commit) and move their offsets past them."""
+    ctx.store.append_logs(job.id, [(node.id, node.name, node.log_offset, data) for node, data in pieces])
+    for node, data in pieces:
+        node.log_offset += len(data)
 
 
 def _seconds(duration: str | None) -> float | None:

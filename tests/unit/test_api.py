@@ -417,9 +417,9 @@ def test_events_list_and_after(env):
 
 def test_logs_of_every_node_and_of_one_node_from_an_offset(env):
     [pk] = make_jobs(env, 1)
-    env.store.append_log(pk, 0, "master-0", 0, b"hello ")
-    env.store.append_log(pk, 0, "master-0", 6, b"world\n")
-    env.store.append_log(pk, 0, "worker-0", 0, b"w\xffx\n")
+    env.store.append_logs(pk, [(0, "master-0", 0, b"hello ")])
+    env.store.append_logs(pk, [(0, "master-0", 6, b"world\n")])
+    env.store.append_logs(pk, [(0, "worker-0", 0, b"w\xffx\n")])
     logs = env.client.get("/v1/projects/p/jobs/job_0/logs", headers=env.admin).get_json()["logs"]
     assert logs == [{"node": "master-0", "offset": 0, "nextOffset": 12, "text": "hello world\n"},
                     {"node": "worker-0", "offset": 0, "nextOffset": 4, "text": "w\ufffdx\n"}]
@@ -430,21 +430,21 @@ def test_logs_of_every_node_and_of_one_node_from_an_offset(env):
 def test_a_character_split_between_reads_is_held_back_while_the_job_runs(env):
     [pk] = make_jobs(env, 1)
     snowman = "☃".encode()
-    env.store.append_log(pk, 0, "master-0", 0, b"a" + snowman[:2])
+    env.store.append_logs(pk, [(0, "master-0", 0, b"a" + snowman[:2])])
     first = env.client.get("/v1/projects/p/jobs/job_0/logs?node=master-0", headers=env.admin).get_json()["logs"][0]
     assert (first["text"], first["nextOffset"]) == ("a", 1)
-    env.store.append_log(pk, 0, "master-0", 3, snowman[2:])
+    env.store.append_logs(pk, [(0, "master-0", 3, snowman[2:])])
     second = env.client.get("/v1/projects/p/jobs/job_0/logs?node=master-0&offset=1", headers=env.admin)
     assert second.get_json()["logs"][0]["text"] == "☃"
 
 
 def test_follow_streams_until_the_job_has_ended(env):
     [pk] = make_jobs(env, 1)
-    env.store.append_log(pk, 0, "master-0", 0, b"epoch 1\n")
+    env.store.append_logs(pk, [(0, "master-0", 0, b"epoch 1\n")])
 
     def finish() -> None:
         time.sleep(0.1)
-        env.store.append_log(pk, 0, "master-0", 8, b"epoch 2\n")
+        env.store.append_logs(pk, [(0, "master-0", 8, b"epoch 2\n")])
         env.store.transition(pk, [JobState.QUEUED], JobState.FAILED)
 
     worker = threading.Thread(target=finish)
@@ -458,10 +458,10 @@ def test_follow_streams_until_the_job_has_ended(env):
 def test_follow_log_joins_split_characters_and_flushes_at_the_end(env):
     [pk] = make_jobs(env, 1)
     snowman = "☃".encode()
-    env.store.append_log(pk, 0, "n", 0, b"x" + snowman[:1])
+    env.store.append_logs(pk, [(0, "n", 0, b"x" + snowman[:1])])
     env.store.transition(pk, [JobState.QUEUED], JobState.FAILED)
     assert "".join(follow_log(env.store, pk, "n", 0, 0.0)) == "x\ufffd"
-    env.store.append_log(pk, 0, "n", 2, snowman[1:])
+    env.store.append_logs(pk, [(0, "n", 2, snowman[1:])])
     assert list(follow_log(env.store, pk, "n", 0, 0.0)) == ["x☃"]
     assert list(follow_log(env.store, pk, "n", 1, 0.0)) == ["☃"]
 

@@ -76,7 +76,7 @@ def _job_with_log(env: Env, job_id: str, state: str, log: bytes) -> Job:
     job = env.store.create_job(Job(project="p", job_id=job_id, state=state, step="TRAINING", framework="TENSORFLOW",
                                    training_input={"scaleTier": "BASIC", "pythonModule": "trainer.task",
                                                    "packageUris": ["x"]}, labels={}))
-    env.store.append_log(job.id, None, "chief-0", 0, log)
+    env.store.append_logs(job.id, [(None, "chief-0", 0, log)])
     return job
 
 
