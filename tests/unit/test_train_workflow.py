@@ -331,3 +331,17 @@ def test_a_stream_that_ends_while_its_trainer_runs_is_followed_again(world):
     assert run_step(ctx, job_pk, *message[:2])[0] == Step.TRAINING
     assert [node for node, _ in nodes.follows] == ["chief-0", "chief-0"]
     assert ctx.store.get_job(job_pk).state == "RUNNING" and exits["chief-0"] is None
+
+
+def test_several_nodes_log_lines_are_stored_in_one_call_and_a_repeated_call_stores_nothing_twice(world):
+    ctx, _, _, _, _ = world
+    job_pk = submit(ctx, scaleTier="CUSTOM", masterType="standard", workerType="standard", workerCount=1)
+    _until_training(ctx, job_pk)
+    first, second = ctx.store.cluster_of(job_pk).nodes
+    chunks = [(first.id, first.name, 0, b"chief line\n"), (second.id, second.name, 0, b"worker line\n")]
+    ctx.store.append_logs(job_pk, chunks)
+    ctx.store.append_logs(job_pk, chunks)  # a watch re-delivered after a crash stores the same bytes again
+    assert ctx.store.read_log(job_pk, first.name) == (b"chief line\n", 11)
+    assert ctx.store.read_log(job_pk, second.name) == (b"worker line\n", 12)
+    offsets = {node.name: node.log_offset for node in ctx.store.cluster_of(job_pk).nodes}
+    assert offsets == {first.name: 11, second.name: 12}
