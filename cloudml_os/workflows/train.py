@@ -289,15 +289,17 @@ def _watch_window(ctx: TrainingContext, job: Job, cluster: Cluster, framework: F
 
         followers = dict(zip(nodes, sessions.each(follow), strict=True))
         refollow_at: dict[str, float] = {}  # a running trainer whose stream ended is followed again then
+        received = False  # whether the last look found new bytes
         while True:
             for name, due in list(refollow_at.items()):
                 if time.monotonic() >= due:
                     del refollow_at[name]
                     followers[name] = sessions.each(follow, [nodes[name]])[0]
-            finished = []
+            finished, received_before, received = [], received, False
             for name, follower in list(followers.items()):
                 data, done = follower.poll()
                 unsent[name] += data
+                received |= bool(data)
                 if done:
                     follower.close()
                     del followers[name]
@@ -335,10 +337,11 @@ def _watch_window(ctx: TrainingContext, job: Job, cluster: Cluster, framework: F
                     raise StepError(f"Job ran longer than scheduling.maxRunningTime ({max_running:g}s)")
                 if last or ctx.store.get_job(job.id).state != JobState.RUNNING.value:
                     return Handover(Step.TRAINING)
-            # At most one look per watch_interval (a chatty trainer's lines come in batches), and between
-            # looks sleep until a stream has bytes or ends or something falls due: a quiet trainer's
-            # nodes and this worker wake about once a second.
-            if not ctx.stopping.wait(ctx.settings.watch_interval):
+            # Sleep until a stream has bytes or ends or something falls due: a quiet trainer's nodes and
+            # this worker wake about once a second, and a stream's end is seen at once. Lines that kept
+            # coming two looks in a row are taken at most every watch_interval, in batches.
+            pause = ctx.settings.watch_interval if received and received_before else 0.0
+            if not ctx.stopping.wait(pause):
                 wait_for_streams(followers.values(),
                                  min(logs_due, window_ends, *refollow_at.values()) - time.monotonic())
 

@@ -72,20 +72,14 @@ class FakeFollower:
         return data, ended
 
     def fileno(self):
-        """Always readable: the watch looks at the fake streams every ``watch_interval``."""
-        return _ALWAYS_READABLE
+        """Never readable: the watch looks at the fake streams whenever something falls due."""
+        return _NEVER_READABLE
 
     def close(self):
         pass
 
 
-def _always_readable() -> int:
-    read_end, write_end = os.pipe()
-    os.write(write_end, b"x")
-    return read_end
-
-
-_ALWAYS_READABLE = _always_readable()
+_NEVER_READABLE, _WRITE_END = os.pipe()  # nothing is ever written
 
 
 @dataclasses.dataclass
