@@ -20,6 +20,7 @@ with a 95 % bootstrap interval over the rounds. Target: ≥ 0.98.
 from __future__ import annotations
 
 import argparse
+import bisect
 import functools
 import math
 import os
@@ -27,9 +28,11 @@ import random
 import re
 import statistics
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 from cloudml_os.cloud.base import ClusterSpec, NodeSpec
 from cloudml_os.cloud.local import LocalDriver
@@ -41,7 +44,8 @@ from cloudml_os.runtimes import ensure_runtime, runtime_python
 from tests.harness import build_sdist, start_platform
 
 ROOT = Path(__file__).resolve().parents[1]
-THROUGHPUT = re.compile(r"THROUGHPUT samples_per_second=([0-9.]+)")
+THROUGHPUT = re.compile(
+    r"THROUGHPUT samples_per_second=([0-9.]+) cpu_cores=([0-9.]+) started=([0-9.]+) ended=([0-9.]+)")
 
 # A distributed topology per framework, and the arguments that make its training loop last 20–30 s here.
 JOBS = {
@@ -55,20 +59,86 @@ JOBS = {
 }
 
 
-def _throughput(logs: dict[str, str]) -> float:
-    return sum(float(v) for text in logs.values() for v in THROUGHPUT.findall(text))
+class MachineCPU:
+    """The machine's busy CPU-seconds (/proc/stat), sampled ten times a second by a thread of its own.
+
+    Subtracting what the training processes report for their own loops leaves what everything else on the
+    machine used meanwhile: the platform (or the by-hand harness), sshd, and whatever the machine runs
+    anyway. Unlike throughput this barely moves with the machine's speed, so a small difference shows.
+    """
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> MachineCPU:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        tick = os.sysconf("SC_CLK_TCK")
+        while not self._stop.is_set():
+            with open("/proc/stat") as stat:
+                user, nice, system, _idle, _iowait, irq, softirq = map(int, stat.readline().split()[1:8])
+            self.samples.append((time.time(), (user + nice + system + irq + softirq) / tick))
+            self._stop.wait(0.1)
+
+    def cores_between(self, started: float, ended: float) -> float:
+        """Busy CPU-seconds per second over [started, ended], interpolated between samples."""
+        while self.samples[-1][0] < ended:  # the next sample is at most 0.1 s away
+            time.sleep(0.05)
+        times = [t for t, _ in self.samples]
+        assert times and times[0] <= started < ended <= times[-1], "the window is outside the samples"
+
+        def busy_at(moment: float) -> float:
+            i = max(bisect.bisect_right(times, moment), 1)
+            (t0, b0), (t1, b1) = self.samples[i - 1], self.samples[min(i, len(times) - 1)]
+            return b0 if t1 == t0 else b0 + (b1 - b0) * (moment - t0) / (t1 - t0)
+
+        return (busy_at(ended) - busy_at(started)) / (ended - started)
 
 
-def paired_ratio(ours: list[float], hand: list[float], resamples: int = 10_000) -> tuple[float, float, float]:
-    """Geometric mean of the rounds' ratios ours[i] / hand[i], and its 95 % bootstrap interval over rounds."""
-    logs = [math.log(a / b) for a, b in zip(ours, hand, strict=True)]
+class Run(NamedTuple):
+    """One run's figures while its training loops ran."""
+    samples_per_second: float  # summed over the training processes
+    cpu_cores: float  # CPU-seconds per second the training processes got
+    other_cores: float  # CPU-seconds per second everything else on the machine used
+    training_processes: int
+
+
+def _figures(logs: dict[str, str], machine: MachineCPU) -> Run:
+    found = [tuple(map(float, match)) for text in logs.values() for match in THROUGHPUT.findall(text)]
+    # The span in which every training process was in its loop (they start and end together: each step is
+    # a collective), and everything but them over it.
+    started, ended = max(f[2] for f in found), min(f[3] for f in found)
+    cpu_cores = sum(f[1] for f in found)
+    return Run(sum(f[0] for f in found), cpu_cores, machine.cores_between(started, ended) - cpu_cores, len(found))
+
+
+def _bootstrap_mean(values: list[float], resamples: int = 10_000) -> tuple[float, float, float]:
+    """The mean of values, and its 95 % bootstrap interval."""
     rng = random.Random(0)  # the same runs print the same interval
-    means = sorted(statistics.fmean(rng.choices(logs, k=len(logs))) for _ in range(resamples))
-    return (math.exp(statistics.fmean(logs)), math.exp(means[int(0.025 * resamples)]),
-            math.exp(means[int(0.975 * resamples) - 1]))
+    means = sorted(statistics.fmean(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return statistics.fmean(values), means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
 
 
-def orchestrated(client, package_uri: str, framework: str, training_input: dict, args: list[str]) -> float:
+def paired_ratio(ours: list[float], hand: list[float]) -> tuple[float, float, float]:
+    """Geometric mean of the rounds' ratios ours[i] / hand[i], and its 95 % bootstrap interval over rounds."""
+    mean, low, high = _bootstrap_mean([math.log(a / b) for a, b in zip(ours, hand, strict=True)])
+    return math.exp(mean), math.exp(low), math.exp(high)
+
+
+def paired_difference(ours: list[float], hand: list[float]) -> tuple[float, float, float]:
+    """Mean of the rounds' differences ours[i] - hand[i], and its 95 % bootstrap interval over rounds."""
+    return _bootstrap_mean([a - b for a, b in zip(ours, hand, strict=True)])
+
+
+def orchestrated(client, package_uri: str, framework: str, training_input: dict, args: list[str]) -> dict[str, str]:
     job_id = f"tp_{framework.lower()}_{uuid.uuid4().hex[:6]}"
     body = {"jobId": job_id, "trainingInput": {**training_input, "framework": framework,
                                                "packageUris": [package_uri], "pythonModule": "trainer.task",
@@ -77,10 +147,11 @@ def orchestrated(client, package_uri: str, framework: str, training_input: dict,
     assert response.status_code == 200, response.text
     job = client.wait(job_id, timeout=600, interval=1.0)  # as by_hand looks at its processes: once a second
     assert job["state"] == "SUCCEEDED", job
-    return _throughput(client.logs(job_id))
+    return client.logs(job_id)
 
 
-def by_hand(driver: LocalDriver, settings, framework, package: Path, training_input: dict, args: list[str]) -> float:
+def by_hand(driver: LocalDriver, settings, framework, package: Path, training_input: dict,
+            args: list[str]) -> dict[str, str]:
     """The same processes, environment and command, started over SSH without the platform."""
     training_input = {**training_input, "pythonModule": "trainer.task", "args": args}
     roles = framework.roles(topology_from_training_input(training_input, settings.machine_types), training_input)
@@ -127,7 +198,7 @@ def by_hand(driver: LocalDriver, settings, framework, package: Path, training_in
         finally:
             for session in sessions.values():
                 session.close()
-        return _throughput(logs)
+        return logs
     finally:
         driver.delete_cluster(name)
 
@@ -144,7 +215,8 @@ def main() -> None:
         settings = load_settings(environ={}, data_dir=tmp / "by-hand", local_address_prefix="127.8",
                                  local_port_base=50000, local_ssh_port=2622)
         driver = LocalDriver(settings)
-        with start_platform(tmp / "platform", local_address_prefix="127.4", local_port_base=40000) as platform:
+        with (start_platform(tmp / "platform", local_address_prefix="127.4", local_port_base=40000) as platform,
+              MachineCPU() as machine):
             client = platform.client("bench")
             for name in args.frameworks:
                 example, training_input, trainer_args = JOBS[name]
@@ -156,27 +228,51 @@ def main() -> None:
                          False: functools.partial(by_hand, driver, settings, framework, package, training_input,
                                                   trainer_args)}
                 for orchestrated_turn in (True, False):
-                    print(f"  {name} warm-up (not counted): {'orchestrated' if orchestrated_turn else 'by hand'} "
-                          f"{sides[orchestrated_turn]():.0f} samples/s", flush=True)
+                    run = _figures(sides[orchestrated_turn](), machine)
+                    print(f"  {name} warm-up (not counted): {_describe(orchestrated_turn, run)}", flush=True)
                 ours, hand = [], []
                 for round_ in range(args.rounds):  # alternate which goes first
                     for orchestrated_turn in ((True, False) if round_ % 2 == 0 else (False, True)):
-                        (ours if orchestrated_turn else hand).append(sides[orchestrated_turn]())
-                        print(f"  {name} round {round_ + 1}: {'orchestrated' if orchestrated_turn else 'by hand'} "
-                              f"{(ours if orchestrated_turn else hand)[-1]:.0f} samples/s", flush=True)
+                        run = _figures(sides[orchestrated_turn](), machine)
+                        (ours if orchestrated_turn else hand).append(run)
+                        print(f"  {name} round {round_ + 1}: {_describe(orchestrated_turn, run)}", flush=True)
                 results[name] = (ours, hand)
     print(f"\nDistributed training throughput (samples/s summed over training processes), {args.rounds} rounds, "
           f"{os.cpu_count()} CPU cores")
     print(f"  {'framework':12s} {'orchestrated':>14s} {'by hand':>10s} {'ratio':>7s} {'95% interval':>14s}  "
           f"target >= 0.98")
     for name, (ours, hand) in results.items():
-        ratio, low, high = paired_ratio(ours, hand)
-        per_round = sorted(a / b for a, b in zip(ours, hand, strict=True))
-        print(f"  {name:12s} {statistics.median(ours):14.1f} {statistics.median(hand):10.1f} {ratio:7.3f} "
+        ours_t, hand_t = [r.samples_per_second for r in ours], [r.samples_per_second for r in hand]
+        ratio, low, high = paired_ratio(ours_t, hand_t)
+        per_round = sorted(a / b for a, b in zip(ours_t, hand_t, strict=True))
+        print(f"  {name:12s} {statistics.median(ours_t):14.1f} {statistics.median(hand_t):10.1f} {ratio:7.3f} "
               f"{low:6.3f}–{high:.3f}  {'ok' if ratio >= 0.98 else 'below'}"
-              f"   (runs: ours {', '.join(f'{v:.0f}' for v in ours)}; by hand {', '.join(f'{v:.0f}' for v in hand)};"
+              f"   (runs: ours {', '.join(f'{v:.0f}' for v in ours_t)};"
+              f" by hand {', '.join(f'{v:.0f}' for v in hand_t)};"
               f" per-round ratios {per_round[0]:.3f}–{per_round[-1]:.3f};"
-              f" medians' ratio {statistics.median(ours) / statistics.median(hand):.3f})")
+              f" medians' ratio {statistics.median(ours_t) / statistics.median(hand_t):.3f})")
+    print("\nCPU while the training loops ran (CPU-seconds per second; medians, and paired over rounds with 95 % "
+          "intervals).\nThe platform's extra CPU could cost training at most its upper end over one training "
+          "process's CPU\n(each step waits for the slowest process): the last column is the throughput ratio that "
+          "allows.")
+    print(f"  {'framework':12s} {'training: ours':>15s} {'by hand':>8s} {'ratio':>7s} {'95% interval':>14s}   "
+          f"{'the rest: ours':>14s} {'by hand':>8s} {'extra':>7s} {'95% interval':>16s}   {'ratio >=':>8s}")
+    for name, (ours, hand) in results.items():
+        cores, cores_low, cores_high = paired_ratio([r.cpu_cores for r in ours], [r.cpu_cores for r in hand])
+        extra, extra_low, extra_high = paired_difference([r.other_cores for r in ours], [r.other_cores for r in hand])
+        per_process = statistics.median(r.cpu_cores / r.training_processes for r in ours)
+        print(f"  {name:12s} {statistics.median(r.cpu_cores for r in ours):15.3f} "
+              f"{statistics.median(r.cpu_cores for r in hand):8.3f} {cores:7.3f} {cores_low:6.3f}–{cores_high:.3f}   "
+              f"{statistics.median(r.other_cores for r in ours):14.3f} "
+              f"{statistics.median(r.other_cores for r in hand):8.3f} {extra:+7.3f} "
+              f"{extra_low:+.3f}–{extra_high:+.3f}   "
+              f"{1 - max(extra_high, 0) / per_process:8.3f}")
+
+
+def _describe(orchestrated_turn: bool, run: Run) -> str:
+    return (f"{'orchestrated' if orchestrated_turn else 'by hand'} {run.samples_per_second:.0f} samples/s "
+            f"on {run.cpu_cores:.3f} CPU cores, the rest of the machine {run.other_cores:.3f}")
+
 
 if __name__ == "__main__":
     main()

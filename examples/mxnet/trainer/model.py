@@ -80,7 +80,7 @@ def train_and_export(args: argparse.Namespace, kvstore_type: str) -> gluon.Hybri
     order = np.random.default_rng(args.seed + rank)
     LOG.info("training: %d samples in this shard, batch %d, %d epochs of %d steps",
              len(x), args.batch_size, args.epochs, steps_per_epoch)
-    started = time.monotonic()
+    started, cpu_started, started_at = time.monotonic(), time.process_time(), time.time()
     step = done * steps_per_epoch
     for epoch in range(done + 1, args.epochs + 1):
         permutation = order.permutation(len(x))
@@ -98,12 +98,14 @@ def train_and_export(args: argparse.Namespace, kvstore_type: str) -> gluon.Hybri
             total += float(loss.mean().asscalar())
         save(net, checkpoints, epoch)
         LOG.info("epoch %d/%d step %d loss %.6f", epoch, args.epochs, step, total / steps_per_epoch)
-    elapsed = time.monotonic() - started
+    elapsed, cpu_seconds, ended_at = time.monotonic() - started, time.process_time() - cpu_started, time.time()
     params = model_params(net)
     LOG.info("trained in %.2f s: y = %.3f x + %.3f (true: %.1f x + %.1f)", elapsed, params["weight"],
              params["bias"], TRUE_SLOPE, TRUE_INTERCEPT)
     trained_steps = step - done * steps_per_epoch
-    print(f"THROUGHPUT samples_per_second={trained_steps * args.batch_size / elapsed:.1f}", flush=True)
+    print(f"THROUGHPUT samples_per_second={trained_steps * args.batch_size / elapsed:.1f} "
+          f"cpu_cores={cpu_seconds / elapsed:.4f} "
+          f"started={started_at:.3f} ended={ended_at:.3f}", flush=True)
     print(f"PARAMS {json.dumps(params, sort_keys=True)}", flush=True)
     if rank == 0:
         export(net, os.path.join(args.job_dir, "model"))

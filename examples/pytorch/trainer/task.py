@@ -122,7 +122,7 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
              rank, world_size, device, args.batch_size, args.epochs, steps_per_epoch)
 
     step, samples_seen = done * steps_per_epoch, 0
-    started = time.monotonic()
+    started, cpu_started, started_at = time.monotonic(), time.process_time(), time.time()
     for epoch in range(done + 1, args.epochs + 1):
         sampler.set_epoch(epoch)
         order = torch.tensor(list(sampler), device=device)
@@ -143,8 +143,9 @@ def train(args: argparse.Namespace, rank: int, world_size: int, device: torch.de
         save(checkpoint, model, optimizer, epoch)
         LOG.info("epoch %d/%d step %d loss %.6f", epoch, args.epochs, step,
                  loss_sum.item() / (steps_per_epoch * world_size))
-    elapsed = time.monotonic() - started
-    print(f"THROUGHPUT samples_per_second={samples_seen / elapsed:.1f}", flush=True)
+    elapsed, cpu_seconds, ended_at = time.monotonic() - started, time.process_time() - cpu_started, time.time()
+    print(f"THROUGHPUT samples_per_second={samples_seen / elapsed:.1f} cpu_cores={cpu_seconds / elapsed:.4f} "
+          f"started={started_at:.3f} ended={ended_at:.3f}", flush=True)
     return model
 
 

@@ -206,7 +206,7 @@ def train_synchronously(args: argparse.Namespace, strategy: tf.distribute.Strate
     LOG.info("training with %s: %d replica(s), global batch %d, %d epochs of %d steps",
              strategy_name, strategy.num_replicas_in_sync, global_batch, args.epochs, steps_per_epoch)
     step = done * steps_per_epoch
-    training_started = time.monotonic()
+    training_started, cpu_started, started_at = time.monotonic(), time.process_time(), time.time()
     for epoch in range(done + 1, args.epochs + 1):
         total = 0.0
         for _ in range(steps_per_epoch):
@@ -218,10 +218,12 @@ def train_synchronously(args: argparse.Namespace, strategy: tf.distribute.Strate
         summaries.scalars(step, loss=total / steps_per_epoch)
         time.sleep(args.sleep_after_epoch)
     checkpoint.close()
-    # This task's own samples per second of training (start-up and rendezvous excluded), for benchmarks.
-    trained_steps = step - done * steps_per_epoch
-    LOG.info("THROUGHPUT samples_per_second=%.1f",
-             trained_steps * args.batch_size / (time.monotonic() - training_started))
+    # For benchmarks: this task's own samples per second of training (start-up and rendezvous excluded), the
+    # CPU time the process got per second meanwhile (all its threads), and when (Unix time) the loop ran.
+    trained_steps, elapsed = step - done * steps_per_epoch, time.monotonic() - training_started
+    LOG.info("THROUGHPUT samples_per_second=%.1f cpu_cores=%.4f started=%.3f ended=%.3f",
+             trained_steps * args.batch_size / elapsed, (time.process_time() - cpu_started) / elapsed, started_at,
+             time.time())
     return model
 
 
