@@ -19,8 +19,9 @@ After every epoch each rank saves the model, the optimizer and the epoch to
 ``JOB_DIR/checkpoints/checkpoint.pt`` (DDP keeps them equal on every rank); a restarted rank that finds one
 there loads it and resumes after that epoch instead of starting again.
 
-Besides progress, each training rank prints ``THROUGHPUT samples_per_second=…`` (its own samples over its
-own training time, start-up and rendezvous excluded) and ``PARAMS {"weight": …, "bias": …}`` at full
+Besides progress, each training rank prints ``THROUGHPUT samples_per_second=… cpu_cores=… started=…
+ended=…`` (its own samples over its own training time, start-up and rendezvous excluded; its CPU-seconds
+per second meanwhile; the loop's span in Unix time) and ``PARAMS {"weight": …, "bias": …}`` at full
 precision, for the platform's benchmarks and tests.
 """
 
