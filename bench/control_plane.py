@@ -83,12 +83,12 @@ def main() -> None:
     parser.add_argument("--only-embedded", action="store_true")
     args = parser.parse_args()
     run("embedded default: SQLite + SQLAlchemy broker", args.runs, local_address_prefix="127.4",
-        local_port_base=40000)
+        local_port_base=22000)
     if not args.only_embedded:
         with _postgres_database() as database_url:
             run("PostgreSQL + RabbitMQ", args.runs, database_url=database_url,
                 broker_url="amqp://guest:guest@127.0.0.1:5672//", task_queue=f"bench-{uuid.uuid4().hex[:8]}",
-                local_address_prefix="127.5", local_port_base=45000)
+                local_address_prefix="127.5", local_port_base=23000)
 
 
 @contextlib.contextmanager

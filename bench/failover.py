@@ -104,7 +104,7 @@ def main() -> None:
     settings = load_settings(environ={})
     runtime = ensure_runtime("tensorflow-2.21", settings.runtimes_dir)
     with tempfile.TemporaryDirectory() as tmp, start_platform(Path(tmp), local_address_prefix="127.4",
-                                                              local_port_base=40000) as platform:
+                                                              local_port_base=22000) as platform:
         database_url = f"sqlite:///{tmp}/cloudml-os.db"
         client = platform.client("bench")
         package = client.upload(build_sdist(ROOT / "examples" / "tensorflow", Path(tmp), runtime / "bin" / "python"))

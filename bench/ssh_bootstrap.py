@@ -285,7 +285,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ssh-bootstrap-") as tmp:
         data_dir = Path(tmp)
         settings = load_settings(environ={}, data_dir=data_dir, local_address_prefix="127.6",
-                                 local_port_base=47000, local_ssh_port=2422)
+                                 local_port_base=24000, local_ssh_port=2422)
         driver = LocalDriver(settings)
         private_key, public_key = generate_keypair("ssh-bootstrap-bench")
         package = data_dir / "package.bin"

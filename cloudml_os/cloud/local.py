@@ -37,6 +37,7 @@ import dataclasses
 import fcntl
 import ipaddress
 import json
+import logging
 import os
 import pwd
 import re
@@ -57,6 +58,7 @@ SSHD = "/usr/sbin/sshd"
 UNSHARE = "unshare"
 IP = "ip"
 RUN_SSHD = Path("/run/sshd")  # sshd's privilege separation directory; must exist
+EPHEMERAL_PORTS = Path("/proc/sys/net/ipv4/ip_local_port_range")
 # Cluster and node names become path components and symlink targets.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 # sshd_config has no quoting we want to rely on: node paths must be plain.
@@ -64,6 +66,8 @@ _UNSAFE_PATH = re.compile(r"[\s\"'%\\#]")
 # The nodes' sshd get a clean environment, not the worker's (which may hold database passwords).
 NODE_ENVIRONMENT = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                      "LANG": "C.UTF-8"}
+
+log = logging.getLogger(__name__)
 
 
 class LocalDriver(Driver):
@@ -312,6 +316,8 @@ class LocalDriver(Driver):
                               "%, #, backslash) that cannot be written into an sshd_config")
         settings = self._settings
         port_first = settings.local_port_base + slot * settings.local_ports_per_node
+        if not settings.local_network_isolation:
+            _warn_if_ephemeral(port_first, port_first + settings.local_ports_per_node - 1)
         info = NodeInfo(
             name=node.name,
             task_type=node.task_type,
@@ -643,6 +649,25 @@ def _ip(*args: str, check: bool = True) -> str:
     if check and result.returncode != 0:
         raise DriverError(f"`ip {' '.join(args)}` failed: {result.stderr.strip()}")
     return result.stdout
+
+
+def ephemeral_port_range() -> tuple[int, int] | None:
+    """The ports this host's kernel hands to outgoing connections (``net.ipv4.ip_local_port_range``)."""
+    try:
+        low, high = map(int, EPHEMERAL_PORTS.read_text().split())
+    except (OSError, ValueError):
+        return None
+    return low, high
+
+
+def _warn_if_ephemeral(first: int, last: int) -> None:
+    """Trainers listen on all interfaces (TensorFlow's gRPC server binds ``*:PORT``), so a node port that
+    an outgoing connection anywhere on the host holds cannot be bound: the job fails now and then."""
+    ephemeral = ephemeral_port_range()
+    if ephemeral and first <= ephemeral[1] and last >= ephemeral[0]:
+        log.warning("local node ports %d-%d lie in this host's ephemeral port range %d-%d "
+                    "(net.ipv4.ip_local_port_range): a trainer may now and then fail to listen on them; "
+                    "set local_port_base below it", first, last, *ephemeral)
 
 
 def _slot_address(prefix: str, slot: int) -> str:

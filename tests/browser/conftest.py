@@ -39,7 +39,7 @@ def dashboard_platform(tmp_path_factory, dashboard_database, tf_runtime) -> Iter
     queue = f"cloudml-dash-{uuid.uuid4().hex[:8]}"
     with start_platform(tmp_path_factory.mktemp("dashboard-platform"), database_url=dashboard_database,
                         broker_url=AMQP_URL, task_queue=queue, local_address_prefix="127.14",
-                        local_port_base=34000, stop_grace_seconds=2, admin_project=ADMIN_PROJECT) as running:
+                        local_port_base=29500, stop_grace_seconds=2, admin_project=ADMIN_PROJECT) as running:
         yield running
     with kombu.Connection(AMQP_URL) as connection:
         connection.default_channel.queue_delete(queue)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import signal
 import socket
@@ -21,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloudml_os.cloud.base import ClusterSpec, DriverError, NodeInfo, NodeSpec
-from cloudml_os.cloud.local import LocalDriver
+from cloudml_os.cloud.local import LocalDriver, ephemeral_port_range
 from cloudml_os.config import Settings, load_settings
 from cloudml_os.remote import (
     CommandFailed,
@@ -116,7 +117,7 @@ def keypair() -> tuple[str, str]:
 def settings(tmp_path_factory) -> Settings:
     data_dir = tmp_path_factory.mktemp("local-driver")
     return load_settings(environ={}, data_dir=data_dir, runtimes_dir=data_dir / "rt",
-                         local_address_prefix="127.3", local_ssh_port=2322, local_port_base=41000,
+                         local_address_prefix="127.3", local_ssh_port=2322, local_port_base=26000,
                          local_ports_per_node=4, ssh_connect_timeout=5.0, ssh_boot_retries=5)
 
 
@@ -151,6 +152,24 @@ def test_nodes_get_distinct_addresses_port_ranges_and_host_keys(nodes, settings)
     assert all(node.username == "root" and Path(node.workdir).is_dir() for node in nodes)
     assert all(node.runtime_root == str(settings.runtimes_dir) for node in nodes)
     assert all(node.environment == {"CUDA_VISIBLE_DEVICES": ""} for node in nodes)
+
+
+def test_node_ports_in_the_hosts_ephemeral_range_are_warned_about(driver, keypair, settings, caplog):
+    """TensorFlow listens on ``*:PORT``; an outgoing connection holding that port makes it fail to start."""
+    low, high = ephemeral_port_range()
+    caplog.set_level(logging.WARNING, logger="cloudml_os.cloud.local")
+    driver.create_cluster(workers("below", keypair[1], 0))  # ports from 26000: below the range
+    assert not caplog.records
+    inside = LocalDriver(dataclasses.replace(settings, local_port_base=low + 1000))
+    node = inside.create_cluster(workers("inside", keypair[1], 0))[0]
+    try:
+        assert [r.getMessage() for r in caplog.records] == [
+            f"local node ports {node.port_first}-{node.port_last} lie in this host's ephemeral port range "
+            f"{low}-{high} (net.ipv4.ip_local_port_range): a trainer may now and then fail to listen on them; "
+            "set local_port_base below it"]
+    finally:
+        inside.delete_cluster("inside")
+        driver.delete_cluster("below")
 
 
 def test_every_node_runs_argv_with_metacharacters_literally(nodes, keypair, settings):

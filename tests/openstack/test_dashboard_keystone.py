@@ -30,7 +30,7 @@ def platform(test_cloud, tmp_path_factory, database_url):
     queue = f"cloudml-dash-ks-{uuid.uuid4().hex[:8]}"
     with start_platform(tmp_path_factory.mktemp("keystone-dashboard"), database_url=database_url,
                         broker_url=AMQP_URL, task_queue=queue, stop_grace_seconds=2,
-                        local_address_prefix="127.16", local_port_base=36500,
+                        local_address_prefix="127.16", local_port_base=25500,
                         **openstack_environment(test_cloud)) as running:
         yield running
     with kombu.Connection(AMQP_URL) as connection:

@@ -1,5 +1,5 @@
 """Fixtures of the node-failure tests: one platform per module, its local nodes on loopback addresses of their
-own (127.12.x.x, ports from 32000) or, to cut their links, in network namespaces on the bridge ``cmlos-nodes0``
+own (127.12.x.x, ports from 27500) or, to cut their links, in network namespaces on the bridge ``cmlos-nodes0``
 (10.232.0.0/24); so these tests collide with no installation and no other test module. Restarts wait 1 s, so
 failures are handled in test time; nothing here asserts how long anything takes.
 """
@@ -19,7 +19,7 @@ AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
 BRIDGE = "cmlos-nodes0"
 SUBNET = "10.232.0.0/24"
 SETTINGS = {
-    "local_address_prefix": "127.12", "local_port_base": 32000, "node_unreachable_seconds": 8,
+    "local_address_prefix": "127.12", "local_port_base": 27500, "node_unreachable_seconds": 8,
     "restart_backoff_seconds": 1, "stop_grace_seconds": 2,
 }
 # Nodes behind veths: on this shared 2-core machine their traffic was seen to stall for several seconds under

@@ -31,7 +31,7 @@ RELIABILITY_SETTINGS = {
     "watch_window": 2,
     "stop_grace_seconds": 2,
     "local_address_prefix": "127.11",
-    "local_port_base": 31000,
+    "local_port_base": 27000,
 }
 
 

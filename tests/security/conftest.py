@@ -84,7 +84,7 @@ def _broker_credentials() -> list[str]:
 @pytest.fixture(scope="session")
 def secure(tmp_path_factory, tf_runtime) -> Iterator[SecurePlatform]:
     """The platform the job, limit and secret tests share."""
-    with secure_platform(tmp_path_factory.mktemp("secure"), 33000) as running:
+    with secure_platform(tmp_path_factory.mktemp("secure"), 28000) as running:
         yield running
 
 

@@ -39,7 +39,7 @@ def _body(entry: dict) -> str:
 @pytest.fixture(scope="module")
 def target(tmp_path_factory, tf_runtime):
     """A platform of its own: what the fuzzer creates, changes or revokes touches no other test."""
-    with secure_platform(tmp_path_factory.mktemp("fuzz"), 33500) as running:
+    with secure_platform(tmp_path_factory.mktemp("fuzz"), 28500) as running:
         yield running
 
 

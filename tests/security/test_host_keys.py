@@ -56,7 +56,7 @@ class ForgedHostKeys(Driver):
 def context(tmp_path, tf_runtime):
     url = f"sqlite:///{tmp_path}/db.sqlite"
     migrate(url)
-    settings = load_settings(environ={}, data_dir=tmp_path, local_address_prefix="127.13", local_port_base=34000,
+    settings = load_settings(environ={}, data_dir=tmp_path, local_address_prefix="127.13", local_port_base=29000,
                              ssh_connect_timeout=5, ssh_boot_retries=2, stop_grace_seconds=1)
     store = Store(url)
     driver = ForgedHostKeys(LocalDriver(settings))
