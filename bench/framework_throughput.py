@@ -151,8 +151,14 @@ def orchestrated(client, package_uri: str, framework: str, training_input: dict,
     response = client.request("POST", "/jobs", json=body)
     assert response.status_code == 200, response.text
     job = client.wait(job_id, timeout=600, interval=1.0)  # as by_hand looks at its processes: once a second
-    assert job["state"] == "SUCCEEDED", job
-    return client.logs(job_id)
+    logs = client.logs(job_id)
+    assert job["state"] == "SUCCEEDED", f"{job}{_log_tails(logs)}"
+    return logs
+
+
+def _log_tails(logs: dict[str, str]) -> str:
+    """The end of every node's log: what a failed run prints, so that it says why."""
+    return "".join(f"\n--- {name}:\n{log[-2000:]}" for name, log in logs.items())
 
 
 def by_hand(driver: LocalDriver, settings, framework, package: Path, training_input: dict,
@@ -195,11 +201,11 @@ def by_hand(driver: LocalDriver, settings, framework, package: Path, training_in
                     statuses.append(ProcessStatus(member.role, state.exit_code, state.lost))
                 outcome = framework.outcome(statuses)
                 if outcome.state != "RUNNING":
-                    assert outcome.state == "SUCCEEDED", outcome.message
                     break
                 time.sleep(1.0)
             logs = {name: session.read_file(f"{by_name[name].workdir}/proc/output.log", 0, 1 << 24).decode()
                     for name, session in sessions.items()}
+            assert outcome.state == "SUCCEEDED", f"{outcome.message}{_log_tails(logs)}"
         finally:
             for session in sessions.values():
                 session.close()
@@ -218,9 +224,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         settings = load_settings(environ={}, data_dir=tmp / "by-hand", local_address_prefix="127.8",
-                                 local_port_base=50000, local_ssh_port=2622)
+                                 local_port_base=23000, local_ssh_port=2622)
         driver = LocalDriver(settings)
-        with (start_platform(tmp / "platform", local_address_prefix="127.4", local_port_base=40000) as platform,
+        with (start_platform(tmp / "platform", local_address_prefix="127.4", local_port_base=22000) as platform,
               MachineCPU() as machine):
             client = platform.client("bench")
             for name in args.frameworks:
