@@ -45,6 +45,8 @@ class Step(enum.StrEnum):
     BOOTSTRAPPING = "BOOTSTRAPPING"
     LAUNCHING = "LAUNCHING"
     TRAINING = "TRAINING"
+    # A hyperparameter tuning job runs its trials here instead of LAUNCHING and TRAINING (workflows/tune.py).
+    TUNING = "TUNING"
     # A node died or a trainer failed under restartPolicy ON_FAILURE: stop, replace, restore, then BOOTSTRAPPING.
     RESTARTING = "RESTARTING"
     EXPORTING = "EXPORTING"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Platform, build_sdist, start_platform
+from tests.harness import Platform, build_sdist, hypertune_sdist, start_platform
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN_URL = os.environ.get("CLOUDML_OS_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -106,3 +106,11 @@ def mxnet_package(tmp_path_factory, mxnet_runtime) -> Path:
 def pytorch_package(tmp_path_factory, pytorch_runtime) -> Path:
     return build_sdist(ROOT / "examples" / "pytorch", tmp_path_factory.mktemp("sdist"),
                        pytorch_runtime / "bin" / "python")
+
+
+@pytest.fixture(scope="session")
+def tuning_packages(tmp_path_factory, tf_runtime) -> list[Path]:
+    """The tuning tests' trainer (tests/trainers/tuning) and the real cloudml-hypertune it imports."""
+    trainer = build_sdist(ROOT / "tests" / "trainers" / "tuning", tmp_path_factory.mktemp("sdist"),
+                          tf_runtime / "bin" / "python")
+    return [trainer, hypertune_sdist()]

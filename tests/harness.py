@@ -188,3 +188,18 @@ def node_processes(marker: str) -> list[int]:
             except OSError:
                 continue
     return pids
+
+
+HYPERTUNE = "cloudml-hypertune==0.1.0.dev6"
+
+
+def hypertune_sdist(cache: Path = Path.home() / ".cache" / "cloudml-os" / "downloads") -> Path:
+    """The real cloudml-hypertune source distribution from PyPI, downloaded once into ``cache``."""
+    name, version = HYPERTUNE.split("==")
+    found = sorted(cache.glob(f"{name}-{version}.tar.gz"))
+    if not found:
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                        "--dest", str(cache), HYPERTUNE], check=True, capture_output=True)
+        found = sorted(cache.glob(f"{name}-{version}.tar.gz"))
+    return found[0]

@@ -187,7 +187,8 @@ class Framework(abc.ABC):
 
     @abc.abstractmethod
     def environment(self, member: Member, members: list[Member], job: Mapping[str, Any]) -> dict[str, str]:
-        """Environment variables of ``member``'s process; ``job`` is the v1 Job body (jobId, trainingInput…)."""
+        """Environment variables of ``member``'s process; ``job`` is the v1 Job body (jobId, trainingInput…),
+        with ``trial``, the trial id, when the process runs a trial of a hyperparameter tuning job."""
 
     @abc.abstractmethod
     def outcome(self, processes: list[ProcessStatus]) -> Outcome:

@@ -3,8 +3,9 @@
 Each process gets ``TF_CONFIG`` exactly as Cloud ML Engine sets it, so a trainer that runs there runs
 here unchanged: the cluster spec (``chief`` — ``master`` on runtimes before 2.1 —, ``worker``, ``ps``;
 never the evaluator, which TensorFlow does not count as part of the training cluster), this process's
-task (``trial`` stays empty outside hyperparameter tuning), ``"environment": "cloud"`` and the job's
-``trainingInput``. This module runs in the control plane and must not import TensorFlow.
+task (``trial``: the trial id, from the job body's ``trial``, empty outside hyperparameter tuning),
+``"environment": "cloud"`` and the job's ``trainingInput``. This module runs in the control plane and must
+not import TensorFlow.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ class TensorFlow(Framework):
                 cluster[task_type] = [f"{m.address}:{m.port_first}" for m in tasks]
         tf_config = {
             "cluster": cluster,
-            "task": {"type": member.role.task_type, "index": member.role.task_index, "trial": ""},
+            "task": {"type": member.role.task_type, "index": member.role.task_index,
+                     "trial": str(job.get("trial", ""))},
             "environment": "cloud",
             "job": dict(job.get("trainingInput", {})),
         }

@@ -27,6 +27,7 @@ from cloudml_os.store.models import (
     Cluster,
     Job,
     JobEvent,
+    JobTrial,
     LogChunk,
     Node,
     Package,
@@ -36,7 +37,7 @@ from cloudml_os.store.models import (
     utcnow,
 )
 
-__all__ = ["Store", "Cluster", "Job", "JobEvent", "LogChunk", "Node", "Package", "Token", "migrate"]
+__all__ = ["Store", "Cluster", "Job", "JobEvent", "JobTrial", "LogChunk", "Node", "Package", "Token", "migrate"]
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -240,6 +241,36 @@ class Store:
                 select(JobEvent).where(JobEvent.job_id == job_pk, JobEvent.id > after_id)
                 .order_by(JobEvent.id).limit(limit)
             ))
+
+    # ---- trials of hyperparameter tuning jobs ------------------------------------------------------
+
+    def add_trial(self, trial: JobTrial) -> JobTrial:
+        """Record a trial; when one with its Optuna number is recorded already (a repeated delivery), that one."""
+        try:
+            with self.session() as session:
+                session.add(trial)
+            return trial
+        except IntegrityError:
+            with self.session() as session:
+                return session.scalar(select(JobTrial).where(JobTrial.job_id == trial.job_id,
+                                                             JobTrial.optuna_number == trial.optuna_number))
+
+    def trials(self, job_pk: int) -> list[JobTrial]:
+        """The job's trials in trial order."""
+        with self.session() as session:
+            return list(session.scalars(select(JobTrial).where(JobTrial.job_id == job_pk).order_by(JobTrial.trial_id)))
+
+    def update_trial(self, trial_pk: int, **fields: Any) -> None:
+        with self.session() as session:
+            session.execute(update(JobTrial).where(JobTrial.id == trial_pk).values(**fields))
+
+    def finish_trial(self, trial_pk: int, state: str, **fields: Any) -> bool:
+        """End a running trial (compare-and-set on RUNNING); returns whether this call did."""
+        with self.session() as session:
+            return bool(session.execute(
+                update(JobTrial).where(JobTrial.id == trial_pk, JobTrial.state == "RUNNING")
+                .values(state=state, end_time=utcnow(), **fields)
+            ).rowcount)
 
     # ---- clusters and nodes --------------------------------------------------------------------
 

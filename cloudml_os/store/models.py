@@ -140,6 +140,32 @@ class Node(Base):
         return cls(**{**values, "host_keys": list(info.host_keys), "environment": dict(info.environment)})
 
 
+class JobTrial(Base):
+    """One trial of a hyperparameter tuning job: the values it ran with, where, and how it ended.
+
+    ``optuna_number`` ties it to its trial in the job's Optuna study (which keeps the search's own state);
+    ``slot`` is the group of the job's nodes it runs on (one group per parallel trial, reused by the next).
+    """
+
+    __tablename__ = "job_trials"
+    __table_args__ = (UniqueConstraint("job_id", "trial_id"), UniqueConstraint("job_id", "optuna_number"))
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    trial_id: Mapped[int]  # 1, 2, … as v1's trialId
+    optuna_number: Mapped[int]
+    slot: Mapped[int]
+    state: Mapped[str] = mapped_column(String(16))  # RUNNING, SUCCEEDED, FAILED, CANCELLED
+    hyperparameters: Mapped[dict[str, Any]]  # parameter name -> the value passed, as a string
+    objective: Mapped[float | None]
+    training_step: Mapped[int | None] = mapped_column(BigInteger)
+    # The highest global_step of an intermediate value already reported to the study (early stopping).
+    reported_step: Mapped[int] = mapped_column(BigInteger, default=-1)
+    stopped_early: Mapped[bool] = mapped_column(default=False)
+    error_message: Mapped[str] = mapped_column(Text, default="")
+    start_time: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    end_time: Mapped[dt.datetime | None]
+
+
 class JobEvent(Base):
     __tablename__ = "job_events"
     id: Mapped[int] = mapped_column(primary_key=True)

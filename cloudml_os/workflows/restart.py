@@ -35,8 +35,6 @@ from pathlib import Path
 from typing import Any
 
 from cloudml_os.artifacts import make_uri, parse_uri
-from cloudml_os.cloud.base import ClusterSpec, NodeSpec
-from cloudml_os.frameworks.base import topology_from_training_input
 from cloudml_os.remote import FanOutError, RemoteError, fan_out
 from cloudml_os.states import DEFAULT_BACKOFF_LIMIT, NODE_UNREACHABLE, RESTART_POLICIES, Step
 from cloudml_os.store import Cluster, Job, Node
@@ -173,27 +171,13 @@ def _replace_lost_nodes(ctx: training.TrainingContext, job: Job, cluster: Cluste
     lost = [node for node in cluster.nodes if node.process_state == NODE_UNREACHABLE]
     if not lost:
         return
-    spec = _cluster_spec(ctx, job, cluster)
+    spec = training.cluster_spec(ctx, job, cluster)
     for node in lost:
         info = ctx.driver.replace_node(spec, node.name)
         ctx.store.record_nodes(cluster.id, [Node.from_info(info)])
         ctx.store.update_node(node.id, process_state="NONE")
         ctx.store.add_event(job.id, "NODE", f"Node {node.name} replaced by a new node at {info.address}",
                             node=node.name)
-
-
-def _cluster_spec(ctx: training.TrainingContext, job: Job, cluster: Cluster) -> ClusterSpec:
-    """The spec the provision step created the cluster from (same roles, names, key and labels)."""
-    framework = ctx.frameworks[job.framework]
-    roles = framework.roles(topology_from_training_input(job.training_input, ctx.settings.machine_types),
-                            job.training_input)
-    return ClusterSpec(
-        name=cluster.name,
-        nodes=tuple(NodeSpec(r.node_name, r.task_type, r.task_index, r.machine_type.flavor, r.machine_type.gpus)
-                    for r in roles),
-        public_key=cluster.public_key,
-        labels={"project": job.project, "job": str(job.id)},
-    )
 
 
 def _restore_job_dir(ctx: training.TrainingContext, job: Job, cluster: Cluster) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 
 from sqlalchemy.exc import OperationalError
 
+from cloudml_os import tuning
 from cloudml_os.artifacts import ArtifactError, ArtifactStore, job_dir_uri, make_uri, parse_uri
 from cloudml_os.cloud.base import ClusterSpec, Driver, DriverError, NodeSpec
 from cloudml_os.config import Settings
@@ -38,6 +39,7 @@ from cloudml_os.remote import ProcessStatus as RemoteStatus
 from cloudml_os.runtimes import runtime_python
 from cloudml_os.states import NODE_UNREACHABLE, JobState, Step
 from cloudml_os.store import Cluster, Job, Node, Store
+from cloudml_os.tuning import parallel_slots
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +102,42 @@ def cluster_name(job: Job) -> str:
     return f"cml-train-{job.id}-{slug}"
 
 
+def cluster_spec(ctx: TrainingContext, job: Job, cluster: Cluster) -> ClusterSpec:
+    """The nodes of the job's cluster: one per framework role; a hyperparameter tuning job has one group of
+    them per parallel trial (slot), named ``slotK-ROLE`` (each trial sees only its own group's nodes)."""
+    framework = ctx.frameworks[job.framework]
+    roles = framework.roles(topology_from_training_input(job.training_input, ctx.settings.machine_types),
+                            job.training_input)
+    prefixes = [f"slot{k}-" for k in range(parallel_slots(job.training_input))] if is_tuning(job) else [""]
+    return ClusterSpec(
+        name=cluster.name,
+        nodes=tuple(NodeSpec(prefix + r.node_name, r.task_type, r.task_index, r.machine_type.flavor,
+                             r.machine_type.gpus) for prefix in prefixes for r in roles),
+        public_key=cluster.public_key,
+        labels={"project": job.project, "job": str(job.id)},
+    )
+
+
+def node_slot(node: Node) -> int | None:
+    """The parallel-trial group a node of a tuning job's cluster belongs to (None for other jobs' nodes)."""
+    match = SLOT_NAME.match(node.name)
+    return int(match.group(1)) if match else None
+
+
+def log_key(node: Node) -> str:
+    """The name a node's log is stored under: the node's name, or ``trial-N/ROLE`` for a node running
+    trial N of a tuning job (its ``attempt`` is the trial's id)."""
+    match = SLOT_NAME.match(node.name)
+    return f"trial-{node.attempt}/{node.name[match.end():]}" if match else node.name
+
+
+SLOT_NAME = re.compile(r"slot(\d+)-")
+
+
+def is_tuning(job: Job) -> bool:
+    return tuning.is_tuning(job.training_input)
+
+
 def _role(node: Node, job: Job, ctx: TrainingContext) -> Role:
     framework = ctx.frameworks[job.framework]
     roles = framework.roles(topology_from_training_input(job.training_input, ctx.settings.machine_types),
@@ -142,23 +180,13 @@ def provision(ctx: TrainingContext, job: Job) -> Handover:
     if job.state == JobState.QUEUED.value:
         if not ctx.store.transition(job.id, [JobState.QUEUED], JobState.PREPARING):
             return Handover(None)  # cancelled while queued: nothing was created
-    framework = ctx.frameworks[job.framework]
-    topology = topology_from_training_input(job.training_input, ctx.settings.machine_types)
-    roles = framework.roles(topology, job.training_input)
     private_key, public_key = generate_keypair(f"cloudml-os-job-{job.id}")
     name = cluster_name(job)
     cluster = ctx.store.create_cluster(Cluster(
         job_id=job.id, name=name, driver=ctx.driver.name, state="CREATING",
         private_key=private_key, public_key=public_key,
     ))
-    spec = ClusterSpec(
-        name=name,
-        nodes=tuple(NodeSpec(r.node_name, r.task_type, r.task_index, r.machine_type.flavor, r.machine_type.gpus)
-                    for r in roles),
-        public_key=cluster.public_key,
-        labels={"project": job.project, "job": str(job.id)},
-    )
-    infos = ctx.driver.create_cluster(spec)
+    infos = ctx.driver.create_cluster(cluster_spec(ctx, job, cluster))
     ctx.store.record_nodes(cluster.id, [Node.from_info(info) for info in infos])
     ctx.store.add_event(job.id, "CLUSTER", f"Cluster {name} ready with {len(infos)} node(s)")
     return Handover(Step.BOOTSTRAPPING)
@@ -178,7 +206,7 @@ def bootstrap(ctx: TrainingContext, job: Job) -> Handover:
         with _Sessions(ctx, cluster) as sessions:
             sessions.each(prepare)
     ctx.store.add_event(job.id, "BOOTSTRAP", f"{len(cluster.nodes)} node(s) bootstrapped")
-    return Handover(Step.LAUNCHING)
+    return Handover(Step.TUNING if is_tuning(job) else Step.LAUNCHING)
 
 
 def _install_packages(ctx: TrainingContext, job: Job, framework: Framework, packages: list[tuple[str, Path]],
@@ -366,17 +394,34 @@ def export(ctx: TrainingContext, job: Job) -> Handover:
     """Copy the exported model to the artifact store and name it on the job.
 
     The framework says which processes may have written it; the first whose job directory holds the
-    framework's export marker wins (MXNet's rank 0, for one, is chosen at run time).
+    framework's export marker wins (MXNet's rank 0, for one, is chosen at run time). A tuning job exports
+    its best trial's model (:func:`cloudml_os.workflows.tune.export_sources`).
     """
     cluster = _cluster(ctx, job)
+    if is_tuning(job):
+        from cloudml_os.workflows import tune
+
+        sources = tune.export_sources(ctx, job, cluster)
+    else:
+        sources = [(node, node_job_dir(node)) for node in _export_nodes(ctx, job, cluster.nodes)]
+    return export_from(ctx, job, cluster, sources)
+
+
+def _export_nodes(ctx: TrainingContext, job: Job, nodes: list[Node]) -> list[Node]:
+    """The nodes that may hold the exported model, in the framework's order."""
     framework = ctx.frameworks[job.framework]
-    by_role = {(n.task_type, n.task_index): n for n in cluster.nodes}
-    roles = [_role(node, job, ctx) for node in cluster.nodes]
+    by_role = {(n.task_type, n.task_index): n for n in nodes}
+    roles = [_role(node, job, ctx) for node in nodes]
+    return [by_role[(role.task_type, role.task_index)] for role in framework.export_roles(roles)]
+
+
+def export_from(ctx: TrainingContext, job: Job, cluster: Cluster, sources: list[tuple[Node, str]]) -> Handover:
+    """Copy the first exported model found under ``(node, folder)`` of ``sources`` to ``JOB_DIR/model``."""
+    framework = ctx.frameworks[job.framework]
     destination = _job_dir(job)
-    for role in framework.export_roles(roles):
-        node = by_role[(role.task_type, role.task_index)]
+    for node, root in sources:
         with ctx.connect(node, cluster.private_key) as session:
-            candidates = session.find(node_job_dir(node), framework.export_marker)
+            candidates = session.find(root, framework.export_marker)
             if not candidates:
                 continue
             # The shallowest export directory is the trainer's model, not a copy inside a checkpoint.
@@ -385,9 +430,9 @@ def export(ctx: TrainingContext, job: Job) -> Handover:
                 session.get_tree(source, Path(tmp))
                 project, key = parse_uri(destination)
                 uri = ctx.artifacts.put_tree(project, f"{key}/model", Path(tmp))
-        output = {**job.training_output, "exportedModelUri": uri}
+        output = {**ctx.store.get_job(job.id).training_output, "exportedModelUri": uri}
         ctx.store.update_job(job.id, training_output=output, outcome=JobState.SUCCEEDED.value)
-        ctx.store.add_event(job.id, "EXPORT", f"Exported model copied to {uri}", node=node.name)
+        ctx.store.add_event(job.id, "EXPORT", f"Exported model copied to {uri}", node=log_key(node))
         return Handover(Step.TEARING_DOWN)
     ctx.store.add_event(job.id, "EXPORT", "The trainer exported no model")
     ctx.store.update_job(job.id, outcome=JobState.SUCCEEDED.value)
@@ -416,6 +461,10 @@ def teardown(ctx: TrainingContext, job: Job) -> Handover:
         ctx.store.update_cluster(cluster.id, state="DELETED", deleted_at=ctx.store.now())
         ctx.store.add_event(job.id, "CLUSTER", f"Cluster {cluster.name} deleted")
     _archive_logs(ctx, job)
+    if is_tuning(job):
+        from cloudml_os.workflows import tune
+
+        tune.close_trials(ctx, job)
     job = ctx.store.get_job(job.id)
     if job.state == JobState.CANCELLING.value:
         ctx.store.transition(job.id, [JobState.CANCELLING], JobState.CANCELLED)
@@ -478,6 +527,13 @@ def _archive_summaries(ctx: TrainingContext, job: Job, node: Node, session: Node
                             f"{make_uri(project, key)}/tensorboard/{node.name}/", node=node.name)
 
 
+def _tune_step(ctx: TrainingContext, job: Job) -> Handover:
+    """The TUNING step (its own module: imported here on use, as it builds on this one)."""
+    from cloudml_os.workflows import tune
+
+    return tune.tune(ctx, job)
+
+
 def _restart_step(ctx: TrainingContext, job: Job) -> Handover:
     """The RESTARTING step (its own module: imported here on use, as it builds on this one)."""
     from cloudml_os.workflows import restart
@@ -490,6 +546,7 @@ STEPS: dict[Step, Callable[[TrainingContext, Job], Handover]] = {
     Step.BOOTSTRAPPING: bootstrap,
     Step.LAUNCHING: launch,
     Step.TRAINING: watch,
+    Step.TUNING: _tune_step,
     Step.RESTARTING: _restart_step,
     Step.EXPORTING: export,
     Step.TEARING_DOWN: teardown,
@@ -618,7 +675,7 @@ def _log_file_offset(node: Node) -> int:
 
 def _store_logs(ctx: TrainingContext, job: Job, pieces: list[tuple[Node, bytes]]) -> None:
     """Append nodes' next log bytes to the store (one commit) and move their offsets past them."""
-    ctx.store.append_logs(job.id, [(node.id, node.name, node.log_offset, data) for node, data in pieces])
+    ctx.store.append_logs(job.id, [(node.id, log_key(node), node.log_offset, data) for node, data in pieces])
     for node, data in pieces:
         node.log_offset += len(data)
 
