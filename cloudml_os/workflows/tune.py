@@ -184,21 +184,23 @@ def pruner(spec: Mapping[str, Any]) -> Any:
     return optuna.pruners.NopPruner()
 
 
-def load_study(ctx: TrainingContext, job: Job, seed_offset: int = 0) -> Any:
+def load_study(ctx: TrainingContext, job: Job, seed_offset: int | None = None) -> Any:
     """The job's study, made on first use (with a resumed job's finished trials as history).
 
-    A sampler is built for each call with a seed that moves with ``seed_offset`` (the trials asked so far):
-    samplers keep their random state in memory only, and a fixed seed would repeat the same values after
-    every worker restart.
+    To ask for a trial, pass ``seed_offset`` (the trials asked so far): the search's sampler is built for
+    each ask with a seed that moves with it, as samplers keep their random state in memory only and a
+    fixed seed would repeat the same values after every worker restart. Without it the study gets a plain
+    random sampler, enough to tell and report (the grid sampler's hook would try to stop an optimize loop
+    that does not exist here once the grid is done).
     """
     import optuna
 
     spec = spec_of(job)
     storage = study_storage(ctx.settings.database_url)
     direction = goal(spec).lower()
+    search = optuna.samplers.RandomSampler() if seed_offset is None else sampler(spec, job.id * 7919 + seed_offset)
     study = optuna.create_study(storage=storage, study_name=study_name(job), direction=direction,
-                                load_if_exists=True, sampler=sampler(spec, job.id * 7919 + seed_offset),
-                                pruner=pruner(spec))
+                                load_if_exists=True, sampler=search, pruner=pruner(spec))
     previous = spec.get("resumePreviousJobId")
     if previous and not study.user_attrs.get("history_added"):
         earlier = ctx.store.find_job(job.project, previous)

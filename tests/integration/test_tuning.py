@@ -4,6 +4,7 @@ worker, sshd nodes), with a trainer that reports its metric through the real clo
 from __future__ import annotations
 
 import math
+import time
 
 import google.oauth2.credentials
 import pytest
@@ -97,3 +98,105 @@ def test_the_ml_v1_client_runs_a_tuning_job_with_every_parameter_type(platform, 
         in text
     worker_log = client.request("GET", "/jobs/tune_all_types/logs", params={"trial": 2, "node": "worker-0"}).json()
     assert "TRIAL 2 task worker 0" in worker_log["logs"][0]["text"]
+
+
+def _submit(client, job_id: str, packages: list[str], spec: dict, args: list[str] = (), **training_input) -> None:
+    body = {"jobId": job_id, "trainingInput": {
+        "scaleTier": "BASIC", "packageUris": packages, "pythonModule": "trainer.task", "region": "local",
+        "args": list(args), "hyperparameters": spec, **training_input}}
+    response = client.request("POST", "/jobs", json=body)
+    assert response.status_code == 200, response.text
+
+
+CRASHING_GRID = {"algorithm": "GRID_SEARCH", "hyperparameterMetricTag": "objective", "maxTrials": 10,
+                 "maxParallelTrials": 2, "params": [
+                     {"parameterName": "optimizer", "type": "CATEGORICAL", "categoricalValues": ["adam", "crash"]},
+                     {"parameterName": "layers", "type": "INTEGER", "minValue": 1, "maxValue": 2}]}
+
+
+def test_failed_trials_under_max_failed_trials_do_not_fail_the_job(client, packages):
+    # A grid of 4 points (maxTrials 10 is cut to the grid), two of which crash.
+    _submit(client, "tune_some_fail", packages, {**CRASHING_GRID, "maxFailedTrials": 3})
+    job = client.wait("tune_some_fail", timeout=600)
+    assert job["state"] == "SUCCEEDED", job.get("errorMessage")
+    trials = {t["trialId"]: t for t in job["trainingOutput"]["trials"]}
+    assert len(trials) == 4
+    assert sorted((t["hyperparameters"]["optimizer"], t["hyperparameters"]["layers"]) for t in trials.values()) == \
+        [("adam", "1"), ("adam", "2"), ("crash", "1"), ("crash", "2")]
+    for trial in trials.values():
+        if trial["hyperparameters"]["optimizer"] == "crash":
+            assert trial["state"] == "FAILED"
+            assert "exited with code 1" in trial["errorMessage"]
+            assert "crashes, as asked" in trial["errorMessage"]  # the trainer's traceback
+            assert "finalMetric" not in trial
+        else:
+            assert trial["state"] == "SUCCEEDED"
+    assert job["trainingOutput"]["completedTrialCount"] == "2"
+    assert job["trainingOutput"]["trials"][0]["hyperparameters"] == {"optimizer": "adam", "layers": "2"}
+
+
+def test_reaching_max_failed_trials_fails_the_job_naming_the_trials_errors(client, packages):
+    _submit(client, "tune_too_many_fail", packages, {**CRASHING_GRID, "maxFailedTrials": 1})
+    job = client.wait("tune_too_many_fail", timeout=600)
+    assert job["state"] == "FAILED"
+    assert "1 trial(s) failed (maxFailedTrials 1)" in job["errorMessage"]
+    assert "crashes, as asked" in job["errorMessage"]
+    failed = [t for t in job["trainingOutput"]["trials"] if t["state"] == "FAILED"]
+    assert len(failed) == 1
+    assert all(t["state"] in ("SUCCEEDED", "FAILED", "CANCELLED") for t in job["trainingOutput"]["trials"])
+
+
+def test_early_stopping_stops_trials_whose_metric_trails(client, packages):
+    # The objective is minus the trial id: after two completed trials every later one trails their median
+    # from its first report on, and is stopped; without early stopping all would run their 6 steps.
+    spec = {"algorithm": "RANDOM_SEARCH", "hyperparameterMetricTag": "objective", "maxTrials": 4,
+            "enableTrialEarlyStopping": True,
+            "params": [{"parameterName": "layers", "type": "INTEGER", "minValue": 1, "maxValue": 5}]}
+    _submit(client, "tune_early_stop", packages, spec,
+            args=["--objective_is_minus_trial", "--steps", "6", "--step_seconds", "0.7"])
+    job = client.wait("tune_early_stop", timeout=600)
+    assert job["state"] == "SUCCEEDED", job.get("errorMessage")
+    trials = {t["trialId"]: t for t in job["trainingOutput"]["trials"]}
+    for trial_id in ("1", "2"):
+        assert trials[trial_id]["isTrialStoppedEarly"] is False
+        assert trials[trial_id]["finalMetric"]["trainingStep"] == "6"
+    for trial_id in ("3", "4"):
+        assert trials[trial_id]["isTrialStoppedEarly"] is True, trials[trial_id]
+        assert int(trials[trial_id]["finalMetric"]["trainingStep"]) < 6
+    assert job["trainingOutput"]["trials"][0]["trialId"] == "1"  # the best, and the stopped ones are not candidates
+    assert job["trainingOutput"]["completedTrialCount"] == "4"
+
+
+def test_cancel_mid_study_stops_every_trial_and_leaves_no_node_process(platform, client, packages):
+    spec = {"hyperparameterMetricTag": "objective", "maxTrials": 6, "maxParallelTrials": 2,
+            "params": [{"parameterName": "layers", "type": "INTEGER", "minValue": 1, "maxValue": 5}]}
+    _submit(client, "tune_cancel", packages, spec, args=["--steps", "600", "--step_seconds", "1",
+                                                         "--worker_seconds", "600"],
+            scaleTier="CUSTOM", masterType="standard", workerType="standard", workerCount=1)
+    job = client.wait("tune_cancel", states={"RUNNING"}, timeout=300)
+    deadline = 1500
+    while sum(t["state"] == "RUNNING" for t in job.get("trainingOutput", {}).get("trials", [])) < 2:
+        deadline -= 1
+        assert deadline > 0, job
+        time.sleep(0.2)
+        job = client.job("tune_cancel")
+    cluster = next((platform.data_dir / "nodes" / "clusters").glob("*tuning-tune-cancel*")).name
+    assert cluster_processes(platform, cluster)
+    assert client.request("POST", "/jobs/tune_cancel:cancel").status_code == 200
+    job = client.wait("tune_cancel", timeout=300)
+    assert job["state"] == "CANCELLED"
+    assert {t["state"] for t in job["trainingOutput"]["trials"]} == {"CANCELLED"}
+    assert cluster_processes(platform, cluster) == []
+
+
+def test_resume_previous_job_continues_its_study(client, packages):
+    spec = {"hyperparameterMetricTag": "objective", "maxTrials": 2, "algorithm": "RANDOM_SEARCH",
+            "params": [{"parameterName": "layers", "type": "INTEGER", "minValue": 1, "maxValue": 5}]}
+    _submit(client, "tune_first", packages, spec)
+    assert client.wait("tune_first", timeout=600)["state"] == "SUCCEEDED"
+    _submit(client, "tune_resumed", packages, {**spec, "resumePreviousJobId": "tune_first"})
+    job = client.wait("tune_resumed", timeout=600)
+    assert job["state"] == "SUCCEEDED", job.get("errorMessage")
+    assert len(job["trainingOutput"]["trials"]) == 2
+    assert any("Study resumed from job tune_first with its 2 finished trial(s)" in e["message"]
+               for e in client.events("tune_resumed"))
