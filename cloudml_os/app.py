@@ -35,7 +35,7 @@ from cloudml_os.api import (
     quotas,
     services,
 )
-from cloudml_os.api.schemas import ErrorSchema, Int64
+from cloudml_os.api.schemas import ErrorSchema, Int32, Int64
 from cloudml_os.artifacts import ArtifactStore
 from cloudml_os.auth import authorize
 from cloudml_os.auth.keystone import caller_from_headers, keystone_middleware
@@ -138,6 +138,7 @@ def create_app(settings: Settings, *, store: Store, artifacts: ArtifactStore,
         "description": "a local API token from 'cloudml-os token create' (cmlos_…)",
     })
     api.register_field(Int64, "string", "int64")
+    api.register_field(Int32, "integer", "int32")
     for converter, schema in CONVERTERS.values():
         api.register_converter(converter, lambda _converter, schema=schema: dict(schema))
     api.register_blueprint(jobs.blp)

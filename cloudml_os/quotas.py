@@ -5,7 +5,8 @@ override for the project (table ``project_quotas``); -1 means unlimited, as in O
 never stored: it is computed from the database each time, so it cannot drift from what runs.
 
 - ``jobs``: the project's jobs not in a final state (a CANCELLING job still holds its cluster);
-- ``nodes`` and ``gpus``: those jobs' topologies plus the serving replicas of live versions;
+- ``nodes`` and ``gpus``: those jobs' topologies (a tuning job's once per parallel trial) plus the
+  serving replicas of live versions;
 - ``replicas``: the serving replicas of the project's live (not DELETED or FAILED) versions.
 
 A request that adds resources calls :func:`check` inside the transaction that records it. The check
@@ -33,6 +34,7 @@ from cloudml_os.frameworks.base import TopologyError, topology_from_training_inp
 from cloudml_os.states import JobState
 from cloudml_os.store import Job, Store, Token
 from cloudml_os.store.models import Model, ProjectQuota, Version, utcnow
+from cloudml_os.tuning import parallel_slots
 
 QUOTAS = ("gpus", "nodes", "jobs", "replicas")
 UNLIMITED = -1
@@ -58,12 +60,15 @@ class Demand:
 
 
 def job_demand(training_input: Mapping[str, Any], machine_types: Mapping[str, MachineType]) -> Demand:
-    """One job and the nodes and GPUs of its topology.
+    """One job and the nodes and GPUs of its topology; a hyperparameter tuning job's topology counts once
+    per trial it runs at once (:func:`cloudml_os.tuning.parallel_slots`), each on its own nodes.
 
     :raises TopologyError: the trainingInput names no valid cluster (the API checks that first).
     """
     groups = topology_from_training_input(training_input, machine_types).groups
-    return Demand(jobs=1, nodes=sum(g.count for g in groups), gpus=sum(g.count * g.machine_type.gpus for g in groups))
+    slots = parallel_slots(training_input)
+    return Demand(jobs=1, nodes=slots * sum(g.count for g in groups),
+                  gpus=slots * sum(g.count * g.machine_type.gpus for g in groups))
 
 
 def version_demand(replicas: int, machine_type: MachineType) -> Demand:
@@ -90,7 +95,7 @@ def usage(session: Session, settings: Settings, project: str) -> dict[str, int]:
         try:
             demand = job_demand(training_input, settings.machine_types)
         except TopologyError:  # a machine type removed since: its nodes still count, GPUs unknown
-            demand = Demand(jobs=1, nodes=1)
+            demand = Demand(jobs=1, nodes=parallel_slots(training_input))
         _add(total, demand)
     versions = session.execute(
         select(Version.replicas, Version.machine_type).join(Model, Model.id == Version.model_id)

@@ -193,8 +193,10 @@ def node_processes(marker: str) -> list[int]:
 HYPERTUNE = "cloudml-hypertune==0.1.0.dev6"
 
 
-def hypertune_sdist(cache: Path = Path.home() / ".cache" / "cloudml-os" / "downloads") -> Path:
-    """The real cloudml-hypertune source distribution from PyPI, downloaded once into ``cache``."""
+def hypertune_sdist(cache: Path | None = None) -> Path:
+    """The real cloudml-hypertune source distribution from PyPI, downloaded once into ``cache``
+    (default ``~/.cache/cloudml-os/downloads``)."""
+    cache = cache or Path.home() / ".cache" / "cloudml-os" / "downloads"
     name, version = HYPERTUNE.split("==")
     found = sorted(cache.glob(f"{name}-{version}.tar.gz"))
     if not found:

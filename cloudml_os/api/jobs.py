@@ -16,10 +16,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from flask import Response, current_app
-from sqlalchemy import ColumnElement, delete, select
+from sqlalchemy import ColumnElement, delete, or_, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from cloudml_os import metrics, quotas
+from cloudml_os import metrics, quotas, tuning
 from cloudml_os.api import ApiBlueprint, resource_name, services
 from cloudml_os.api.filters import Condition, compare, parse_list_filter
 from cloudml_os.api.schemas import (
@@ -93,6 +93,26 @@ def _check_training_input(project: str, training_input: dict[str, Any]) -> None:
             raise InvalidArgument(f"trainingInput.jobDir: {exc}; job outputs go to the artifact store") from None
         if dir_project != project:
             raise InvalidArgument(f"trainingInput.jobDir: {job_dir!r} is not in project {project}")
+    spec = tuning.hyperparameter_spec(training_input)
+    if spec and spec.get("resumePreviousJobId"):
+        _check_resumed_study(project, spec)
+
+
+def _check_resumed_study(project: str, spec: dict[str, Any]) -> None:
+    """``resumePreviousJobId`` names a finished tuning job of the project whose study this spec can continue."""
+    field = "trainingInput.hyperparameters.resumePreviousJobId"
+    previous_id = spec["resumePreviousJobId"]
+    previous = services().store.find_job(project, previous_id)
+    if previous is None:
+        raise InvalidArgument(f"{field}: {resource_name(project, 'jobs', previous_id)} not found")
+    if not tuning.is_tuning(previous.training_input):
+        raise InvalidArgument(f"{field}: job {previous_id} was not a hyperparameter tuning job")
+    if not JobState(previous.state).is_final:
+        raise InvalidArgument(f"{field}: job {previous_id} is {previous.state}; only a finished tuning job's "
+                              "study can be resumed")
+    mismatch = tuning.resume_mismatch(tuning.hyperparameter_spec(previous.training_input), spec)
+    if mismatch:
+        raise InvalidArgument(f"{field}: job {previous_id} cannot be resumed: {mismatch}")
 
 
 def _forget_job(store: Store, job_pk: int) -> None:
@@ -216,7 +236,21 @@ def cancel_job(_body: dict[str, Any], project: str, job: str) -> dict[str, Any]:
 def list_events(args: dict[str, Any], project: str, job: str) -> dict[str, Any]:
     """The job's events (state and step changes, node events), oldest first; page with ``after``."""
     row = _job_or_404(project, job)
-    return {"events": services().store.events(row.id, after_id=args["after"])}
+    store = services().store
+    if "trial" in args:
+        return {"events": trial_events(store, row.id, args["trial"], after_id=args["after"])}
+    return {"events": store.events(row.id, after_id=args["after"])}
+
+
+def trial_events(store: Store, job_pk: int, trial: int, *, after_id: int = 0, limit: int = 1000) -> list[JobEvent]:
+    """Like :meth:`Store.events`, only the events of one trial of a tuning job."""
+    name = tuning.trial_node(trial)
+    with store.session() as session:
+        return list(session.scalars(
+            select(JobEvent).where(JobEvent.job_id == job_pk, JobEvent.id > after_id,
+                                   or_(JobEvent.node == name, JobEvent.node.startswith(f"{name}/", autoescape=True)))
+            .order_by(JobEvent.id).limit(limit)
+        ))
 
 
 def complete_utf8_length(data: bytes) -> int:
@@ -271,17 +305,23 @@ def follow_log(store: Store, job_pk: int, node: str, offset: int, interval: floa
 @blp.doc(responses={200: {"content": {"text/plain": {"schema": {
     "type": "string", "description": "with follow=true: the node's log, streamed until the job has ended"}}}}})
 def job_logs(args: dict[str, Any], project: str, job: str) -> dict[str, Any] | Response:
-    """Every node's log from the start (or one node's from ``offset``); ``follow=true`` streams one node."""
+    """Every node's log from the start (or one node's from ``offset``); ``follow=true`` streams one node.
+
+    With ``trial``, only that trial's logs: ``node`` then names a node of the trial (its log key is
+    ``trial-N/NODE``)."""
     store = services().store
     row = _job_or_404(project, job)
     node = args.get("node")
+    prefix = f"{tuning.trial_node(args['trial'])}/" if "trial" in args else ""
+    if node:
+        node = prefix + node
     if args["follow"]:
         interval = float(current_app.config["LOG_FOLLOW_INTERVAL"])
         stream = follow_log(store, row.id, node, args["offset"], interval)
         return Response(stream, mimetype="text/plain",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     ended = JobState(row.state).is_final
-    nodes = [node] if node else sorted(store.log_nodes(row.id))
+    nodes = [node] if node else sorted(name for name in store.log_nodes(row.id) if name.startswith(prefix))
     limit = LOG_LIMIT_ONE_NODE if node else LOG_LIMIT_EACH_NODE
     entries = []
     for name in nodes:

@@ -10,6 +10,7 @@ packages) happen in the views; these schemas only know the v1 shapes.
 from __future__ import annotations
 
 import base64
+import itertools
 import re
 import unicodedata
 from typing import Any
@@ -27,6 +28,7 @@ from marshmallow import (
     validates_schema,
 )
 
+from cloudml_os import tuning
 from cloudml_os.api import RESOURCE_ID_PATTERN
 from cloudml_os.states import DEFAULT_BACKOFF_LIMIT, MAX_BACKOFF_LIMIT, RESTART_POLICIES, JobState
 
@@ -56,6 +58,21 @@ class Int64(fields.Field):
 
     def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> str | None:
         return None if value is None else str(int(value))
+
+
+class Int32(Int64):
+    """A v1 int32: JSON numbers, and strings of digits as proto3 JSON also allows; dumped as a number."""
+
+    default_error_messages = {"invalid": "Not a valid integer.", "range": "Not a 32-bit integer."}
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int:
+        number = super()._deserialize(value, attr, data, **kwargs)
+        if not -(1 << 31) <= number < 1 << 31:
+            raise self.make_error("range")
+        return number
+
+    def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> int | None:
+        return None if value is None else int(value)
 
 
 class Timestamp(fields.DateTime):
@@ -142,26 +159,114 @@ class EncryptionConfigSchema(Schema):
 
 
 class ParameterSpecSchema(Schema):
-    parameterName = fields.String(required=True)
-    type = fields.String(validate=validate.OneOf(["DOUBLE", "INTEGER", "CATEGORICAL", "DISCRETE"]))
-    minValue = fields.Float()
-    maxValue = fields.Float()
-    categoricalValues = fields.List(fields.String())
-    discreteValues = fields.List(fields.Float())
+    """v1 ParameterSpec: one hyperparameter, passed to every trial as ``--parameterName=value``."""
+
+    parameterName = fields.String(required=True, validate=[
+        validate.Regexp(rf"^{tuning.PARAMETER_NAME_PATTERN}\Z",
+                        error="must start with a letter and hold at most 128 letters, digits or '_' "
+                              "(it becomes the trainer's --name=value argument)"),
+        validate.NoneOf(tuning.RESERVED_PARAMETER_NAMES, error="{input!r} is reserved: the platform passes "
+                                                                "--job-dir itself")])
+    type = fields.String(required=True, validate=validate.OneOf(
+        tuning.PARAMETER_TYPES, error="unknown type {input!r}; valid types: " + ", ".join(tuning.PARAMETER_TYPES)))
+    minValue = fields.Float(metadata={"description": "DOUBLE and INTEGER (required): the smallest value"})
+    maxValue = fields.Float(metadata={"description": "DOUBLE and INTEGER (required): the largest value, "
+                                                     "more than minValue"})
+    categoricalValues = fields.List(fields.String(), validate=validate.Length(
+        min=1, max=tuning.MAX_VALUES, error=f"give 1 to {tuning.MAX_VALUES} values"),
+        metadata={"description": "CATEGORICAL (required): distinct strings"})
+    discreteValues = fields.List(fields.Float(), validate=validate.Length(
+        min=1, max=tuning.MAX_VALUES, error=f"give 1 to {tuning.MAX_VALUES} values"),
+        metadata={"description": "DISCRETE (required): numbers in strictly increasing order"})
     scaleType = fields.String(validate=validate.OneOf(
-        ["NONE", "UNIT_LINEAR_SCALE", "UNIT_LOG_SCALE", "UNIT_REVERSE_LOG_SCALE"]))
+        tuning.SCALE_TYPES, error="unknown scale type {input!r}; valid: " + ", ".join(tuning.SCALE_TYPES)),
+        metadata={"description": "DOUBLE and INTEGER only; the log scales need minValue > 0"})
+
+    @validates_schema
+    def _fields_of_the_type(self, data: dict[str, Any], **kwargs: Any) -> None:
+        kind = data["type"]
+        wanted = {"DOUBLE": ("minValue", "maxValue"), "INTEGER": ("minValue", "maxValue"),
+                  "CATEGORICAL": ("categoricalValues",), "DISCRETE": ("discreteValues",)}[kind]
+        errors: dict[str, list[str]] = {}
+        for name in ("minValue", "maxValue", "categoricalValues", "discreteValues"):
+            if name in wanted and name not in data:
+                errors[name] = [f"required for a {kind} parameter"]
+            elif name not in wanted and name in data:
+                errors[name] = [f"not allowed for a {kind} parameter"]
+        scale = data.get("scaleType", "NONE")
+        if kind not in tuning.RANGE_TYPES and scale != "NONE":
+            errors["scaleType"] = [f"only DOUBLE and INTEGER parameters are scaled; leave it unset for {kind}"]
+        if errors:
+            raise ValidationError(errors)
+        if kind in tuning.RANGE_TYPES:
+            self._check_range(kind, data["minValue"], data["maxValue"], scale)
+        elif kind == "CATEGORICAL" and len(set(data["categoricalValues"])) < len(data["categoricalValues"]):
+            raise ValidationError("values must be distinct", field_name="categoricalValues")
+        elif kind == "DISCRETE":
+            values = data["discreteValues"]
+            if any(later <= earlier for earlier, later in itertools.pairwise(values)):
+                raise ValidationError("values must be in strictly increasing order", field_name="discreteValues")
+
+    @staticmethod
+    def _check_range(kind: str, low: float, high: float, scale: str) -> None:
+        if kind == "INTEGER":
+            for name, value in (("minValue", low), ("maxValue", high)):
+                if not value.is_integer():
+                    raise ValidationError("must be an integer for an INTEGER parameter", field_name=name)
+        if low >= high:
+            raise ValidationError("must be less than maxValue", field_name="minValue")
+        if scale in tuning.LOG_SCALES and low <= 0:
+            raise ValidationError(f"must be more than 0 with scaleType {scale}", field_name="minValue")
+
+
+def _trials(minimum: int, **kwargs: Any) -> Int32:
+    return Int32(validate=validate.Range(min=minimum, max=tuning.MAX_TRIALS, error="must be between {min} and {max}"),
+                 **kwargs)
 
 
 class HyperparameterSpecSchema(Schema):
-    goal = fields.String(validate=validate.OneOf(["MAXIMIZE", "MINIMIZE"]))
-    params = fields.List(fields.Nested(ParameterSpecSchema))
-    maxTrials = fields.Integer(validate=_non_negative())
-    maxParallelTrials = fields.Integer(validate=_non_negative())
-    maxFailedTrials = fields.Integer(validate=_non_negative())
-    hyperparameterMetricTag = fields.String()
-    resumePreviousJobId = fields.String()
-    enableTrialEarlyStopping = fields.Boolean()
-    algorithm = fields.String(validate=validate.OneOf(["ALGORITHM_UNSPECIFIED", "GRID_SEARCH", "RANDOM_SEARCH"]))
+    """v1 HyperparameterSpec: every field of v1 is honoured; defaults are filled in when loaded."""
+
+    goal = fields.String(load_default="MAXIMIZE", validate=validate.OneOf(
+        tuning.GOALS, error="unknown goal {input!r}; valid: MAXIMIZE, MINIMIZE"),
+        metadata={"description": "MAXIMIZE (default; also for GOAL_TYPE_UNSPECIFIED) or MINIMIZE"})
+    params = fields.List(fields.Nested(ParameterSpecSchema), required=True, validate=validate.Length(
+        min=1, max=tuning.MAX_PARAMS, error=f"give 1 to {tuning.MAX_PARAMS} parameters"))
+    maxTrials = _trials(1, load_default=1, metadata={"description": "default 1"})
+    maxParallelTrials = _trials(1, load_default=1, metadata={
+        "description": "default 1; more than maxTrials runs maxTrials at once"})
+    maxFailedTrials = _trials(0, load_default=0, metadata={
+        "description": "failed trials that fail the job; 0 (default): no limit, every trial may fail"})
+    hyperparameterMetricTag = fields.String(
+        load_default=tuning.DEFAULT_METRIC_TAG, validate=validate.Length(min=1, max=1024),
+        metadata={"description": f"the metric the trials report (default {tuning.DEFAULT_METRIC_TAG})"})
+    resumePreviousJobId = fields.String(validate=validate.Regexp(
+        rf"^{RESOURCE_ID_PATTERN}\Z", error="must be a job id: a letter, then at most 127 letters, digits or '_'"),
+        metadata={"description": "a finished tuning job of this project, same goal and parameter names and "
+                                 "types, whose trials this study continues"})
+    enableTrialEarlyStopping = fields.Boolean(load_default=False)
+    algorithm = fields.String(load_default="ALGORITHM_UNSPECIFIED", validate=validate.OneOf(
+        tuning.ALGORITHMS, error="unknown algorithm {input!r}; valid: " + ", ".join(tuning.ALGORITHMS)),
+        metadata={"description": "ALGORITHM_UNSPECIFIED (default: Bayesian, Optuna's TPE), GRID_SEARCH "
+                                 "(no DOUBLE parameters) or RANDOM_SEARCH"})
+
+    @validates_schema
+    def _params_fit_together(self, data: dict[str, Any], **kwargs: Any) -> None:
+        errors: dict[int, dict[str, list[str]]] = {}
+        seen: set[str] = set()
+        for index, param in enumerate(data["params"]):
+            if param["parameterName"] in seen:
+                errors[index] = {"parameterName": [f"{param['parameterName']!r} is given twice"]}
+            seen.add(param["parameterName"])
+            if data["algorithm"] == "GRID_SEARCH" and param["type"] == "DOUBLE":
+                errors.setdefault(index, {})["type"] = [
+                    "GRID_SEARCH cannot search a DOUBLE parameter; use INTEGER, CATEGORICAL or DISCRETE"]
+        if errors:
+            raise ValidationError({"params": errors})
+
+    @post_load
+    def _goal(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        return {**data, "goal": tuning.goal(data)}
 
 
 class TrainingInputSchema(Schema):
@@ -306,9 +411,15 @@ class EventSchema(Schema):
         return {key: value for key, value in data.items() if value is not None}
 
 
+def _trial_query(description: str) -> fields.Integer:
+    return fields.Integer(validate=validate.Range(min=1, max=(1 << 31) - 1, error="must be a positive trial id"),
+                          metadata={"description": description})
+
+
 class EventsQuerySchema(Schema):
     after = fields.Integer(load_default=0, validate=_non_negative(),
                            metadata={"description": "only events with a larger id (the last id seen)"})
+    trial = _trial_query("only the events of this trial of a hyperparameter tuning job (node trial-N or trial-N/…)")
 
 
 class EventListSchema(Schema):
@@ -318,6 +429,8 @@ class EventListSchema(Schema):
 class LogsQuerySchema(Schema):
     node = fields.String(validate=validate.Length(min=1, max=128),
                          metadata={"description": "one node, e.g. master-0; default every node"})
+    trial = _trial_query("only the logs of this trial of a hyperparameter tuning job; node then names a node "
+                         "of the trial (the log trial-N/NODE)")
     offset = fields.Integer(load_default=0, validate=_non_negative(),
                             metadata={"description": "byte offset to read from (needs node)"})
     follow = fields.Boolean(load_default=False, metadata={
