@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import hashlib
+import json
+import math
+import re
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -48,6 +52,9 @@ QUOTA_RESOURCES = ("gpus", "nodes", "jobs", "replicas")
 RESOURCE_LABELS = {"gpus": "GPUs", "nodes": "Nodes", "jobs": "Jobs", "replicas": "Replicas"}
 # Job events that are about the job as a whole make its state timeline; the rest are listed under Events.
 TIMELINE_KINDS = ("STATE", "STEP")
+# A hyperparameter tuning job's log keys: ``trial-N/NODE`` (e.g. ``trial-3/chief-0``), N its trialId.
+TRIAL_LOG_KEY = re.compile(r"trial-(\d+)/(.+)")
+NUMERIC_PARAMETER_TYPES = ("DOUBLE", "INTEGER", "DISCRETE")
 
 
 # ---- session, credential, current project ----------------------------------------------------------------
@@ -307,12 +314,15 @@ def job_detail(job_id: str) -> str:
     events = api().get(f"/projects/{g.project}/jobs/{job_id}/events").get("events", [])
     logs = api().get(f"/projects/{g.project}/jobs/{job_id}/logs").get("logs", [])
     nodes = _nodes_of(events, logs)
-    tab = request.args.get("tab", "overview")
+    tuning = tuning_view(job)
+    tab = request.args.get("tab") or ("trials" if tuning else "overview")
     metrics = _job_metrics(job_id)
+    log_trial, log_nodes, log_node = _log_choice(nodes, request.args.get("trial", ""), request.args.get("node", ""))
     return render_template("dashboard/project/job_detail.html", job=job, events=events, nodes=nodes, tab=tab,
                            timeline=[e for e in events if e.get("kind") in TIMELINE_KINDS],
-                           metrics=metrics["series"], metrics_source=metrics["source"],
-                           log_node=request.args.get("node") or (nodes[0] if nodes else ""))
+                           metrics=metrics["series"], metrics_source=metrics["source"], tuning=tuning,
+                           log_trials=_log_trials(nodes, tuning), log_trial=log_trial, log_nodes=log_nodes,
+                           log_node=log_node)
 
 
 @blp.route("/project/jobs/<job_id>/metrics")
@@ -326,10 +336,34 @@ def _job_metrics(job_id: str) -> dict[str, Any]:
 
 
 def _nodes_of(events: list[dict[str, Any]], logs: list[dict[str, Any]]) -> list[str]:
-    """The job's nodes as the API shows them: those with logs, then those only events name."""
+    """The job's log keys as the API shows them: those with logs, then those only events name; a tuning job's
+    ``trial-N/NODE`` keys in trial order (the API sorts them as text: trial-10 before trial-2)."""
     names = [entry["node"] for entry in logs]
     names += [e["node"] for e in events if e.get("node") and e["node"] not in names]
-    return list(dict.fromkeys(names))
+    names = list(dict.fromkeys(names))
+    return sorted(names, key=lambda name: (int(found[1]), found[2]) if (found := TRIAL_LOG_KEY.fullmatch(name))
+                  else (0, ""))
+
+
+def _log_trials(nodes: list[str], tuning: dict[str, Any] | None) -> list[str]:
+    """The log viewer's trial choices: the job's trials and any trial with logs (a tuning job's log keys are
+    ``trial-N/NODE``), in trial order."""
+    numbers = {found[1] for name in nodes if (found := TRIAL_LOG_KEY.fullmatch(name))}
+    numbers |= {t["id"] for t in (tuning or {}).get("trials", []) if t["id"].isdigit()}
+    return sorted(numbers, key=int)
+
+
+def _log_choice(nodes: list[str], trial: str, node: str) -> tuple[str, list[str], str]:
+    """The log viewer's trial filter, the log keys it lists and the one it shows.
+
+    A chosen ``node`` shows as asked (it may have no log yet) and, as ``trial-N/NODE``, chooses its trial;
+    a chosen ``trial`` lists that trial's keys only, the first of them shown unless ``node`` says otherwise.
+    """
+    found = TRIAL_LOG_KEY.fullmatch(node)
+    if found:
+        trial = found[1]
+    listed = [name for name in nodes if (m := TRIAL_LOG_KEY.fullmatch(name)) and m[1] == trial] if trial else nodes
+    return trial, listed, node or (listed[0] if listed else "")
 
 
 @blp.route("/project/jobs/<job_id>/status")
@@ -344,13 +378,16 @@ def job_events_rows(job_id: str) -> str:
     return render_template("dashboard/project/_events_rows.html", events=events)
 
 
-@blp.route("/project/jobs/<job_id>/logs/<node>")
+@blp.route("/project/jobs/<job_id>/logs/<path:node>")
 def job_log_chunk(job_id: str, node: str) -> str:
-    """The next piece of one node's log after ``offset``, and a poller for the piece after it while the job
-    can still write (live-following logs without holding a request open)."""
+    """The next piece of one log after ``offset``, and a poller for the piece after it while the job can still
+    write (live-following logs without holding a request open). ``node`` is a log key as the API lists it:
+    ``chief-0``, or a tuning job's ``trial-3/chief-0`` (read as ``?trial=3&node=chief-0``)."""
     offset = request.args.get("offset", "0")
     offset = int(offset) if offset.isdigit() else 0
-    [entry] = api().get(f"/projects/{g.project}/jobs/{job_id}/logs", node=node, offset=offset)["logs"]
+    found = TRIAL_LOG_KEY.fullmatch(node)
+    which = {"trial": found[1], "node": found[2]} if found else {"node": node}
+    [entry] = api().get(f"/projects/{g.project}/jobs/{job_id}/logs", offset=offset, **which)["logs"]
     job = _job_view(job_id)
     more = job["state"] not in FINAL_JOB_STATES or entry["nextOffset"] > offset
     return render_template("dashboard/project/_log_chunk.html", job=job, node=node, entry=entry, more=more)
@@ -360,6 +397,154 @@ def job_log_chunk(job_id: str, node: str) -> str:
 def cancel_job(job_id: str) -> Response:
     _act(lambda: api().post(f"/projects/{g.project}/jobs/{job_id}:cancel"), f"Cancelling job {job_id}.")
     return redirect(url_for("dashboard.job_detail", job_id=job_id))
+
+
+# ---- Project: a hyperparameter tuning job's trials ------------------------------------------------------
+
+
+@blp.route("/project/jobs/<job_id>/trials")
+def job_trials(job_id: str) -> str | Response:
+    """The Trials tab (table and charts), polled while the job runs; ``204 No Content`` (htmx keeps what it shows)
+    while it would draw what the page already has, whose digest it sends as ``seen``."""
+    job = _job_view(job_id)
+    tuning = tuning_view(job)
+    if tuning is None:
+        abort(404)
+    if request.args.get("seen") == tuning["digest"]:
+        return Response(status=204)
+    return render_template("dashboard/project/_job_trials.html", job=job, tuning=tuning)
+
+
+def _number(value: Any) -> float | None:
+    """A finite number from a v1 value (hyperparameter values and int64 fields arrive as strings), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _cell(value: Any, kind: str) -> str:
+    """A hyperparameter value as the table shows it: a DOUBLE to 4 significant digits, anything else as sent."""
+    number = _number(value)
+    return f"{number:.4g}" if kind == "DOUBLE" and number is not None else "" if value is None else str(value)
+
+
+def _parameters(spec: dict[str, Any], trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The searched parameters: the spec's, in its order, then any a trial names that the spec does not (a
+    number if every value is one); each with how its chart draws it (``axis``: Chart.js scale type)."""
+    declared = {p["parameterName"]: p for p in spec.get("params") or [] if p.get("parameterName")}
+    seen: dict[str, list[Any]] = {}
+    for trial in trials:
+        for name, value in trial["hyperparameters"].items():
+            seen.setdefault(name, []).append(value)
+    parameters = []
+    for name in [*declared, *sorted(set(seen) - set(declared))]:
+        param = declared.get(name) or {"type": "DOUBLE" if all(_number(v) is not None for v in seen[name])
+                                       else "CATEGORICAL"}
+        kind = param.get("type") or "DOUBLE"
+        if kind in NUMERIC_PARAMETER_TYPES:
+            log = param.get("scaleType") == "UNIT_LOG_SCALE"
+            parameters.append({"name": name, "type": kind, "axis": "logarithmic" if log else "linear", "labels": []})
+        else:
+            labels = [str(v) for v in param.get("categoricalValues") or []]
+            labels += sorted({str(v) for v in seen.get(name, [])} - set(labels))
+            parameters.append({"name": name, "type": kind, "axis": "category", "labels": labels})
+    return parameters
+
+
+def _trial_order(trial: dict[str, Any]) -> tuple[int, str]:
+    trial_id = str(trial.get("trialId", ""))
+    return (int(trial_id), "") if trial_id.isdigit() else (1 << 62, trial_id)
+
+
+def tuning_view(job: dict[str, Any]) -> dict[str, Any] | None:
+    """What the Trials tab shows of a hyperparameter tuning job, from its v1 Job resource; None for other jobs.
+
+    Trials come from ``trainingOutput.trials`` (values as strings, int64 fields as strings), parameters from
+    ``trainingInput.hyperparameters``. The best trial is the one whose model the job exports: of the trials that
+    succeeded and were not stopped early, the one whose ``finalMetric.objectiveValue`` is highest (goal
+    MAXIMIZE, the default) or lowest (MINIMIZE), the earliest of equals. Trials without a final metric
+    (running, failed) are in the table but in no chart. The charts' data: the objective per trial with the best
+    value so far, and per parameter its value against the objective (numbers parsed for numeric parameters, a
+    log axis for ``UNIT_LOG_SCALE``, categories in the spec's order). ``digest`` changes whenever any of it does.
+    """
+    spec = (job.get("trainingInput") or {}).get("hyperparameters") or {}
+    output = job.get("trainingOutput") or {}
+    if not spec and not output.get("isHyperparameterTuningJob"):
+        return None
+    goal = "MINIMIZE" if spec.get("goal") == "MINIMIZE" else "MAXIMIZE"  # v1: unset or unspecified maximizes
+    metric = output.get("hyperparameterMetricTag") or spec.get("hyperparameterMetricTag") or "objective"
+    raw = [{**t, "hyperparameters": t.get("hyperparameters") or {}} for t in output.get("trials") or []]
+    raw.sort(key=_trial_order)
+    parameters = _parameters(spec, raw)
+    trials = []
+    for position, trial in enumerate(raw, start=1):
+        final = trial.get("finalMetric") or {}
+        trial_id = str(trial.get("trialId", position))
+        trials.append({
+            "id": trial_id, "x": int(trial_id) if trial_id.isdigit() else position,
+            "state": trial.get("state") or "STATE_UNSPECIFIED", "stoppedEarly": bool(trial.get("isTrialStoppedEarly")),
+            "hyperparameters": trial["hyperparameters"],
+            "cells": {p["name"]: _cell(trial["hyperparameters"].get(p["name"]), p["type"]) for p in parameters},
+            "objective": _number(final.get("objectiveValue")), "step": str(final.get("trainingStep") or ""),
+            "startTime": trial.get("startTime"), "endTime": trial.get("endTime"),
+            "errorMessage": trial.get("errorMessage") or "", "best": False,
+        })
+    scored = [t for t in trials if t["objective"] is not None]
+    better = max if goal == "MAXIMIZE" else min
+    candidates = [t for t in scored if _is_candidate(t)]
+    best = better(candidates, key=lambda t: t["objective"]) if candidates else None  # the first of equals
+    if best is not None:
+        best["best"] = True
+    view = {
+        "goal": goal, "metric": metric, "parameters": parameters, "trials": trials,
+        "best": best["id"] if best else None, "bestObjective": best["objective"] if best else None,
+        "maxTrials": _number(spec.get("maxTrials")), "maxParallelTrials": _number(spec.get("maxParallelTrials")),
+        "completed": int(_number(output.get("completedTrialCount")) or 0),
+        "charts": {"objective": _objective_chart(scored, metric, better),
+                   "parameters": [_parameter_chart(p, scored, metric) for p in parameters]},
+    }
+    view["digest"] = hashlib.sha256(json.dumps([view, job.get("state")], sort_keys=True, default=str)
+                                    .encode()).hexdigest()[:16]
+    return view
+
+
+def _is_candidate(trial: dict[str, Any]) -> bool:
+    """Whether a trial can be the best one, as the tuning workflow chooses the trial whose model the job
+    exports: it succeeded with a final metric and was not stopped early (its model was not fully trained)."""
+    return trial["state"] == "SUCCEEDED" and trial["objective"] is not None and not trial["stoppedEarly"]
+
+
+def _objective_chart(scored: list[dict[str, Any]], metric: str, better: Callable[..., Any]) -> dict[str, Any]:
+    points, best_so_far, best = [], [], None
+    for trial in scored:
+        if _is_candidate(trial):
+            best = trial["objective"] if best is None else better(best, trial["objective"])
+        points.append({"x": trial["x"], "y": trial["objective"], "trial": trial["id"], "best": trial["best"],
+                       "stoppedEarly": trial["stoppedEarly"]})
+        if best is not None:
+            best_so_far.append({"x": trial["x"], "y": best, "trial": trial["id"]})
+    return {"type": "trials", "metric": metric, "points": points, "bestSoFar": best_so_far}
+
+
+def _parameter_chart(parameter: dict[str, Any], scored: list[dict[str, Any]], metric: str) -> dict[str, Any]:
+    points = []
+    for trial in scored:
+        value = trial["hyperparameters"].get(parameter["name"])
+        if parameter["axis"] == "category":
+            x = None if value is None else str(value)
+        else:
+            x = _number(value)
+            if parameter["axis"] == "logarithmic" and x is not None and x <= 0:
+                x = None  # no place on a log axis
+        if x is not None:
+            points.append({"x": x, "y": trial["objective"], "trial": trial["id"], "best": trial["best"],
+                           "stoppedEarly": trial["stoppedEarly"]})
+    return {"type": "parameter", "name": parameter["name"], "axis": parameter["axis"],
+            "labels": parameter["labels"], "metric": metric, "points": points}
 
 
 # ---- Project: models and versions ----------------------------------------------------------------------

@@ -7,6 +7,8 @@ shows exactly what the API lets its user see.
 
 from __future__ import annotations
 
+import html
+import json
 import re
 
 import pytest
@@ -240,3 +242,219 @@ def test_admin_job_and_event_listings_page_newest_first(env):
                            headers=admin).get_json()
     assert len(older["events"]) == 1 and "nextPageToken" not in older
     assert events["events"][0]["time"] >= events["events"][1]["time"] >= older["events"][0]["time"]
+
+
+# ---- the dashboard: a hyperparameter tuning job's trials ---------------------------------------------------
+
+TUNING_INPUT = {
+    "scaleTier": "BASIC", "pythonModule": "trainer.task", "packageUris": ["x"],
+    "hyperparameters": {
+        "goal": "MAXIMIZE", "hyperparameterMetricTag": "accuracy", "maxTrials": 6, "maxParallelTrials": 2,
+        "params": [
+            {"parameterName": "learning_rate", "type": "DOUBLE", "minValue": 0.0001, "maxValue": 0.1,
+             "scaleType": "UNIT_LOG_SCALE"},
+            {"parameterName": "layers", "type": "INTEGER", "minValue": 1, "maxValue": 4},
+            {"parameterName": "optimizer", "type": "CATEGORICAL", "categoricalValues": ["adam", "sgd"]},
+            {"parameterName": "batch_size", "type": "DISCRETE", "discreteValues": [16, 32, 64]},
+        ],
+    },
+}
+
+
+def trial(trial_id: str, state: str, values: tuple[str, str, str, str], objective: float | None = None,
+          **extra) -> dict:
+    """A v1 HyperparameterOutput (values and int64 fields as strings, as v1 sends them)."""
+    names = ("learning_rate", "layers", "optimizer", "batch_size")
+    out = {"trialId": trial_id, "hyperparameters": dict(zip(names, values, strict=True)), "state": state,
+           "isTrialStoppedEarly": False, "startTime": f"2026-12-07T03:0{trial_id}:00Z", **extra}
+    if objective is not None:
+        out["finalMetric"] = {"trainingStep": "100", "objectiveValue": objective}
+    if state != "RUNNING":
+        out["endTime"] = f"2026-12-07T03:0{trial_id}:05Z"
+    return out
+
+
+TUNING_TRIALS = [
+    trial("1", "SUCCEEDED", ("0.0123", "2", "adam", "32"), 0.91),
+    trial("2", "FAILED", ("0.0456", "3", "sgd", "16"), errorMessage="chief-0 exited with code 1: bad value"),
+    trial("3", "RUNNING", ("0.00042", "1", "adam", "64")),
+    trial("4", "SUCCEEDED", ("0.0811", "4", "sgd", "16"), 0.87, isTrialStoppedEarly=True),
+    trial("5", "SUCCEEDED", ("0.00235", "2", "sgd", "64"), 0.95),
+]
+
+
+def tuning_output(trials: list[dict]) -> dict:
+    return {"isHyperparameterTuningJob": True, "hyperparameterMetricTag": "accuracy",
+            "completedTrialCount": str(sum(t["state"] != "RUNNING" for t in trials)), "trials": trials,
+            "exportedModelUri": "store://team-a/jobs/tune_1/model"}
+
+
+def add_tuning_job(env, job_id: str = "tune_1", state: str = "RUNNING", goal: str = "MAXIMIZE",
+                   trials: list[dict] = TUNING_TRIALS) -> Job:
+    training_input = {**TUNING_INPUT, "hyperparameters": {**TUNING_INPUT["hyperparameters"], "goal": goal}}
+    job = Job(project="team-a", job_id=job_id, state=state, step="TUNING", framework="TENSORFLOW",
+              training_input=training_input, training_output=tuning_output(trials), labels={})
+    return env.store.create_job(job)
+
+
+def charts_of(page: str) -> dict[str, dict]:
+    """The page's Chart.js specs (``data-chart``) by canvas id."""
+    return {canvas_id: json.loads(html.unescape(spec))
+            for canvas_id, spec in re.findall(r'<canvas id="([^"]+)"[^>]*?data-chart="([^"]*)"', page, re.S)}
+
+
+def trial_rows(page: str) -> dict[str, str]:
+    """The trials table's rows (their HTML) by trial id."""
+    table = page[page.index('id="trials-table"'):]
+    table = table[:table.index("</table>")]
+    return dict(re.findall(r'<tr data-trial="([^"]+)"(.*?)</tr>', table, re.S))
+
+
+def test_a_tuning_jobs_page_lists_its_trials_highlights_the_best_and_charts_them(env):
+    add_tuning_job(env)
+    client = sign_in(env, "team-a", "viewer")
+    page = client.get("/dashboard/project/jobs/tune_1").get_data(as_text=True)
+    assert 'id="tab-trials"' in page and 'id="pane-trials" role="tabpanel"' in page
+    assert re.search(r'tab-pane fade show active" id="pane-trials"', page)  # the tab a tuning job opens on
+    assert "MAXIMIZE <code>accuracy</code>, up to 6 trials, 2 at a time" in page  # Overview
+    header = page[page.index('id="trials-table"'):page.index("<tbody>", page.index('id="trials-table"'))]
+    assert [name for name in re.findall(r'<th data-parameter="([^"]+)"', header)] == [
+        "learning_rate", "layers", "optimizer", "batch_size"]
+    rows = trial_rows(page)
+    assert list(rows) == ["1", "2", "3", "4", "5"]
+    assert [trial_id for trial_id, row in rows.items() if "best-trial" in row] == ["5"]
+    assert 'class="table-success best-trial"' in rows["5"] and ">best</span>" in rows["5"]
+    assert 'data-state="SUCCEEDED"' in rows["1"] and 'data-state="FAILED"' in rows["2"]
+    assert 'data-state="RUNNING"' in rows["3"]
+    assert [trial_id for trial_id, row in rows.items() if "stopped early" in row] == ["4"]
+    cells = re.findall(r'<td data-parameter="[^"]+" title="([^"]*)">([^<]*)</td>', rows["1"])
+    assert cells == [("0.0123", "0.0123"), ("2", "2"), ("adam", "adam"), ("32", "32")]
+    assert '<td class="trial-objective">0.91</td>' in rows["1"] and '<td class="trial-step">100</td>' in rows["1"]
+    assert '<td class="trial-objective"></td>' in rows["3"]
+    assert "2026-12-07 03:01:00" in rows["1"] and "2026-12-07 03:01:05" in rows["1"]
+    assert 'class="has-error"' in rows["2"]  # its error message on a line of its own, under it
+    assert re.search(r'<tr class="trial-error-row" data-error-of="2">\s*<td></td>\s*<td colspan="10" '
+                     r'class="trial-error text-danger">chief-0 exited with code 1: bad value</td>', page)
+    assert page.count('class="trial-error-row"') == 1
+    assert "/dashboard/project/jobs/tune_1?tab=logs&amp;trial=2" in rows["2"]
+    assert 'id="best-trial">5</strong>, 0.95' in page and "<strong>4</strong> of 6 trials completed" in page
+    # Polled like the job's header while it runs.
+    assert re.search(r'id="job-trials" hx-get="/dashboard/project/jobs/tune_1/trials\?seen=\w+"\s+'
+                     r'hx-swap="outerHTML" hx-trigger="every 2s"', page)
+
+    charts = charts_of(page)
+    objective = charts["trials-chart"]
+    assert objective["type"] == "trials" and objective["metric"] == "accuracy"
+    # Only the trials with a final metric (not the failed one, not the running one).
+    assert [(p["x"], p["y"], p["best"]) for p in objective["points"]] == [(1, 0.91, False), (4, 0.87, False),
+                                                                          (5, 0.95, True)]
+    assert [(p["x"], p["y"]) for p in objective["bestSoFar"]] == [(1, 0.91), (4, 0.91), (5, 0.95)]
+    parameters = {spec["name"]: spec for spec in charts.values() if spec["type"] == "parameter"}
+    assert {name: spec["axis"] for name, spec in parameters.items()} == {
+        "learning_rate": "logarithmic", "layers": "linear", "optimizer": "category", "batch_size": "linear"}
+    assert [(p["x"], p["y"]) for p in parameters["learning_rate"]["points"]] == [(0.0123, 0.91), (0.0811, 0.87),
+                                                                                 (0.00235, 0.95)]
+    assert [p["x"] for p in parameters["batch_size"]["points"]] == [32.0, 16.0, 64.0]
+    assert parameters["optimizer"]["labels"] == ["adam", "sgd"]
+    assert [p["x"] for p in parameters["optimizer"]["points"]] == ["adam", "sgd", "sgd"]
+
+
+def test_the_best_trial_follows_the_goal_and_trials_sort_by_number():
+    from cloudml_os.dashboard.views import tuning_view
+
+    job = {"state": "SUCCEEDED", "trainingInput": {**TUNING_INPUT, "hyperparameters": {
+        **TUNING_INPUT["hyperparameters"], "goal": "MINIMIZE"}}, "trainingOutput": tuning_output(
+        [trial("10", "SUCCEEDED", ("0.01", "1", "adam", "16"), 0.99), *TUNING_TRIALS])}
+    view = tuning_view(job)
+    assert [t["id"] for t in view["trials"]] == ["1", "2", "3", "4", "5", "10"]
+    # Trial 4 has the lowest value but was stopped early: its model was not fully trained, and the job does
+    # not export it (the tuning workflow's rule), so it is not the best.
+    assert view["best"] == "1" and [t["id"] for t in view["trials"] if t["best"]] == ["1"]
+    assert [(p["x"], p["y"]) for p in view["charts"]["objective"]["bestSoFar"]] == [
+        (1, 0.91), (4, 0.91), (5, 0.91), (10, 0.91)]
+    assert [p["x"] for p in view["charts"]["objective"]["points"] if p["stoppedEarly"]] == [4]
+    # No goal: MAXIMIZE, as in v1. No trials yet: an empty table and no chart.
+    del job["trainingInput"]["hyperparameters"]["goal"]
+    assert tuning_view(job)["best"] == "10"
+    job["trainingOutput"] = {}
+    empty = tuning_view(job)
+    assert empty["trials"] == [] and empty["best"] is None and empty["charts"]["objective"]["points"] == []
+    # A parameter the spec does not name (values that are all numbers: a numeric axis) and a value a log
+    # axis cannot show.
+    odd = {"trainingInput": {"hyperparameters": {"params": [{"parameterName": "lr", "type": "DOUBLE",
+                                                             "scaleType": "UNIT_LOG_SCALE"}]}},
+           "trainingOutput": {"trials": [
+               {"trialId": "1", "hyperparameters": {"lr": "0", "dropout": "0.5"},
+                "finalMetric": {"trainingStep": "5", "objectiveValue": 1.0}, "state": "SUCCEEDED"},
+               {"trialId": "2", "hyperparameters": {"lr": "1e-3", "dropout": "0.25"},
+                "finalMetric": {"trainingStep": "5", "objectiveValue": 2.0}, "state": "SUCCEEDED"}]}}
+    charts = {spec["name"]: spec for spec in tuning_view(odd)["charts"]["parameters"]}
+    assert [p["x"] for p in charts["lr"]["points"]] == [0.001]
+    assert charts["dropout"]["axis"] == "linear" and [p["x"] for p in charts["dropout"]["points"]] == [0.5, 0.25]
+    # Other jobs have no Trials tab.
+    assert tuning_view({"state": "RUNNING", "trainingInput": {"scaleTier": "BASIC"}, "trainingOutput": {}}) is None
+
+
+def test_the_trials_fragment_answers_no_content_until_something_changed_and_stops_polling_at_the_end(env):
+    job = add_tuning_job(env)
+    client = sign_in(env, "team-a", "viewer")
+    fragment = client.get("/dashboard/project/jobs/tune_1/trials").get_data(as_text=True)
+    seen = re.search(r'/trials\?seen=(\w+)"', fragment).group(1)
+    unchanged = client.get(f"/dashboard/project/jobs/tune_1/trials?seen={seen}")
+    assert unchanged.status_code == 204 and unchanged.get_data() == b""
+    finished = [*TUNING_TRIALS[:2], trial("3", "SUCCEEDED", ("0.00042", "1", "adam", "64"), 0.97),
+                *TUNING_TRIALS[3:]]
+    env.store.update_job(job.id, state="SUCCEEDED", training_output=tuning_output(finished))
+    changed = client.get(f"/dashboard/project/jobs/tune_1/trials?seen={seen}").get_data(as_text=True)
+    assert 'id="best-trial">3</strong>, 0.97' in changed
+    assert [trial_id for trial_id, row in trial_rows(changed).items() if "best-trial" in row] == ["3"]
+    assert "hx-trigger" not in changed  # the job has ended: nothing more to poll
+    add_job(env, "team-a", "plain")
+    assert client.get("/dashboard/project/jobs/plain/trials").status_code == 404
+
+
+def test_a_plain_jobs_page_has_no_trials_and_its_log_viewer_lists_its_nodes(env):
+    job = add_job(env, "team-a", "plain")
+    env.store.append_logs(job.id, [(0, "worker-0", 0, b"worker says\n"), (0, "chief-0", 0, b"chief says\n")])
+    client = sign_in(env, "team-a", "viewer")
+    page = client.get("/dashboard/project/jobs/plain").get_data(as_text=True)
+    assert 'id="tab-trials"' not in page and "trials-table" not in page and 'id="log-trial"' not in page
+    assert re.search(r'tab-pane fade show active" id="pane-overview"', page)
+    assert re.findall(r"<option (?:selected)?\s*>([^<]+)</option>", page) == ["chief-0", "worker-0"]
+    assert 'hx-get="/dashboard/project/jobs/plain/logs/chief-0?offset=0"' in page
+    page = client.get("/dashboard/project/jobs/plain?tab=logs&node=worker-0").get_data(as_text=True)
+    assert 'hx-get="/dashboard/project/jobs/plain/logs/worker-0?offset=0"' in page
+    chunk = client.get("/dashboard/project/jobs/plain/logs/worker-0?offset=0").get_data(as_text=True)
+    assert chunk.startswith("worker says\n")
+
+
+def test_the_log_viewer_lists_a_trials_logs_and_reads_a_trial_log_key(env):
+    job = add_tuning_job(env)
+    env.store.append_logs(job.id, [(0, key, 0, text.encode()) for key, text in (
+        ("trial-1/chief-0", "trial one chief\n"), ("trial-1/worker-0", "trial one worker\n"),
+        ("trial-2/chief-0", "trial two chief\n"), ("trial-10/chief-0", "trial ten chief\n"))])
+    client = sign_in(env, "team-a", "viewer")
+
+    def log_choice(query: str) -> tuple[list[str], list[str], str]:
+        page = client.get(f"/dashboard/project/jobs/tune_1?{query}").get_data(as_text=True)
+        form = page[page.index('id="log-choice"'):page.index("</form>", page.index('id="log-choice"'))]
+        trials = re.findall(r'<option value="(\d+)"', form)
+        keys = re.findall(r"<option (?:selected)?\s*>([^<]+)</option>", form)
+        shown = re.search(r'hx-get="/dashboard/project/jobs/tune_1/logs/([^"?]+)\?offset=0"', page).group(1)
+        return trials, keys, shown
+
+    # The trial choices: the job's trials (1 to 5) and any other trial with logs (10).
+    choices = ["1", "2", "3", "4", "5", "10"]
+    assert log_choice("tab=logs") == (choices, ["trial-1/chief-0", "trial-1/worker-0", "trial-2/chief-0",
+                                                "trial-10/chief-0"], "trial-1/chief-0")
+    assert log_choice("tab=logs&trial=1") == (choices, ["trial-1/chief-0", "trial-1/worker-0"], "trial-1/chief-0")
+    assert log_choice("tab=logs&trial=10")[1:] == (["trial-10/chief-0"], "trial-10/chief-0")
+    # A key chosen (from the Nodes tab, or the node list) chooses its trial too.
+    assert log_choice("tab=logs&node=trial-1/worker-0")[1:] == (["trial-1/chief-0", "trial-1/worker-0"],
+                                                                "trial-1/worker-0")
+    page = client.get("/dashboard/project/jobs/tune_1?tab=logs&trial=3").get_data(as_text=True)
+    assert 'id="log-view-empty">No logs of trial 3 yet' in page
+    assert '<option value="3" selected>trial 3</option>' in page
+    chunk = client.get("/dashboard/project/jobs/tune_1/logs/trial-1/worker-0?offset=0")
+    assert chunk.status_code == 200
+    assert chunk.get_data(as_text=True).startswith("trial one worker\n")

@@ -71,7 +71,63 @@
     };
   }
 
-  const builders = { usage, metrics, health, probes };
+  // A tuning job's trials (views.tuning_view): the best trial's point larger and green, a trial stopped early
+  // hollow and orange.
+  const trialPoint = (p) => (p.best ? 7 : 4);
+  const trialColour = (p) => (p.best ? "#198754" : p.stoppedEarly ? "#fd7e14" : "#0d6efd");
+  const trialFill = (p) => (p.stoppedEarly ? "#ffffff" : trialColour(p));
+  const trialTooltip = { callbacks: { label: (item) =>
+    `trial ${item.raw.trial}${item.raw.stoppedEarly ? " (stopped early)" : ""}: ${item.raw.y}` } };
+
+  function trials(spec) {
+    // Each trial's final objective, and the best of the trials up to it (by the job's goal); a trial's width
+    // of room on either side, ticks only at the trials' numbers.
+    const numbers = spec.points.map((p) => p.x);
+    const [first, last] = [Math.min(...numbers), Math.max(...numbers)];
+    return {
+      type: "scatter",
+      data: {
+        datasets: [
+          { label: spec.metric, data: spec.points, pointRadius: spec.points.map(trialPoint),
+            backgroundColor: spec.points.map(trialFill), borderColor: spec.points.map(trialColour) },
+          { label: "best so far", data: spec.bestSoFar, showLine: true, stepped: "after", pointRadius: 0,
+            borderColor: "#fd7e14", backgroundColor: "#fd7e14", borderDash: [4, 3] },
+        ],
+      },
+      options: {
+        animation: false,
+        scales: {
+          x: { title: { display: true, text: "trial" }, min: first - 1, max: last + 1,
+               ticks: { stepSize: 1, precision: 0, callback: (v) => (v >= first && v <= last ? v : "") } },
+          y: { title: { display: true, text: spec.metric } },
+        },
+        plugins: { tooltip: trialTooltip },
+      },
+    };
+  }
+
+  function parameter(spec) {
+    // One parameter's value against the objective: a linear or log axis for numbers, categories otherwise.
+    const x = { type: spec.axis, title: { display: true, text: spec.name } };
+    if (spec.axis === "category") {
+      x.labels = spec.labels;
+      x.offset = true;
+    }
+    return {
+      type: "scatter",
+      data: {
+        datasets: [{ label: spec.metric, data: spec.points, pointRadius: spec.points.map(trialPoint),
+                     backgroundColor: spec.points.map(trialFill), borderColor: spec.points.map(trialColour) }],
+      },
+      options: {
+        animation: false,
+        scales: { x, y: { title: { display: true, text: spec.metric } } },
+        plugins: { legend: { display: false }, tooltip: trialTooltip },
+      },
+    };
+  }
+
+  const builders = { usage, metrics, health, probes, trials, parameter };
 
   function draw(root) {
     root.querySelectorAll("canvas[data-chart]").forEach((canvas) => {
@@ -91,6 +147,10 @@
 
   document.addEventListener("DOMContentLoaded", () => {
     htmx.onLoad(draw);
+    // A polled fragment's canvases are replaced by new ones: free the charts drawn on the old.
+    document.addEventListener("htmx:beforeCleanupElement", (event) => {
+      if (event.target.tagName === "CANVAS") Chart.getChart(event.target)?.destroy();
+    });
     // A chart drawn in a hidden tab has no size; give it one when its tab is shown.
     document.addEventListener("shown.bs.tab", (event) => {
       const pane = document.querySelector(event.target.dataset.bsTarget);
