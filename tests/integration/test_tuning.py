@@ -200,3 +200,23 @@ def test_resume_previous_job_continues_its_study(client, packages):
     assert len(job["trainingOutput"]["trials"]) == 2
     assert any("Study resumed from job tune_first with its 2 finished trial(s)" in e["message"]
                for e in client.events("tune_resumed"))
+
+
+def test_a_tensorflow_summary_with_the_metric_tag_is_read_when_hypertune_reported_nothing(client, packages):
+    spec = {"hyperparameterMetricTag": "accuracy", "maxTrials": 1,
+            "params": [{"parameterName": "optimizer", "type": "CATEGORICAL", "categoricalValues": ["adam"]}]}
+    _submit(client, "tune_tf_summary", packages, spec,
+            args=["--report_with_tf_summary", "--metric_tag", "accuracy", "--learning_rate", "0.01"])
+    job = client.wait("tune_tf_summary", timeout=600)
+    assert job["state"] == "SUCCEEDED", job.get("errorMessage")
+    [trial] = job["trainingOutput"]["trials"]
+    assert trial["finalMetric"] == {"trainingStep": "3", "objectiveValue": pytest.approx(1.35)}
+
+
+def test_a_trial_reporting_no_value_for_the_tag_fails_saying_so(client, packages):
+    spec = {"hyperparameterMetricTag": "not_reported", "maxTrials": 1,
+            "params": [{"parameterName": "layers", "type": "INTEGER", "minValue": 1, "maxValue": 2}]}
+    _submit(client, "tune_wrong_tag", packages, spec)
+    job = client.wait("tune_wrong_tag", timeout=600)
+    assert job["state"] == "FAILED"
+    assert "reported no value for the metric 'not_reported'" in job["errorMessage"]
