@@ -21,6 +21,7 @@ from pathlib import Path
 from cloudml_os.artifacts import ArtifactError, ArtifactStore
 
 Series = dict[str, list[dict[str, float]]]
+TRIAL_FOLDER = re.compile(r"trial-\d+")
 
 
 def tensorboard_uri(job_dir_uri: str) -> str:
@@ -38,13 +39,15 @@ def tensorboard_scalars(artifacts: ArtifactStore, job_dir_uri: str) -> Series:
 
 
 def scalars_in(tree: Path) -> Series:
-    """The scalars of every event file under ``tree``, whose first level is the node's name."""
+    """The scalars of every event file under ``tree``, whose first level is the node's name (two levels,
+    ``trial-N/NODE``, for a trial of a hyperparameter tuning job)."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
     from tensorboard.util import tensor_util
 
     points: dict[str, dict[float, float]] = {}
     for path in sorted(tree.rglob("*tfevents*")):
-        node = path.relative_to(tree).parts[0]
+        parts = path.relative_to(tree).parts
+        node = "/".join(parts[:2]) if TRIAL_FOLDER.fullmatch(parts[0]) and len(parts) > 2 else parts[0]
         for event in EventFileLoader(str(path)).Load():
             for value in event.summary.value:
                 kind = value.WhichOneof("value")

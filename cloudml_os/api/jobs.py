@@ -34,6 +34,7 @@ from cloudml_os.api.schemas import (
     ListJobsResponseSchema,
     LogListSchema,
     LogsQuerySchema,
+    MetricsQuerySchema,
 )
 from cloudml_os.artifacts import ArtifactError, job_dir_uri, parse_uri
 from cloudml_os.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
@@ -333,18 +334,24 @@ def job_logs(args: dict[str, Any], project: str, job: str) -> dict[str, Any] | R
 
 
 @blp.route("/jobs/<resource_id:job>/metrics", methods=["GET"])
+@blp.arguments(MetricsQuerySchema, location="query")
 @blp.response(200, JobMetricsSchema)
-def job_metrics(project: str, job: str) -> dict[str, Any]:
+def job_metrics(args: dict[str, Any], project: str, job: str) -> dict[str, Any]:
     """The job's training metric curves: the TensorBoard scalars its trainers wrote, once it has ended and
-    they were archived, else the metrics its log lines report (see :mod:`cloudml_os.metrics`)."""
+    they were archived, else the metrics its log lines report (see :mod:`cloudml_os.metrics`). With
+    ``trial``, only that trial's curves (a tuning job's series are named ``trial-N/NODE: METRIC``)."""
     svc = services()
     row = _job_or_404(project, job)
+    prefix = f"{tuning.trial_node(args['trial'])}/" if "trial" in args else ""
     if JobState(row.state).is_final:
         series = metrics.tensorboard_scalars(svc.artifacts, job_dir_uri(project, row.job_id, row.training_input))
+        series = {name: points for name, points in series.items() if name.startswith(prefix)}
         if series:
             return {"source": "tensorboard", "series": series}
     logs = {}
     for name in sorted(svc.store.log_nodes(row.id)):
+        if not name.startswith(prefix):
+            continue
         chunks, offset = [], 0
         while offset < METRICS_LOG_LIMIT:
             data, offset = svc.store.read_log(row.id, name, offset, limit=LOG_LIMIT_ONE_NODE)

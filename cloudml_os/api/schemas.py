@@ -461,6 +461,10 @@ class MetricPointSchema(Schema):
     y = fields.Float(metadata={"description": "the metric's value at that step"})
 
 
+class MetricsQuerySchema(Schema):
+    trial = _trial_query("only the curves of this trial of a hyperparameter tuning job (series 'trial-N/NODE: …')")
+
+
 class JobMetricsSchema(Schema):
     source = fields.String(metadata={"enum": ["tensorboard", "logs"], "description":
                                      "tensorboard: the scalars of the event files the trainers wrote under their job "

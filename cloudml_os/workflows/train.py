@@ -127,8 +127,13 @@ def node_slot(node: Node) -> int | None:
 def log_key(node: Node) -> str:
     """The name a node's log is stored under: the node's name, or ``trial-N/ROLE`` for a node running
     trial N of a tuning job (its ``attempt`` is the trial's id)."""
+    return f"{tuning.trial_node(node.attempt)}/{role_name(node)}" if SLOT_NAME.match(node.name) else node.name
+
+
+def role_name(node: Node) -> str:
+    """The node's role (``chief-0``): its name without a tuning job's slot prefix."""
     match = SLOT_NAME.match(node.name)
-    return f"trial-{node.attempt}/{node.name[match.end():]}" if match else node.name
+    return node.name[match.end():] if match else node.name
 
 
 SLOT_NAME = re.compile(r"slot(\d+)-")
@@ -517,7 +522,8 @@ def _archive_summaries(ctx: TrainingContext, job: Job, node: Node, session: Node
                     spool.write(chunk)
                     offset += len(chunk)
                 spool.seek(0)
-                ctx.artifacts.put_file(project, f"{key}/tensorboard/{node.name}/{path[len(root) + 1:]}", spool)
+                ctx.artifacts.put_file(project, f"{key}/tensorboard/{_summary_name(node, path[len(root) + 1:])}",
+                                       spool)
     except (RemoteError, ArtifactError, OSError) as exc:
         ctx.store.add_event(job.id, "SUMMARIES", f"TensorBoard summaries could not be copied: {exc}",
                             node=node.name)
@@ -532,6 +538,15 @@ def _tune_step(ctx: TrainingContext, job: Job) -> Handover:
     from cloudml_os.workflows import tune
 
     return tune.tune(ctx, job)
+
+
+def _summary_name(node: Node, relative: str) -> str:
+    """Where an event file found at ``relative`` under a node's job directory goes under ``tensorboard/``:
+    ``NODE/PATH``, or ``trial-N/ROLE/PATH`` for a trial of a tuning job (its job directory is ``N/``)."""
+    if node_slot(node) is None:
+        return f"{node.name}/{relative}"
+    trial, _, rest = relative.partition("/")
+    return f"{tuning.trial_node(int(trial))}/{role_name(node)}/{rest}" if trial.isdigit() else f"{node.name}/{relative}"
 
 
 def _restart_step(ctx: TrainingContext, job: Job) -> Handover:

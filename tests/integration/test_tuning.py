@@ -98,6 +98,10 @@ def test_the_ml_v1_client_runs_a_tuning_job_with_every_parameter_type(platform, 
         in text
     worker_log = client.request("GET", "/jobs/tune_all_types/logs", params={"trial": 2, "node": "worker-0"}).json()
     assert "TRIAL 2 task worker 0" in worker_log["logs"][0]["text"]
+    curves = client.request("GET", "/jobs/tune_all_types/metrics", params={"trial": 2}).json()
+    assert curves["source"] == "logs"
+    assert [point["x"] for point in curves["series"]["trial-2/chief-0: objective"]] == [1, 2, 3]
+    assert all(name.startswith("trial-2/") for name in curves["series"])
 
 
 def _submit(client, job_id: str, packages: list[str], spec: dict, args: list[str] = (), **training_input) -> None:
@@ -211,6 +215,10 @@ def test_a_tensorflow_summary_with_the_metric_tag_is_read_when_hypertune_reporte
     assert job["state"] == "SUCCEEDED", job.get("errorMessage")
     [trial] = job["trainingOutput"]["trials"]
     assert trial["finalMetric"] == {"trainingStep": "3", "objectiveValue": pytest.approx(1.35)}
+    # The trial's event file was archived under its trial, and its curve is the trial's.
+    curves = client.request("GET", "/jobs/tune_tf_summary/metrics", params={"trial": 1}).json()
+    assert curves["source"] == "tensorboard"
+    assert [point["x"] for point in curves["series"]["trial-1/chief-0: accuracy"]] == [1, 2, 3]
 
 
 def test_a_trial_reporting_no_value_for_the_tag_fails_saying_so(client, packages):
