@@ -90,6 +90,10 @@ def test_the_ml_v1_client_runs_a_tuning_job_with_every_parameter_type(platform, 
 
     events = client.events("tune_all_types")
     assert _trials_started_together(events)
+    # One cluster for the whole study (two slots of master + worker), bootstrapped once, reused by every trial.
+    ready = [e["message"] for e in events if e["kind"] == "CLUSTER" and " ready " in e["message"]]
+    assert len(ready) == 1 and ready[0].endswith("ready with 4 node(s)")
+    assert len([e for e in events if e["kind"] == "BOOTSTRAP"]) == 1
     # Each trial's logs are its own; the trainer saw its trial id in TF_CONFIG and the environment.
     logs = client.request("GET", "/jobs/tune_all_types/logs", params={"trial": 2, "node": "chief-0"}).json()
     text = logs["logs"][0]["text"]
@@ -228,3 +232,22 @@ def test_a_trial_reporting_no_value_for_the_tag_fails_saying_so(client, packages
     job = client.wait("tune_wrong_tag", timeout=600)
     assert job["state"] == "FAILED"
     assert "reported no value for the metric 'not_reported'" in job["errorMessage"]
+
+
+@pytest.mark.parametrize(("framework", "runtime"), [("MXNET", "mxnet_runtime"), ("PYTORCH", "pytorch_runtime")])
+def test_mxnet_and_pytorch_trials_get_their_trial_id_and_values(request, client, packages, framework, runtime):
+    request.getfixturevalue(runtime)
+    job_id = f"tune_{framework.lower()}"
+    spec = {"hyperparameterMetricTag": "objective", "maxTrials": 2, "algorithm": "GRID_SEARCH",
+            "params": [{"parameterName": "optimizer", "type": "CATEGORICAL", "categoricalValues": ["adam", "sgd"]}]}
+    _submit(client, job_id, packages, spec, framework=framework)
+    job = client.wait(job_id, timeout=600)
+    assert job["state"] == "SUCCEEDED", job.get("errorMessage")
+    trials = {t["trialId"]: t for t in job["trainingOutput"]["trials"]}
+    assert {t["hyperparameters"]["optimizer"] for t in trials.values()} == {"adam", "sgd"}
+    for trial_id, trial in trials.items():
+        logs = client.request("GET", f"/jobs/{job_id}/logs", params={"trial": trial_id}).json()["logs"]
+        text = "".join(entry["text"] for entry in logs)
+        assert f"TRIAL {trial_id} " in text and f"--optimizer={trial['hyperparameters']['optimizer']}" in text
+        expected = 1.35 if trial["hyperparameters"]["optimizer"] == "adam" else 1.05
+        assert trial["finalMetric"]["objectiveValue"] == pytest.approx(expected)
