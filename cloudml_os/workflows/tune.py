@@ -163,14 +163,21 @@ def trial_values(spec: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str
     return values
 
 
-def sampler(spec: Mapping[str, Any], seed: int) -> Any:
+def sampler(spec: Mapping[str, Any], seed: int, asked: int) -> Any:
     """The search: TPE for ALGORITHM_UNSPECIFIED (Bayesian-style; ``constant_liar`` so that parallel trials
-    do not all ask for the same point), grid or random as named."""
+    do not all ask for the same point), grid or random as named.
+
+    TPE and random search keep their random state in memory only: a sampler made for each ask with a
+    fixed seed would repeat the same values after every worker restart, so their seed moves with ``asked``
+    (the trials asked so far). The grid sampler shuffles its grid with its seed and gives trial N the Nth
+    point, so its seed must stay the same for the whole study.
+    """
     import optuna
 
     algorithm = spec.get("algorithm") or "ALGORITHM_UNSPECIFIED"
     if algorithm == "GRID_SEARCH":
         return optuna.samplers.GridSampler(grid(spec), seed=seed)
+    seed += asked
     if algorithm == "RANDOM_SEARCH":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
@@ -184,21 +191,19 @@ def pruner(spec: Mapping[str, Any]) -> Any:
     return optuna.pruners.NopPruner()
 
 
-def load_study(ctx: TrainingContext, job: Job, seed_offset: int | None = None) -> Any:
+def load_study(ctx: TrainingContext, job: Job, asked: int | None = None) -> Any:
     """The job's study, made on first use (with a resumed job's finished trials as history).
 
-    To ask for a trial, pass ``seed_offset`` (the trials asked so far): the search's sampler is built for
-    each ask with a seed that moves with it, as samplers keep their random state in memory only and a
-    fixed seed would repeat the same values after every worker restart. Without it the study gets a plain
-    random sampler, enough to tell and report (the grid sampler's hook would try to stop an optimize loop
-    that does not exist here once the grid is done).
+    To ask for a trial, pass ``asked`` (the trials asked so far) to get the search's sampler
+    (:func:`sampler`). Without it the study gets a plain random sampler, enough to tell and report (the grid
+    sampler's hook would try to stop an optimize loop that does not exist here once the grid is done).
     """
     import optuna
 
     spec = spec_of(job)
     storage = study_storage(ctx.settings.database_url)
     direction = goal(spec).lower()
-    search = optuna.samplers.RandomSampler() if seed_offset is None else sampler(spec, job.id * 7919 + seed_offset)
+    search = optuna.samplers.RandomSampler() if asked is None else sampler(spec, job.id * 7919, asked)
     study = optuna.create_study(storage=storage, study_name=study_name(job), direction=direction,
                                 load_if_exists=True, sampler=search, pruner=pruner(spec))
     previous = spec.get("resumePreviousJobId")
@@ -275,6 +280,7 @@ def _tune_window(ctx: TrainingContext, job: Job, cluster: Cluster) -> Handover:
             _start_on_slot(ctx, job, trial, slots[slot], sessions)
             watch_slot(slots[slot])
         logs_due = metrics_due = time.monotonic()
+        received = False  # whether the last look got log bytes
         while True:
             # Free slots get the next trials; none left to run and none running: the study is done.
             if not ctx.stopping.is_set():
@@ -287,7 +293,7 @@ def _tune_window(ctx: TrainingContext, job: Job, cluster: Cluster) -> Handover:
                     watch_slot(slots[slot])
             if not running:
                 return _conclude(ctx, job)
-            finished, received = [], False
+            finished, received_before, received = [], received, False
             for name, stream in list(followers.items()):
                 data, done = stream.poll()
                 unsent[name] += data
@@ -306,12 +312,14 @@ def _tune_window(ctx: TrainingContext, job: Job, cluster: Cluster) -> Handover:
                     followers[node.name] = sessions.each(follow, [node])[0]
                 else:
                     ended[node.name] = status
+            slots_freed = False
             for slot, trial in list(running.items()):
                 outcome = framework.outcome([training._process_status(training._role(node, job, ctx),
                                                                       ended.get(node.name)) for node in slots[slot]])
                 if outcome.state != "RUNNING":
                     _end_trial(ctx, job, trial, slots[slot], sessions, outcome, followers)
                     del running[slot]
+                    slots_freed = True
             if early_stopping_due:
                 metrics_due = now + METRIC_READ_INTERVAL
                 for slot, trial in list(running.items()):
@@ -319,6 +327,7 @@ def _tune_window(ctx: TrainingContext, job: Job, cluster: Cluster) -> Handover:
                         _stop_slot(ctx, job, slots[slot], sessions, followers)
                         _finish(ctx, job, trial, "SUCCEEDED", stopped_early=True)
                         del running[slot]
+                        slots_freed = True
             if now >= logs_due:
                 logs_due = now + training.LOG_FETCH_INTERVAL
                 if max_running and job.start_time and \
@@ -327,10 +336,12 @@ def _tune_window(ctx: TrainingContext, job: Job, cluster: Cluster) -> Handover:
                 if now >= window_ends or ctx.stopping.is_set() or \
                         ctx.store.get_job(job.id).state != JobState.RUNNING.value:
                     return Handover(Step.TUNING)
-            # Sleep until a stream has bytes or ends or something falls due; lines that keep coming are
-            # taken every watch_interval, in batches (as the TRAINING step does).
+            if slots_freed:
+                continue  # a freed slot gets its next trial now, not after a sleep
+            # Sleep until a stream has bytes or ends or something falls due; lines that kept coming two looks
+            # in a row are taken every watch_interval, in batches (as the TRAINING step does).
             due = min(logs_due, metrics_due) if spec.get("enableTrialEarlyStopping") else logs_due
-            pause = ctx.settings.watch_interval if received else 0.0
+            pause = ctx.settings.watch_interval if received and received_before else 0.0
             if not ctx.stopping.wait(pause):
                 wait_for_streams(followers.values(), due - time.monotonic())
 
@@ -345,7 +356,7 @@ def _next_trial(ctx: TrainingContext, job: Job, slot: int) -> JobTrial | None:
     _check_failures(job, trials)
     if len(trials) >= total_trials(spec):
         return None
-    study = load_study(ctx, job, seed_offset=len(trials))
+    study = load_study(ctx, job, asked=len(trials))
     recorded = {t.optuna_number for t in trials}
     orphan = next((t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
                    if t.number not in recorded), None)
