@@ -292,7 +292,8 @@ def _tune_window(ctx: TrainingContext, job: Job, cluster: Cluster) -> Handover:
                     _start_on_slot(ctx, job, trial, slots[slot], sessions)
                     watch_slot(slots[slot])
             if not running:
-                return _conclude(ctx, job)
+                # A worker shutting down starts no trial: the study is done only if none is left to start.
+                return Handover(Step.TUNING) if ctx.stopping.is_set() else _conclude(ctx, job)
             finished, received_before, received = [], received, False
             for name, stream in list(followers.items()):
                 data, done = stream.poll()
