@@ -45,11 +45,11 @@ while len(list(barrier.iterdir())) < expected and time.monotonic() < deadline:
 # PyTorch ranks: master-0 is rank 0, worker-0 rank 1, worker-1 rank 2.
 SLEEPER = """
 import os, signal, sys, time
+if os.environ.get("RANK") == os.environ.get("DEAF_RANK"):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # before the pid line: the test signals once all are printed
 print(f"pid {os.getpid()}", flush=True)
 if os.environ.get("RANK") == os.environ.get("FAIL_RANK"):
     sys.exit(3)
-if os.environ.get("RANK") == os.environ.get("DEAF_RANK"):
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 time.sleep(300)
 """
 
