@@ -19,14 +19,13 @@ from flask_smorest import Blueprint
 from webargs.flaskparser import FlaskParser
 from werkzeug.routing import BaseConverter
 
-from cloudml_os.artifacts import ArtifactStore
+from cloudml_os.artifacts import PROJECT_ID_PATTERN, ArtifactStore
 from cloudml_os.config import Settings
 from cloudml_os.errors import InvalidArgument, Unavailable, flatten_messages
 from cloudml_os.frameworks.base import Framework
 from cloudml_os.store import Store
 
 EXTENSION = "cloudml_os"
-PROJECT_ID_PATTERN = r"[a-z][a-z0-9-]{0,61}"
 RESOURCE_ID_PATTERN = r"[A-Za-z][A-Za-z0-9_]{0,127}"  # v1 job, model and version ids
 OPERATION_ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"
 

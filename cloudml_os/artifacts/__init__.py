@@ -3,19 +3,32 @@
 A URI never names a host path or a Swift account, so a request can only reach its own project's objects;
 the backend (a local folder for the embedded default, Swift in OpenStack mode) maps the URI to where the
 bytes live. Workflows use only :class:`ArtifactStore`; :func:`open_artifact_store` picks the backend.
+Every backend maps a URI only through :func:`parse_uri`, which is therefore the one place that decides
+what a project and a key may be. This module imports nothing heavy (no Flask, no database): nodes and the
+client side may use it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 if TYPE_CHECKING:
     from cloudml_os.config import Settings
 
 SCHEME = "store://"
+# A project id, as the API's paths and tokens take it. Defined here, where everything that maps a URI can
+# import it without Flask or the database: cloudml_os.api imports this package (so this package cannot
+# import it back) and cloudml_os.auth.tokens brings in the store. tests/unit/test_store_uris.py keeps the
+# API's copy and the token command's equal to it.
+PROJECT_ID_PATTERN = r"[a-z][a-z0-9-]{0,61}"
+MAX_KEY_BYTES = 1024  # Swift's limit on an object name (the project is the container, the key the name)
+_PROJECT_ID = re.compile(PROJECT_ID_PATTERN)
+# C0 and C1 controls (NUL, newlines, escapes…) and lone surrogates, which no file or object name can hold.
+_REFUSED_IN_KEY = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 class ArtifactError(ValueError):
@@ -23,14 +36,28 @@ class ArtifactError(ValueError):
 
 
 def parse_uri(uri: str) -> tuple[str, str]:
-    """Split ``store://PROJECT/KEY`` into (project, key). :raises ArtifactError: on any other shape."""
+    """Split ``store://PROJECT/KEY`` into (project, key).
+
+    PROJECT is a project id (:data:`PROJECT_ID_PATTERN`); KEY is a relative path of non-empty segments,
+    none ``.`` or ``..``, without control characters, of at most :data:`MAX_KEY_BYTES` bytes in UTF-8. One
+    trailing ``/`` (a folder) is dropped.
+
+    :raises ArtifactError: on any other shape.
+    """
     if not uri.startswith(SCHEME):
-        raise ArtifactError(f"{uri!r} is not an artifact URI (expected {SCHEME}PROJECT/PATH)")
+        raise ArtifactError(f"{_shown(uri)} is not an artifact URI (expected {SCHEME}PROJECT/PATH)")
     project, _, key = uri[len(SCHEME):].partition("/")
-    parts = PurePosixPath(key).parts
-    if not project or not key or key.startswith("/") or any(p in ("..", ".") for p in parts):
-        raise ArtifactError(f"{uri!r} is not a valid artifact URI")
-    return project, key.rstrip("/")
+    key = key.removesuffix("/")
+    if (not _PROJECT_ID.fullmatch(project) or not key or _REFUSED_IN_KEY.search(key)
+            or len(key.encode()) > MAX_KEY_BYTES or any(part in ("", ".", "..") for part in key.split("/"))):
+        raise ArtifactError(f"{_shown(uri)} is not a valid artifact URI")
+    return project, key
+
+
+def _shown(uri: str) -> str:
+    """The URI for a message: quoted (control characters escaped) and cut short."""
+    text = repr(uri)
+    return text if len(text) <= 200 else text[:200] + "…"
 
 
 def make_uri(project: str, key: str) -> str:

@@ -11,12 +11,13 @@ import hashlib
 import re
 import secrets
 
+from cloudml_os.artifacts import PROJECT_ID_PATTERN
 from cloudml_os.auth import ROLES
 from cloudml_os.errors import Unauthenticated
 from cloudml_os.store import Store, Token
 
 TOKEN_PREFIX = "cmlos_"
-PROJECT_ID = re.compile(r"[a-z][a-z0-9-]{0,61}")
+PROJECT_ID = re.compile(PROJECT_ID_PATTERN)
 
 
 def hash_token(token: str) -> str:

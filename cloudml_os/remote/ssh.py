@@ -20,6 +20,7 @@ import binascii
 import dataclasses
 import io
 import math
+import os
 import posixpath
 import re
 import secrets
@@ -42,6 +43,14 @@ if TYPE_CHECKING:
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _READ_CHUNK = 65536
 SFTP_REPLY_TIMEOUT = 60.0  # seconds an SFTP request may wait for its reply (a hung node's sshd sends none)
+# What one get_tree (an exported model, a job directory saved for a restart) may bring to the worker's disk.
+MAX_COPY_BYTES = 20 << 30  # bytes written in all
+MAX_COPY_FILES = 100_000  # names read from the node's listings: files, folders and the links and others skipped
+MAX_COPY_DEPTH = 64  # levels of folders below the copied one
+_MAX_NAME_BYTES = 255  # the longest file name Linux file systems take (NAME_MAX)
+# Pages of a listing asked for before the first reply: a small folder (one page) costs one round trip, a big
+# one streams. paramiko's default (50) sends 49 requests too many for every small folder of a job directory.
+_LISTING_READ_AHEAD = 8
 
 
 class RemoteError(RuntimeError):
@@ -426,20 +435,110 @@ class NodeSession:
         except (OSError, EOFError, paramiko.SSHException) as exc:
             raise RemoteError(f"node {self.name}: cannot read {remote_path}: {exc or type(exc).__name__}") from None
 
-    def get_tree(self, remote_dir: str, local_dir: Path) -> None:
-        """Download a folder recursively (an exported model). Symbolic links are skipped: one could point
-        outside the folder."""
-        sftp = self._sftp()
+    def get_tree(self, remote_dir: str, local_dir: Path, *, max_bytes: int = MAX_COPY_BYTES,
+                 max_files: int = MAX_COPY_FILES, max_depth: int = MAX_COPY_DEPTH) -> None:
+        """Download a folder recursively (an exported model, a job directory) into ``local_dir``.
+
+        The node is not trusted: its trainer can replace its SFTP server, which then chooses every name,
+        size and byte. So the whole tree is listed first and every name checked before a byte is written:
+        one plain file name (not empty, no ``/`` or NUL, at most 255 bytes; the ``.`` and ``..`` entries
+        every server lists are skipped), and the copy stays within the caps. Each local path is checked
+        again, resolved, just before it is created, and files are never opened through a link: nothing is
+        ever written outside ``local_dir``. Symbolic links (and devices, sockets…) on the node are skipped:
+        one could point outside the folder.
+
+        :param max_bytes: most bytes written in all, checked against the listed sizes before any download
+            and against the bytes as they arrive (a file may grow, or lie about its size): the copy stops
+            before writing the first byte over the cap.
+        :param max_files: most names read from the listings (files, folders and skipped entries).
+        :param max_depth: most levels of folders below ``remote_dir``.
+        :raises RemoteError: a name that is not a plain file name, a cap exceeded, or a failed listing or
+            download; what was copied until then stays in ``local_dir``, for the caller to discard.
+        """
+        limits = _CopyLimits(max_bytes, max_files, max_depth)
         try:
             local_dir.mkdir(parents=True, exist_ok=True)
-            for entry in sftp.listdir_attr(remote_dir):
-                remote = posixpath.join(remote_dir, entry.filename)
-                if stat.S_ISDIR(entry.st_mode or 0):
-                    self.get_tree(remote, local_dir / entry.filename)
-                elif stat.S_ISREG(entry.st_mode or 0):
-                    sftp.get(remote, str(local_dir / entry.filename))
-        except OSError as exc:
-            raise RemoteError(f"node {self.name}: cannot download {remote_dir}: {exc}") from None
+            root = local_dir.resolve(strict=True)
+            written = 0
+            for item in self._list_tree(remote_dir, limits):
+                target = self._local_target(root, item)
+                if item.is_folder:
+                    target.mkdir(exist_ok=True)
+                else:
+                    written = self._download(item, target, remote_dir, limits, written)
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            raise RemoteError(f"node {self.name}: cannot download {remote_dir}: {exc or type(exc).__name__}") from None
+
+    def _list_tree(self, remote_dir: str, limits: _CopyLimits) -> list[_CopyItem]:
+        """Every folder and regular file under ``remote_dir``, parents before children, all names checked
+        and the caps on names, depth and listed bytes enforced; nothing is downloaded."""
+        sftp = self._sftp()
+        items: list[_CopyItem] = []
+        names = listed_bytes = 0
+        pending: list[tuple[str, tuple[str, ...]]] = [(remote_dir, ())]
+        while pending:
+            folder, parts = pending.pop()
+            if len(parts) > limits.max_depth:
+                raise RemoteError(f"node {self.name}: copying {remote_dir} exceeds the copy limit of "
+                                  f"{limits.max_depth} levels of folders (at {folder})")
+            # One listing at a time, read to its end (or abandoned with an error) before the next request:
+            # listdir_iter reads its replies itself. Its pages are counted as they come, so a listing that
+            # never ends stops at the cap instead of filling the worker's memory.
+            try:
+                for entry in sftp.listdir_iter(folder, read_aheads=_LISTING_READ_AHEAD):
+                    name = entry.filename
+                    if name in (".", ".."):
+                        continue  # the folder itself and its parent, which every SFTP server lists
+                    names += 1
+                    if names > limits.max_files:
+                        raise RemoteError(f"node {self.name}: copying {remote_dir} exceeds the copy limit of "
+                                          f"{limits.max_files} files")
+                    if not _is_plain_name(name):
+                        raise RemoteError(f"node {self.name}: {folder} holds an entry named {name!r}, which is "
+                                          f"not a plain file name; refusing to copy it")
+                    mode = entry.st_mode or 0
+                    remote = posixpath.join(folder, name)
+                    if stat.S_ISDIR(mode):
+                        items.append(_CopyItem(remote, (*parts, name), is_folder=True, size=0))
+                        pending.append((remote, (*parts, name)))
+                    elif stat.S_ISREG(mode):
+                        size = entry.st_size or 0
+                        listed_bytes += size
+                        if listed_bytes > limits.max_bytes:
+                            raise RemoteError(f"node {self.name}: copying {remote_dir} exceeds the copy limit of "
+                                              f"{limits.max_bytes} bytes (the files listed hold more)")
+                        items.append(_CopyItem(remote, (*parts, name), is_folder=False, size=size))
+            except UnicodeDecodeError:
+                raise RemoteError(f"node {self.name}: {folder} holds an entry whose name is not UTF-8; "
+                                  f"refusing to copy it") from None
+            except paramiko.SFTPError as exc:
+                raise RemoteError(f"node {self.name}: cannot list {folder}: {exc}") from None
+        return items
+
+    def _local_target(self, root: Path, item: _CopyItem) -> Path:
+        """Where ``item`` goes under ``root``, once its resolved path (through any link already in the
+        folder) is known to be inside ``root``."""
+        target = root.joinpath(*item.parts)
+        resolved = target.resolve()
+        if resolved == root or not resolved.is_relative_to(root):
+            raise RemoteError(f"node {self.name}: the entry {item.parts[-1]!r} of {posixpath.dirname(item.remote)} "
+                              f"would be written to {resolved}, outside {root}; refusing to copy it")
+        return target
+
+    def _download(self, item: _CopyItem, target: Path, remote_dir: str, limits: _CopyLimits, written: int) -> int:
+        """Copy one file, counting its bytes as they arrive against the cap; the new total of bytes written."""
+        with self._sftp().open(item.remote, "rb") as source:
+            if item.size:
+                source.prefetch(item.size)  # the listed size: no stat, no read-ahead past what was counted
+            descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+            with open(descriptor, "wb") as local:
+                while chunk := source.read(_READ_CHUNK):
+                    if written + len(chunk) > limits.max_bytes:
+                        raise RemoteError(f"node {self.name}: copying {remote_dir} exceeds the copy limit of "
+                                          f"{limits.max_bytes} bytes ({item.remote} sent more than it listed)")
+                    local.write(chunk)
+                    written += len(chunk)
+        return written
 
     def put_tree(self, local_dir: Path, remote_dir: str) -> None:
         """Upload a local folder's files under ``remote_dir`` (created), each file whole or not at all;
@@ -597,6 +696,30 @@ def wait_for_streams(followers: Iterable[LogFollower], timeout: float) -> None:
         select.select(streams, [], [], max(0.0, timeout))
     else:
         time.sleep(max(0.0, timeout))
+
+
+@dataclasses.dataclass(frozen=True)
+class _CopyLimits:
+    max_bytes: int
+    max_files: int
+    max_depth: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _CopyItem:
+    """A folder or regular file found by :meth:`NodeSession.get_tree`: its node path and its checked names
+    below the copied folder."""
+
+    remote: str
+    parts: tuple[str, ...]
+    is_folder: bool
+    size: int
+
+
+def _is_plain_name(name: str) -> bool:
+    """Whether a node's listing may name a file so: one path component that stays where it is put."""
+    return (name not in ("", ".", "..") and "/" not in name and "\x00" not in name
+            and len(name.encode()) <= _MAX_NAME_BYTES)
 
 
 def connect_node(node: NodeInfo, private_key: str, settings: Settings) -> NodeSession:
