@@ -5,13 +5,15 @@ application, called in-process with the signed-in user's own credential (:mod:`.
 authentication (local tokens or Keystone), its authorisation (:func:`cloudml_os.auth.authorize`), its
 validation and its workflows decide what a user sees and may do; the dashboard cannot drift from them.
 
-The credential lives in Flask's signed, HttpOnly, SameSite session cookie; every form carries a CSRF token
-(Flask-WTF). Front-end libraries (Bootstrap, htmx, Chart.js) come from npm through ``make assets`` into
-``static/vendor``; nothing is fetched from a CDN.
+The credential lives in an encrypted, HttpOnly, SameSite session cookie that expires when its user has been
+idle for 30 minutes, 12 hours after sign-in at the latest, and at sign-out (:mod:`.sessions`); every form
+carries a CSRF token (Flask-WTF). Front-end libraries (Bootstrap, htmx, Chart.js) come from npm through
+``make assets`` into ``static/vendor``; nothing is fetched from a CDN.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import secrets
 from pathlib import Path
 
@@ -19,13 +21,19 @@ from flask import Flask
 from flask_wtf.csrf import CSRFProtect
 
 from cloudml_os.config import Settings
+from cloudml_os.dashboard.sessions import DashboardSessionInterface, RevokedSessionFiles
 from cloudml_os.keys import kept_secret
 
 SESSION_SECRET_FILE = "dashboard-session.key"
+# Sessions signed out before they expired, refused until they would have (see sessions.RevokedSessionFiles).
+REVOKED_SESSIONS_DIR = "dashboard-sessions-revoked"
+SESSION_IDLE = dt.timedelta(minutes=30)
+SESSION_LIFETIME = dt.timedelta(hours=12)
 
 
 def session_secret(settings: Settings) -> str:
-    """The key that signs session cookies: ``dashboard_secret_key``, else one made once in ``data_dir``.
+    """The key that encrypts session cookies (and signs CSRF tokens): ``dashboard_secret_key``, else one made
+    once in ``data_dir``.
 
     Kept in a file (mode 0600) so that every API process of the installation, and a restarted one, accept
     the same cookies.
@@ -36,16 +44,23 @@ def session_secret(settings: Settings) -> str:
 
 
 def register_dashboard(app: Flask, settings: Settings) -> None:
-    """Mount the dashboard on ``app``: session cookie settings, CSRF protection of its forms, its blueprint."""
+    """Mount the dashboard on ``app``: its sessions and their cookie, CSRF protection of its forms, its blueprint.
+
+    The session cookie is ``Secure`` whenever the request came over HTTPS; ``dashboard_secure_cookie`` makes it
+    ``Secure`` over plain HTTP too (a TLS proxy that does not tell the WSGI server the scheme).
+    """
     from cloudml_os.dashboard.views import blp
 
     app.secret_key = session_secret(settings)
+    app.session_interface = DashboardSessionInterface(
+        app.secret_key, RevokedSessionFiles(Path(settings.data_dir) / REVOKED_SESSIONS_DIR),
+        idle=SESSION_IDLE, lifetime=SESSION_LIFETIME)
     app.config.update(
         SESSION_COOKIE_NAME="cloudml_os_dashboard",
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Strict",
         SESSION_COOKIE_PATH="/dashboard",
-        SESSION_COOKIE_SECURE=settings.dashboard_secure_cookie,
+        SESSION_COOKIE_SECURE=settings.dashboard_secure_cookie,  # HTTPS requests get Secure cookies anyway
         # Only the dashboard's forms are checked (in its blueprint); /v1 callers send bearer tokens, not cookies.
         WTF_CSRF_CHECK_DEFAULT=False,
         WTF_CSRF_TIME_LIMIT=None,  # the token lives as long as the session

@@ -37,6 +37,7 @@ from flask_wtf.csrf import CSRFError
 from werkzeug.exceptions import HTTPException
 
 from cloudml_os.api import services
+from cloudml_os.dashboard.sessions import DashboardSessionInterface
 from cloudml_os.dashboard.v1client import V1Client, V1Error
 from cloudml_os.states import FINAL_STATES, JobState
 
@@ -65,20 +66,45 @@ def api() -> V1Client:
     return g.v1
 
 
+def _sessions() -> DashboardSessionInterface:
+    return current_app.session_interface  # type: ignore[return-value]  (register_dashboard sets it)
+
+
+def _background() -> bool:
+    """A page's own request (htmx polling a table, following a log), not its user acting."""
+    return request.headers.get("HX-Request") == "true"
+
+
 @blp.before_request
 def _load_user() -> Response | None:
-    if request.method == "POST":
-        current_app.extensions["csrf"].protect()
     if request.endpoint in ("dashboard.login", "dashboard.static"):
+        if request.method == "POST":
+            current_app.extensions["csrf"].protect()
         return None
     if "credential" not in session:
-        target = request.full_path.rstrip("?") if request.method == "GET" else None
-        return redirect(url_for("dashboard.login", next=target))
+        return _sign_in_again()
+    if request.method == "POST":
+        current_app.extensions["csrf"].protect()
+    if not _background():  # a page left open refreshes itself, but is idle all the same
+        _sessions().touch(session)
     g.v1 = V1Client(current_app, session["credential"], keystone=session.get("keystone", False),
                     remote_addr=request.remote_addr)
     g.project = session.get("view_project") or session["project"]
     g.platform_admin = session.get("platform_admin", False)
     return None
+
+
+def _sign_in_again() -> Response:
+    """To the sign-in page, back here afterwards: the whole page, also from a fragment htmx asked for."""
+    if getattr(session, "ended", False):
+        flash("Your session has ended (idle for too long, or signed out). Sign in again.", "warning")
+    if _background():
+        page = urlsplit(request.headers.get("HX-Current-URL", ""))
+        target = _safe_next(f"{page.path}?{page.query}".rstrip("?")) if page.path else None
+        response = Response(status=200)
+        response.headers["HX-Redirect"] = url_for("dashboard.login", next=target)
+        return response
+    return redirect(url_for("dashboard.login", next=request.full_path.rstrip("?") if request.method == "GET" else None))
 
 
 @blp.context_processor
@@ -135,7 +161,7 @@ def login() -> Any:
             except V1Error as exc:
                 error = f"Sign-in refused: {exc.message}"
             else:
-                session.clear()
+                _sessions().renew(session)  # a new id, and the limits count from now
                 session.update(credential=credential, keystone=keystone, project=caller["project"],
                                role=caller["role"], platform_admin=caller["platformAdmin"])
                 return redirect(_safe_next(request.form.get("next")))
@@ -145,7 +171,8 @@ def login() -> Any:
 
 @blp.route("/logout", methods=["POST"])
 def logout() -> Response:
-    session.clear()
+    """Sign out: the session is revoked, so a copy of its cookie is refused too."""
+    _sessions().revoke(session)
     flash("You are signed out.", "info")
     return redirect(url_for("dashboard.login"))
 
@@ -759,10 +786,11 @@ def admin_jobs_rows() -> str:
     return render_template("dashboard/admin/_jobs_rows.html", jobs=_admin_jobs())
 
 
-@blp.route("/admin/jobs/<project>/<job_id>")
+@blp.route("/admin/jobs/<project>/<job_id>", methods=["POST"])
 @admin_only
 def admin_open_job(project: str, job_id: str) -> Response:
-    """Open another project's job: switch the Project panels to its project, then show it."""
+    """Open another project's job: switch the Project panels to its project (a POST: it changes the session),
+    then show it."""
     session["view_project"] = project
     return redirect(url_for("dashboard.job_detail", job_id=job_id))
 
@@ -820,7 +848,7 @@ def admin_create_token() -> Response:
     except V1Error as exc:
         flash(exc.message, "danger")
     else:
-        # Shown once, on the next page only (the session cookie is signed and HttpOnly).
+        # Shown once, on the next page only (the session cookie is encrypted and HttpOnly).
         session["created_token"] = {"token": created["token"], "project": created["project"],
                                     "role": created["role"]}
     return redirect(url_for("dashboard.admin_tokens"))

@@ -14,6 +14,7 @@ import signal
 import pytest
 from playwright.sync_api import Page, expect
 
+from cloudml_os.store import Job, Store
 from tests.browser.conftest import ADMIN_PROJECT, screenshot
 from tests.harness import node_processes
 
@@ -60,10 +61,17 @@ def test_sign_in_refuses_a_wrong_token_and_accepts_a_project_token(browser, dash
     page.click("button[type=submit]")
     expect(page).to_have_url(re.compile(r"/dashboard/project/jobs$"))  # back where the user was going
     expect(page.locator("#signed-in-as")).to_contain_text("team-a / viewer")
+    [cookie] = [c for c in page.context.cookies() if c["name"] == "cloudml_os_dashboard"]
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/dashboard"
     page.click("text=Sign out")
     expect(page).to_have_url(re.compile(r"/dashboard/login"))
     page.goto("/dashboard/project/jobs")
     expect(page).to_have_url(re.compile(r"/dashboard/login"))  # the session is gone
+    # A copy of the cookie taken while signed in is refused too: signing out revoked the session.
+    page.context.add_cookies([cookie])
+    page.goto("/dashboard/project/jobs")
+    expect(page).to_have_url(re.compile(r"/dashboard/login"))
+    expect(page.locator(".alert-warning")).to_contain_text("Your session has ended")
 
 
 def test_a_job_submitted_through_the_api_reaches_succeeded_in_its_row_without_a_reload(member_page, team_a,
@@ -320,6 +328,23 @@ def test_admin_panels_show_every_project_and_the_audit_trail(admin_page, dashboa
     page.select_option("#switch-project", "team-a")
     expect(page.locator(".alert-info")).to_contain_text("Now showing project team-a")
     expect(page.locator("#jobs-rows tr[data-job='dash_train']")).to_be_visible()
+
+
+def test_an_admin_opens_another_projects_job_from_all_jobs(admin_page, dashboard_platform):
+    store = Store(dashboard_platform.env["CLOUDML_OS_DATABASE_URL"])
+    try:
+        store.create_job(Job(project="team-open", job_id="dash_opened", state="SUCCEEDED", step="DONE",
+                             framework="TENSORFLOW", training_input={"scaleTier": "BASIC", "packageUris": ["x"],
+                                                                     "pythonModule": "trainer.task"}, labels={}))
+    finally:
+        store.engine.dispose()
+    page = admin_page
+    page.goto("/dashboard/admin/jobs")
+    # A button in a form (a POST with the CSRF token: opening it switches the admin's project).
+    page.locator("#admin-jobs-table tr[data-job='dash_opened'] button", has_text="dash_opened").click()
+    expect(page).to_have_url(re.compile(r"/dashboard/project/jobs/dash_opened$"))
+    expect(page.locator("#switch-project")).to_have_value("team-open")
+    expect(page.locator("#job-status")).to_contain_text("SUCCEEDED")
 
 
 def test_a_version_is_scaled_and_deleted_from_its_models_table(member_page, team_a):

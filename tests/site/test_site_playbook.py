@@ -74,6 +74,10 @@ def test_site_playbook_installs_a_healthy_control_plane_and_a_second_run_changes
     assert plain.status_code == 301 and plain.headers["Location"].startswith("https://")
     sign_in = requests.get(f"https://{site_host.address}/dashboard/login", verify=str(certificate), timeout=30)
     assert sign_in.status_code == 200 and "vendor/bootstrap.min.css" in sign_in.text
+    assert sign_in.headers["Strict-Transport-Security"] == "max-age=31536000; includeSubDomains"
+    # gunicorn takes the scheme from nginx's X-Forwarded-Proto (it trusts 127.0.0.1): the session cookie is Secure.
+    cookie = sign_in.headers["Set-Cookie"]
+    assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie, cookie
     styles = requests.get(f"https://{site_host.address}/dashboard/static/vendor/bootstrap.min.css",
                           verify=str(certificate), timeout=30)
     assert styles.status_code == 200 and "Bootstrap" in styles.text[:500]  # the npm-built assets were installed

@@ -7,10 +7,16 @@ shows exactly what the API lets its user see.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import datetime as dt
 import html
 import json
 import re
+import zlib
+from pathlib import Path
 
+import jinja2
 import pytest
 from flask import Flask
 from flask.sessions import SecureCookieSessionInterface
@@ -148,13 +154,35 @@ def csrf_of(page: str) -> str:
     return re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
 
 
-def sign_in(env, project: str, role: str):
+COOKIE = "cloudml_os_dashboard"
+
+
+def sign_in(env, project: str, role: str, base_url: str = "http://localhost"):
     client = env.app.test_client()
-    token = create_token(env.store, project, role)
-    form = client.get("/dashboard/login").get_data(as_text=True)
-    response = client.post("/dashboard/login", data={"token": token, "csrf_token": csrf_of(form)})
+    client.token = create_token(env.store, project, role)
+    form = client.get("/dashboard/login", base_url=base_url).get_data(as_text=True)
+    response = client.post("/dashboard/login", data={"token": client.token, "csrf_token": csrf_of(form)},
+                           base_url=base_url, headers={"Referer": f"{base_url}/dashboard/login"})  # HTTPS checks it
     assert response.status_code == 302, response.get_data(as_text=True)
+    client.sign_in_cookie = response.headers["Set-Cookie"]
     return client
+
+
+def cookie_of(client) -> str:
+    return client.get_cookie(COOKIE, path="/dashboard").value
+
+
+class Clock:
+    """The dashboard sessions' clock, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1_900_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, **delta: float) -> None:
+        self.now += dt.timedelta(**delta).total_seconds()
 
 
 def test_sign_in_needs_the_csrf_token_and_sets_a_signed_httponly_samesite_cookie(env):
@@ -219,6 +247,138 @@ def test_a_refused_action_shows_the_apis_message_and_changes_nothing(env):
     assert "role &#39;viewer&#39; may not POST" in page
     listed = env.client.get("/v1/projects/team-a/models", headers=bearer(env, "team-a", "viewer")).get_json()
     assert listed.get("models", []) == []
+
+
+def readable_forms(cookie: str) -> list[bytes]:
+    """Everything a cookie thief can read without a key: each dot-separated part base64-decoded, and
+    inflated where it is zlib-compressed (as itsdangerous compresses a signed session's payload)."""
+    forms = [cookie.encode()]
+    for part in (cookie, *cookie.split(".")):
+        try:
+            decoded = base64.urlsafe_b64decode(part.lstrip(".") + "=" * (-len(part.lstrip(".")) % 4))
+        except (binascii.Error, ValueError):
+            continue
+        forms.append(decoded)
+        try:
+            forms.append(zlib.decompress(decoded))
+        except zlib.error:
+            pass
+    return forms
+
+
+def test_the_session_cookie_is_encrypted_so_the_token_cannot_be_read_from_it(env):
+    client = sign_in(env, "admin", "admin")
+    cookie = cookie_of(client)
+    assert len(readable_forms(cookie)) > 1  # the decoding works on the cookie
+    for form in readable_forms(cookie):
+        assert client.token.encode() not in form and b"platform_admin" not in form and b"admin" not in form
+    # A session made the way Flask signs sessions, even with the installation's own key, is no session.
+    signed = SecureCookieSessionInterface().get_signing_serializer(env.app).dumps(
+        {"credential": client.token, "project": "admin", "role": "admin", "platform_admin": True})
+    other = env.app.test_client()
+    other.set_cookie(COOKIE, signed, path="/dashboard")
+    assert other.get("/dashboard/admin/tokens").status_code == 302
+
+
+def test_signing_out_revokes_the_session_so_a_copied_cookie_is_refused_by_every_api_process(env, tmp_path, store):  # noqa: F811
+    client = sign_in(env, "team-a", "member")
+    copied = cookie_of(client)
+    # Another API process of the installation (same data directory) accepts the session while it lasts…
+    other_process = Env(tmp_path, store).app
+    replayed = other_process.test_client()
+    replayed.set_cookie(COOKIE, copied, path="/dashboard")
+    assert replayed.get("/dashboard/project/jobs").status_code == 200
+    page = client.get("/dashboard/project/jobs").get_data(as_text=True)
+    signed_out = client.post("/dashboard/logout", data={"csrf_token": csrf_of(page)}, follow_redirects=True)
+    assert "You are signed out." in signed_out.get_data(as_text=True)
+    assert client.get("/dashboard/project/jobs").status_code == 302
+    # …and refuses it once signed out, as this one does: the copy leads to the sign-in page.
+    for app in (env.app, other_process):
+        thief = app.test_client()
+        thief.set_cookie(COOKIE, copied, path="/dashboard")
+        refused = thief.get("/dashboard/project/jobs")
+        assert refused.status_code == 302 and refused.headers["Location"].startswith("/dashboard/login")
+        form = thief.get("/dashboard/project/jobs")  # nor can it act
+        assert form.status_code == 302
+
+
+POLL = {"HX-Request": "true", "HX-Current-URL": "http://localhost/dashboard/project/jobs?state=RUNNING"}
+
+
+def test_a_session_ends_after_30_idle_minutes_and_background_refreshes_do_not_keep_it_alive(env):
+    clock = Clock()
+    env.app.session_interface.clock = clock
+    client = sign_in(env, "team-a", "member")
+    clock.advance(minutes=29)
+    assert client.get("/dashboard/project/jobs").status_code == 200  # the user acted: 30 more minutes
+    clock.advance(minutes=29)
+    assert client.get("/dashboard/project/jobs/rows", headers=POLL).status_code == 200  # a page's own refresh
+    clock.advance(minutes=2)
+    ended = client.get("/dashboard/project/jobs/rows", headers=POLL)  # 31 minutes since the user acted
+    # htmx is told to take the whole page to the sign-in form (not to draw it inside the table).
+    assert ended.status_code == 200 and ended.get_data() == b""
+    assert ended.headers["HX-Redirect"] == "/dashboard/login?next=/dashboard/project/jobs?state%3DRUNNING"
+    page = client.get("/dashboard/project/jobs", follow_redirects=True)
+    assert page.request.path == "/dashboard/login"
+    assert "Your session has ended" in page.get_data(as_text=True)
+
+
+def test_a_session_ends_12_hours_after_sign_in_however_active_its_user(env):
+    clock = Clock()
+    env.app.session_interface.clock = clock
+    client = sign_in(env, "team-a", "member")
+    for _ in range(35):
+        clock.advance(minutes=20)
+        assert client.get("/dashboard/project/jobs").status_code == 200  # 11 h 40 min
+    clock.advance(minutes=21)
+    response = client.get("/dashboard/project/jobs")
+    assert response.status_code == 302 and response.headers["Location"].startswith("/dashboard/login")
+
+
+def test_the_session_cookie_is_httponly_samesite_and_secure_over_https(env):
+    plain = sign_in(env, "team-a", "member").sign_in_cookie  # make run: http://127.0.0.1
+    assert "HttpOnly" in plain and "SameSite=Strict" in plain and "Path=/dashboard" in plain
+    assert "Secure" not in plain  # else the browser would not send it back over plain HTTP
+    # Over HTTPS (or behind the TLS proxy, which gunicorn trusts for X-Forwarded-Proto): Secure as well.
+    client = sign_in(env, "team-a", "member", base_url="https://localhost")
+    assert "Secure" in client.sign_in_cookie and "HttpOnly" in client.sign_in_cookie
+    assert "SameSite=Strict" in client.sign_in_cookie
+    assert client.get("/dashboard/project/jobs", base_url="https://localhost").status_code == 200
+    # dashboard_secure_cookie = true: Secure even when the request came as plain HTTP (a proxy that does not say).
+    env.app.config["SESSION_COOKIE_SECURE"] = True
+    assert "Secure" in sign_in(env, "team-a", "member").sign_in_cookie
+
+
+def test_opening_another_projects_job_is_a_csrf_checked_post(env):
+    add_job(env, "team-b", "theirs")
+    client = sign_in(env, "admin", "admin")
+    form = '<form method="post" action="/dashboard/admin/jobs/team-b/theirs"'
+    for panel in ("jobs", "overview"):
+        assert form in client.get(f"/dashboard/admin/{panel}").get_data(as_text=True), panel
+    assert form in client.get("/dashboard/admin/jobs/rows").get_data(as_text=True)
+    assert client.get("/dashboard/admin/jobs/team-b/theirs").status_code == 405
+    assert client.post("/dashboard/admin/jobs/team-b/theirs", data={}).status_code == 400
+    assert 'data-job="theirs"' not in client.get("/dashboard/project/jobs/rows").get_data(as_text=True)
+    page = client.get("/dashboard/admin/jobs").get_data(as_text=True)
+    opened = client.post("/dashboard/admin/jobs/team-b/theirs", data={"csrf_token": csrf_of(page)})
+    assert opened.status_code == 302 and opened.headers["Location"] == "/dashboard/project/jobs/theirs"
+    assert client.get("/dashboard/project/jobs/theirs").status_code == 200
+    assert 'data-job="theirs"' in client.get("/dashboard/project/jobs/rows").get_data(as_text=True)
+
+
+NGINX_SITE = Path(__file__).parents[2] / "ansible" / "roles" / "cloudml_os" / "templates" / "nginx-site.conf.j2"
+
+
+def test_the_ansible_nginx_site_sends_hsts_from_its_tls_server():
+    rendered = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(NGINX_SITE.read_text()).render(
+        ansible_managed="managed", cloudml_os_server_name="cml.example.org", cloudml_os_https_port=443,
+        cloudml_os_api_port=8080)
+    redirect, tls = rendered.split("server {")[1:]
+    assert "listen 443 ssl;" in tls and "return 301 https://" in redirect
+    assert 'add_header Strict-Transport-Security "max-age=31536000; includeSubDomains" always;' in tls
+    # A location's own add_header would drop the server's (nginx inherits add_header only when it has none).
+    assert "add_header" not in tls[tls.index("location / {"):]
+    assert "Strict-Transport-Security" not in redirect  # browsers ignore it over plain HTTP (RFC 6797 §8.1)
 
 
 def test_topology_reads_like_the_training_input():
