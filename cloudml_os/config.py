@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "CLOUDML_OS_"
+# What an installation id may be: "cloudml-os-installation-" and it fit in one Heat tag (80 characters, no commas).
+INSTALLATION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,55}")
 
 
 class ConfigError(ValueError):
@@ -120,6 +122,11 @@ class Settings:
     default_quota_nodes: int = -1
     default_quota_jobs: int = -1
     default_quota_replicas: int = -1
+    # This installation's id, carried by every cluster it creates (a Heat stack tag, a local cluster's folder)
+    # so that it lists, and garbage-collects, only its own in a cloud project shared with other installations.
+    # Empty: the one kept in the database (made once by the first process that asks: all processes sharing
+    # the database agree, whatever host they run on). Set, it must equal the database's once made.
+    installation_id: str = ""
     # Fernet key (urlsafe base64 of 32 bytes) encrypting clusters' SSH private keys in the database.
     # Empty: one is generated once and kept in data_dir/key-encryption.key (the embedded default).
     key_encryption_key: str = dataclasses.field(default="", repr=False)  # a secret: never in a repr
@@ -245,6 +252,9 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("setting 'key_encryption_key' must be a Fernet key: urlsafe base64 of 32 bytes "
                           "(make one with: python -c 'from cryptography.fernet import Fernet; "
                           "print(Fernet.generate_key().decode())')")
+    if settings.installation_id and not INSTALLATION_ID.fullmatch(settings.installation_id):
+        raise ConfigError("setting 'installation_id' must be 1-56 letters, digits, '_', '.' or '-', starting with "
+                          "a letter or digit (it becomes part of a Heat stack tag)")
     if settings.max_request_bytes < 1024 or settings.max_package_bytes < 1024:
         raise ConfigError("settings 'max_request_bytes' and 'max_package_bytes' must be at least 1024")
     if min(settings.reconcile_interval, settings.step_lease_seconds, settings.step_pickup_seconds) <= 0:

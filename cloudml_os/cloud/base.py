@@ -4,7 +4,9 @@ A driver knows nothing of jobs or frameworks. It is given a :class:`ClusterSpec`
 name, the nodes wanted, the cluster's public key) and returns :class:`NodeInfo` for each node: where to
 reach it, which host keys to pin, which ports the framework may use. ``create_cluster`` and
 ``delete_cluster`` are idempotent by cluster name, so a redelivered task neither duplicates nor leaks.
-Drivers are found through the ``cloudml_os.drivers`` entry point group.
+Every cluster a driver creates carries the installation's id (``settings.installation_id``), and a driver
+lists only clusters that carry it, and never changes or deletes one that carries another's: installations
+may share a cloud project. Drivers are found through the ``cloudml_os.drivers`` entry point group.
 """
 
 from __future__ import annotations
@@ -72,7 +74,8 @@ class Driver(abc.ABC):
     def create_cluster(self, spec: ClusterSpec) -> list[NodeInfo]:
         """Create the cluster's nodes, or return the existing ones if it already exists, booted.
 
-        :raises DriverError: when the nodes cannot be created; nothing created is left behind.
+        :raises DriverError: when the nodes cannot be created (nothing created is left behind), or a
+            cluster of that name carries another installation's id.
         """
 
     @abc.abstractmethod
@@ -100,16 +103,30 @@ class Driver(abc.ABC):
 
     @abc.abstractmethod
     def delete_cluster(self, name: str) -> None:
-        """Delete every node of the cluster and everything they run; a missing cluster is not an error."""
+        """Delete every node of the cluster and everything they run; a missing cluster is not an error, and
+        one that carries another installation's id is left as it is (it is not this installation's)."""
 
     @abc.abstractmethod
     def list_clusters(self) -> list[str]:
-        """Names of the clusters this driver holds (for garbage collection)."""
+        """Names of the clusters this installation holds (for garbage collection): those carrying its id.
+
+        A cluster made before installations had ids carries none; only a driver without an id lists it.
+        """
 
 
-def load_driver(settings: Settings) -> Driver:
-    """Instantiate the driver named in settings through the ``cloudml_os.drivers`` entry points."""
+def load_driver(settings: Settings, installation_id: str | None = None) -> Driver:
+    """Instantiate the driver named in settings through the ``cloudml_os.drivers`` entry points.
+
+    The driver's settings carry the installation's id: ``installation_id`` if given (the caller's
+    :meth:`~cloudml_os.store.Store.installation_id`), else the one kept in the database.
+
+    :raises ConfigError: the ``installation_id`` setting differs from the database's.
+    """
     matches = entry_points(group="cloudml_os.drivers", name=settings.driver)
     if not matches:
         raise DriverError(f"no compute driver named {settings.driver!r} is installed")
-    return next(iter(matches)).load()(settings)
+    if installation_id is None:
+        from cloudml_os.store import kept_installation_id  # the database keeps it; drivers know no store
+
+        installation_id = kept_installation_id(settings)
+    return next(iter(matches)).load()(dataclasses.replace(settings, installation_id=installation_id))

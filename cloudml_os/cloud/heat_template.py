@@ -24,6 +24,8 @@ CLUSTER_TEMPLATE = "cluster.yaml"
 NODE_TEMPLATE = "node.yaml"
 NODES_OUTPUT = "nodes"
 STACK_TAG = "cloudml-os"
+# A stack's installation: STACK_TAG-installation-ID (see installation_tag).
+INSTALLATION_TAG_PREFIX = f"{STACK_TAG}-installation-"
 # Heat refuses longer tags, and its API carries the tag list as one comma-separated string.
 MAX_TAG_LENGTH = 80
 # Same rules as cluster.yaml's and node.yaml's allowed_pattern: the names also go into cloud-init's JSON.
@@ -44,6 +46,7 @@ class StackOptions:
     :param control_plane_port: a port the control plane reaches on every node (model server); 0 = none.
     :param floating_network: external network giving each node a floating IP; empty = none.
     :param volume_size: GB of a boot volume made from the image per node; 0 = boot from the image.
+    :param installation_id: the installation's id, a tag of the stack (:func:`installation_tag`); empty = none.
     """
 
     network: str
@@ -55,6 +58,7 @@ class StackOptions:
     control_plane_port: int = 0
     floating_network: str = ""
     volume_size: int = 0
+    installation_id: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +131,7 @@ def build_stack(spec: ClusterSpec, options: StackOptions) -> StackRequest:
         "volume_size": options.volume_size,
     }
     return StackRequest(template=template, files={NODE_TEMPLATE: template_text(NODE_TEMPLATE)},
-                        parameters=parameters, tags=_tags(spec.labels))
+                        parameters=parameters, tags=_tags(spec.labels, options.installation_id))
 
 
 def _check_options(options: StackOptions) -> None:
@@ -204,8 +208,18 @@ def _group_resource(task_type: str, members: list[NodeSpec], options: StackOptio
     }
 
 
-def _tags(labels: dict[str, str]) -> list[str]:
-    tags = [STACK_TAG]
+def installation_tag(installation_id: str) -> str:
+    """The tag of the stacks the installation ``installation_id`` makes (the ``installation_id`` setting)."""
+    return INSTALLATION_TAG_PREFIX + installation_id
+
+
+def installation_of(tags: list[str]) -> str:
+    """The id of the installation a stack with ``tags`` belongs to; "" for a stack made before ids."""
+    return next((tag[len(INSTALLATION_TAG_PREFIX):] for tag in tags if tag.startswith(INSTALLATION_TAG_PREFIX)), "")
+
+
+def _tags(labels: dict[str, str], installation_id: str) -> list[str]:
+    tags = [STACK_TAG] + ([installation_tag(installation_id)] if installation_id else [])
     for key, value in sorted(labels.items()):
         tag = f"{key}={value}"
         if "," in tag or len(tag) > MAX_TAG_LENGTH:

@@ -11,6 +11,9 @@ continue or delete what another one started::
     slots/N -> "CLUSTER/NODE"      symlink; its atomic creation allocates slot N (address and ports)
     gpus/I  -> "CLUSTER/NODE"      symlink; allocates host GPU index I
     locks/CLUSTER.lock             flock held while a cluster is created, resized or deleted, or has a node replaced
+    clusters/CLUSTER/installation  the id of the installation that made it (``installation_id``), written
+                                   first; a cluster whose id is another's is never listed, changed or deleted
+                                   here, one without (made before ids) is listed only by a driver without one
     clusters/CLUSTER/cluster.json  written last by a create: the cluster is complete; afterwards it names
                                    every node that is (or is being) there, so a change cut short is
                                    finished or cleaned up by the next one
@@ -63,6 +66,7 @@ EPHEMERAL_PORTS = Path("/proc/sys/net/ipv4/ip_local_port_range")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 # sshd_config has no quoting we want to rely on: node paths must be plain.
 _UNSAFE_PATH = re.compile(r"[\s\"'%\\#]")
+INSTALLATION_FILE = "installation"
 # The nodes' sshd get a clean environment, not the worker's (which may hold database passwords).
 NODE_ENVIRONMENT = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                      "LANG": "C.UTF-8"}
@@ -83,6 +87,7 @@ class LocalDriver(Driver):
     def __init__(self, settings: Settings, *, boot_timeout: float = 15.0,
                  gpu_indices: Sequence[str] | None = None) -> None:
         self._settings = settings
+        self._installation = settings.installation_id
         self._root = settings.data_dir / "nodes"
         self._boot_timeout = boot_timeout
         self._host_gpus: list[str] | None = None if gpu_indices is None else [str(i) for i in gpu_indices]
@@ -95,6 +100,7 @@ class LocalDriver(Driver):
         username = self._begin(spec)
         with self._cluster_lock(spec.name) as lock_path:
             cluster_dir = self._cluster_dir(spec.name)
+            self._check_ours(spec.name, cluster_dir)
             if (cluster_dir / "cluster.json").exists():
                 return self._checked_resume(spec, cluster_dir)
             return self._create(spec, cluster_dir, lock_path, username)
@@ -103,6 +109,7 @@ class LocalDriver(Driver):
         username = self._begin(spec)
         with self._cluster_lock(spec.name) as lock_path:
             cluster_dir = self._cluster_dir(spec.name)
+            self._check_ours(spec.name, cluster_dir)
             if not (cluster_dir / "cluster.json").exists():
                 return self._create(spec, cluster_dir, lock_path, username)
             try:
@@ -119,6 +126,7 @@ class LocalDriver(Driver):
                               f"{[candidate.name for candidate in spec.nodes]}")
         with self._cluster_lock(spec.name) as lock_path:
             cluster_dir = self._cluster_dir(spec.name)
+            self._check_ours(spec.name, cluster_dir)
             recorded = _recorded_nodes(cluster_dir)
             if recorded is None:
                 if not cluster_dir.exists():
@@ -138,6 +146,10 @@ class LocalDriver(Driver):
             return
         self._make_dirs()
         with self._cluster_lock(name) as lock_path:
+            owner = self._another_installation(self._cluster_dir(name))
+            if owner:
+                log.warning("cluster %s belongs to the installation %s, not this one: left as it is", name, owner)
+                return
             self._destroy(name)
             lock_path.unlink(missing_ok=True)
 
@@ -145,7 +157,8 @@ class LocalDriver(Driver):
         clusters = self._root / "clusters"
         if not clusters.is_dir():
             return []
-        return sorted(entry.name for entry in clusters.iterdir() if entry.is_dir())
+        return sorted(entry.name for entry in clusters.iterdir()
+                      if entry.is_dir() and _installation_of(entry) == self._installation)
 
     def host_link(self, cluster: str, node: str) -> str | None:
         """The host end of the node's veth (``local_network_isolation``), or None when nodes share the host's
@@ -181,6 +194,8 @@ class LocalDriver(Driver):
 
     def _build(self, spec: ClusterSpec, cluster_dir: Path, username: str) -> list[NodeInfo]:
         cluster_dir.mkdir(parents=True)
+        if self._installation:
+            _write_atomically(cluster_dir / INSTALLATION_FILE, self._installation + "\n")
         infos = self._add_nodes(spec, cluster_dir, spec.nodes, username)
         _record_nodes(cluster_dir, spec.name, [node.name for node in spec.nodes])
         return infos
@@ -567,6 +582,17 @@ class LocalDriver(Driver):
 
     # -- helpers -------------------------------------------------------------------------------
 
+    def _another_installation(self, cluster_dir: Path) -> str:
+        """The id of the installation that made the cluster if it is another one, else ""."""
+        owner = _installation_of(cluster_dir)
+        return owner if owner and owner != self._installation else ""
+
+    def _check_ours(self, name: str, cluster_dir: Path) -> None:
+        """Refuse to touch a cluster another installation made (lock held)."""
+        if owner := self._another_installation(cluster_dir):
+            raise DriverError(f"cluster {name} belongs to another cloudml-os installation ({owner}) that shares "
+                              f"this host's {self._root}; this one leaves it alone")
+
     @property
     def _slots_dir(self) -> Path:
         return self._root / "slots"
@@ -742,6 +768,14 @@ def _recorded_nodes(cluster_dir: Path) -> list[str] | None:
         return list(json.loads((cluster_dir / "cluster.json").read_text())["nodes"])
     except FileNotFoundError:
         return None
+
+
+def _installation_of(cluster_dir: Path) -> str:
+    """The id of the installation that made the cluster; "" when none is recorded (made before ids)."""
+    try:
+        return (cluster_dir / INSTALLATION_FILE).read_text().strip()
+    except FileNotFoundError:
+        return ""
 
 
 def _record_nodes(cluster_dir: Path, cluster: str, names: Sequence[str]) -> None:

@@ -7,6 +7,11 @@ the stack and waits for it instead of creating a second one. Before creating, th
 network limits are checked so that a job that cannot fit fails with a clear message instead of leaving a
 half-built stack; a stack that fails anyway is deleted again, and the job's error names the failed resource.
 
+Every stack carries the tags ``cloudml-os`` and ``cloudml-os-installation-ID`` (the installation's id): the
+driver lists only stacks with both, and never updates or deletes a stack that carries another installation's
+id, so installations may share a project. A stack from before installations had ids carries none of them; it
+is still deleted by name (its job's teardown) but no longer listed, so garbage collection leaves it alone.
+
 Host keys are never trusted on first use: cloud-init prints every node's host keys to its console log
 (the "SSH HOST KEY KEYS" block), which the driver reads through Nova's authenticated API and pins.
 Only this module and ``artifacts/swift.py`` import openstacksdk.
@@ -15,14 +20,25 @@ Only this module and ``artifacts/swift.py`` import openstacksdk.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import time
 from collections.abc import Callable
 from typing import Any
 
 from cloudml_os.cloud.base import ClusterSpec, Driver, DriverError, NodeInfo
-from cloudml_os.cloud.heat_template import NODES_OUTPUT, STACK_TAG, StackOptions, build_stack, group_resource_name
+from cloudml_os.cloud.heat_template import (
+    NODES_OUTPUT,
+    STACK_TAG,
+    StackOptions,
+    build_stack,
+    group_resource_name,
+    installation_of,
+    installation_tag,
+)
 from cloudml_os.config import Settings
+
+log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 1.0
 UPDATE_START_GRACE = 10.0  # seconds an update may take to show on the stack
@@ -65,7 +81,7 @@ class OpenStackDriver(Driver):
     # -- the Driver interface -------------------------------------------------------------------
 
     def create_cluster(self, spec: ClusterSpec) -> list[NodeInfo]:
-        stack = self._find_stack(spec.name)
+        stack = self._find_own_stack(spec.name)
         if stack is not None and (stack.status.endswith("_FAILED")
                                   or stack.status in ("DELETE_IN_PROGRESS", "ROLLBACK_COMPLETE")):
             # A create that failed, or a delete that a crash interrupted: start over.
@@ -84,7 +100,7 @@ class OpenStackDriver(Driver):
             # 409: a redelivered task created it a moment ago; wait for that one.
             if response.status_code >= 400 and response.status_code != 409:
                 raise DriverError(f"cluster {spec.name}: Heat refused the stack: {_error_text(response)}")
-            stack = self._find_stack(spec.name)
+            stack = self._find_own_stack(spec.name)
             if stack is None:
                 raise DriverError(f"cluster {spec.name}: Heat accepted the stack but does not show it")
         stack = self._wait_created(spec.name, stack)
@@ -95,7 +111,7 @@ class OpenStackDriver(Driver):
             raise
 
     def resize_cluster(self, spec: ClusterSpec) -> list[NodeInfo]:
-        stack = self._find_stack(spec.name)
+        stack = self._find_own_stack(spec.name)
         if stack is None or stack.status != "CREATE_COMPLETE" and not stack.status.startswith("UPDATE_"):
             return self.create_cluster(spec)
         if self._stack_nodes(stack) != {(n.task_type, n.task_index) for n in spec.nodes}:
@@ -108,7 +124,7 @@ class OpenStackDriver(Driver):
 
     def replace_node(self, spec: ClusterSpec, node: str) -> NodeInfo:
         wanted = next((n for n in spec.nodes if n.name == node), None)
-        stack = self._find_stack(spec.name)
+        stack = self._find_own_stack(spec.name)
         if wanted is None or stack is None or (wanted.task_type, wanted.task_index) not in self._stack_nodes(stack):
             raise DriverError(f"cluster {spec.name} has no node {node} to replace")
         # Mark the group member (node.yaml's nested stack) unhealthy; the next stack update replaces it.
@@ -130,13 +146,21 @@ class OpenStackDriver(Driver):
 
     def delete_cluster(self, name: str) -> None:
         stack = self._find_stack(name)
-        if stack is not None:
-            self._delete_stack(stack)
+        if stack is None:
+            return
+        owner = self._another_installation(stack)
+        if owner:
+            log.warning("cluster %s belongs to the installation %s, not this one: left as it is", name, owner)
+            return
+        self._delete_stack(stack)
 
     def list_clusters(self) -> list[str]:
-        # Heat lists a deleted stack for a moment after it reached DELETE_COMPLETE.
-        return sorted(stack.name for stack in self._cloud.orchestration.stacks(tags=[STACK_TAG])
-                      if stack.status != "DELETE_COMPLETE")
+        installation = self._settings.installation_id
+        tags = [STACK_TAG, installation_tag(installation)] if installation else [STACK_TAG]
+        # Heat filters by the tags (all of them); they are checked here as well, so that whatever Heat answers,
+        # no other installation's stack is listed. Heat lists a deleted stack for a moment after DELETE_COMPLETE.
+        return sorted(stack.name for stack in self._cloud.orchestration.stacks(tags=tags)
+                      if stack.status != "DELETE_COMPLETE" and installation_of(stack.tags or []) == installation)
 
     # -- creating ------------------------------------------------------------------------------
 
@@ -152,6 +176,7 @@ class OpenStackDriver(Driver):
             control_plane_port=settings.openstack_node_port_first,
             floating_network=settings.openstack_floating_network,
             volume_size=settings.openstack_volume_size,
+            installation_id=settings.installation_id,
         )
 
     def _check_limits(self, spec: ClusterSpec, already: frozenset[tuple[str, int]] = frozenset()) -> None:
@@ -287,6 +312,22 @@ class OpenStackDriver(Driver):
             self._sleep(POLL_INTERVAL)
 
     # -- deleting ------------------------------------------------------------------------------
+
+    def _find_own_stack(self, name: str) -> Any:
+        """:meth:`_find_stack`, refusing a stack that another installation made.
+
+        :raises DriverError: the stack of that name carries another installation's id.
+        """
+        stack = self._find_stack(name)
+        if stack is not None and (owner := self._another_installation(stack)):
+            raise DriverError(f"cluster {name}: a stack of that name belongs to another cloudml-os installation "
+                              f"({owner}) in this cloud project; this one leaves it alone")
+        return stack
+
+    def _another_installation(self, stack: Any) -> str:
+        """The id of the installation that made the stack if it is another one, else ""."""
+        owner = installation_of(stack.tags or [])
+        return owner if owner and owner != self._settings.installation_id else ""
 
     def _find_stack(self, name: str) -> Any:
         stack = self._cloud.orchestration.find_stack(name, ignore_missing=True)

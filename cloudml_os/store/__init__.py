@@ -10,21 +10,23 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from cryptography.fernet import Fernet
-from sqlalchemy import create_engine, delete, event, func, insert, or_, select, update
+from sqlalchemy import case, create_engine, delete, event, func, insert, or_, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from cloudml_os.config import Settings
+from cloudml_os.config import ConfigError, Settings
 from cloudml_os.states import JobState, Step
 from cloudml_os.store.encryption import attach_cipher, load_key_encryption_key
 from cloudml_os.store.models import (
     Cluster,
+    Installation,
     Job,
     JobEvent,
     JobTrial,
@@ -37,7 +39,8 @@ from cloudml_os.store.models import (
     utcnow,
 )
 
-__all__ = ["Store", "Cluster", "Job", "JobEvent", "JobTrial", "LogChunk", "Node", "Package", "Token", "migrate"]
+__all__ = ["Store", "Cluster", "Job", "JobEvent", "JobTrial", "LogChunk", "Node", "Package", "Token", "migrate",
+           "kept_installation_id"]
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -68,6 +71,16 @@ def migrate(url: str) -> None:
     command.upgrade(config, "head")
 
 
+def kept_installation_id(settings: Settings) -> str:
+    """The installation's id (:meth:`Store.installation_id`) for a caller with no Store at hand (the driver's
+    loader, :func:`cloudml_os.cloud.base.load_driver`), read through an engine of its own, closed again."""
+    store = Store(settings.database_url)  # reads no encrypted column: a key of its own will do
+    try:
+        return store.installation_id(settings.installation_id)
+    finally:
+        store.engine.dispose()
+
+
 class Store:
     def __init__(self, url: str, key_encryption_key: str | None = None):
         """Open the database at ``url``.
@@ -85,6 +98,26 @@ class Store:
     def from_settings(cls, settings: Settings) -> Store:
         """The installation's store: its database and its key-encryption key (made once when unset)."""
         return cls(settings.database_url, load_key_encryption_key(settings.key_encryption_key, settings.data_dir))
+
+    def installation_id(self, configured: str = "") -> str:
+        """This installation's id (the ``installation_id`` setting), kept in the database's one
+        ``installation`` row: the first call on a database makes it (``configured``, else a random one), and
+        every later call, from any process on any host, reads the same.
+
+        :raises ConfigError: ``configured`` differs from the id the database holds already.
+        """
+        with self.session() as session:
+            kept = session.scalar(select(Installation.installation_id).where(Installation.id == 1))
+        if kept is None:
+            with contextlib.suppress(IntegrityError):  # another process made it first: theirs stands
+                with self.session() as session:
+                    session.add(Installation(id=1, installation_id=configured or uuid.uuid4().hex))
+            with self.session() as session:
+                kept = session.scalar(select(Installation.installation_id).where(Installation.id == 1))
+        if configured and configured != kept:
+            raise ConfigError(f"setting 'installation_id' is {configured!r}, but this database belongs to the "
+                              f"installation {kept!r}: set it to that (or leave it empty)")
+        return kept
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:
@@ -145,6 +178,29 @@ class Store:
             if moved:
                 session.add(JobEvent(job_id=job_pk, kind="STATE", message=f"Job {new.value}"))
         return bool(moved)
+
+    def finish_job(self, job_pk: int) -> str | None:
+        """Give a torn-down job its final state in one compare-and-set: CANCELLED when a cancel is pending
+        (the job is CANCELLING), else its outcome (FAILED when none was decided); record an event.
+
+        The state is decided by the UPDATE itself, not by an earlier read, so a cancel landing at any moment
+        before still ends the job CANCELLED, and one landing after finds it final. Returns the state the job
+        ended in, or None when it was final already.
+        """
+        outcomes = [JobState.SUCCEEDED.value, JobState.FAILED.value, JobState.CANCELLED.value]
+        final = case((Job.state == JobState.CANCELLING.value, JobState.CANCELLED.value),
+                     (Job.outcome.in_(outcomes), Job.outcome), else_=JobState.FAILED.value)
+        live = [JobState.QUEUED.value, JobState.PREPARING.value, JobState.RUNNING.value, JobState.CANCELLING.value]
+        with self.session() as session:
+            moved = session.execute(
+                update(Job).where(Job.id == job_pk, Job.state.in_(live))
+                .values(state=final, end_time=utcnow(), etag=Job.etag + 1)
+            ).rowcount
+            if not moved:
+                return None
+            state = session.scalar(select(Job.state).where(Job.id == job_pk))  # our own write: the row is ours
+            session.add(JobEvent(job_id=job_pk, kind="STATE", message=f"Job {state}"))
+        return state
 
     def advance(self, job_pk: int, current: Step, seq: int, new: Step, **fields: Any) -> bool:
         """Hand the job from step ``current`` to ``new`` (compare-and-set); returns whether this call did."""

@@ -331,3 +331,14 @@ class ReplicaSample(Base):
     latency_p50_ms: Mapped[float | None]
     latency_max_ms: Mapped[float | None]
     healthy: Mapped[bool]
+
+
+class Installation(Base):
+    """This installation's identity: one row (``id`` 1), made by the first process that asks
+    (:meth:`cloudml_os.store.Store.installation_id`), so every process sharing the database agrees on it
+    whatever host it runs on. Clusters carry the id; the reconciler collects only those that carry it."""
+
+    __tablename__ = "installation"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    installation_id: Mapped[str] = mapped_column(String(56))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)

@@ -2,14 +2,17 @@
 
 Celery beat runs :func:`reconcile` every ``reconcile_interval`` seconds (``tasks/``). Each pass:
 
+- ends a job whose step is DONE but whose state is not final: CANCELLED if it is CANCELLING, else its
+  outcome (a cancel landing during teardown left such jobs, before teardown ended with one compare-and-set);
 - re-sends a job's step whose lease expired: its worker died mid-step, or its message was lost (a worker
   died after recording the hand-over but before sending it, a broker restart dropped it);
 - fails jobs past ``scheduling.maxWaitTime`` (still QUEUED or PREPARING) or ``scheduling.maxRunningTime``
   (RUNNING), also when no step of theirs is running, and sends them to teardown;
 - deletes clusters that belong to no live job or version (garbage collection): clusters the driver holds
   whose job has ended (e.g. a crash between the driver's create and the database's record of the nodes,
-  followed by a failure or cancel) or whose version was deleted. A cluster whose name is not one the
-  platform makes, or that this database has no record of, is never touched.
+  followed by a failure or cancel) or whose version was deleted. Only this installation's clusters are
+  looked at (the driver lists those carrying its id); a cluster whose name is not one the platform makes, or
+  that this database has no record of, is never touched.
 
 Everything is a compare-and-set or idempotent, so two passes at once (two beats) do no harm: only one of
 them re-sends a step, and deleting a cluster twice deletes it once. Plain functions: the store, the
@@ -54,21 +57,41 @@ class ReconcileContext:
 class Report:
     """What one pass did (logged; tests and the bench read it)."""
 
+    repaired: list[int] = dataclasses.field(default_factory=list)
     resent: list[tuple[int, str]] = dataclasses.field(default_factory=list)
     timed_out: list[int] = dataclasses.field(default_factory=list)
     deleted_clusters: list[str] = dataclasses.field(default_factory=list)
 
 
 def reconcile(ctx: ReconcileContext) -> Report:
-    """One pass: time limits first (they may send a job to teardown), then expired leases, then garbage."""
+    """One pass: repairs, time limits (they may send a job to teardown), then expired leases, then garbage."""
     report = Report()
+    finish_done_jobs(ctx, report)
     enforce_time_limits(ctx, report)
     resend_expired_steps(ctx, report)
     collect_garbage(ctx, report)
-    if report.resent or report.timed_out or report.deleted_clusters:
-        log.info("reconciler: resent %s, timed out %s, deleted clusters %s", report.resent, report.timed_out,
-                 report.deleted_clusters)
+    if report.repaired or report.resent or report.timed_out or report.deleted_clusters:
+        log.info("reconciler: repaired %s, resent %s, timed out %s, deleted clusters %s", report.repaired,
+                 report.resent, report.timed_out, report.deleted_clusters)
     return report
+
+
+# ---- repairs -------------------------------------------------------------------------------------------
+
+def finish_done_jobs(ctx: ReconcileContext, report: Report) -> None:
+    """End every live job whose step is DONE: CANCELLED if it is CANCELLING, else its outcome.
+
+    Teardown gives the job its final state before it hands over to DONE, so a live job at DONE was left by a
+    lost race: a cancel that landed between teardown's read of the job and its final transition, before that
+    transition became :meth:`Store.finish_job`. No step would end it, and it held a place in the jobs quota.
+    """
+    for job in ctx.store.live_jobs():
+        if job.step != Step.DONE.value:
+            continue
+        state = ctx.store.finish_job(job.id)  # compare-and-set: of two passes, one ends it
+        if state is not None:
+            ctx.store.add_event(job.id, "RECONCILE", f"Job was {job.state} with every step done; now {state}")
+            report.repaired.append(job.id)
 
 
 # ---- step leases ---------------------------------------------------------------------------------------
@@ -141,9 +164,10 @@ def is_garbage(store: Store, name: str) -> bool:
 
     A training cluster is garbage once its job is final; a serving cluster once its version is DELETED.
     Workflows record the job or version (and the cluster row) before the driver creates anything, so a
-    cluster a step in progress created moments ago is always live. A cluster this database knows nothing
-    of (neither its row nor its job or version) is left alone: it may be another installation's in a
-    shared cloud project. Names the platform does not make are never garbage.
+    cluster a step in progress created moments ago is always live. ``name`` is one the driver listed, so it
+    carries this installation's id (another installation's numbers mean nothing here); a cluster this
+    database knows nothing of all the same (neither its row nor its job or version) is left alone. Names the
+    platform does not make are never garbage.
     """
     if match := TRAINING_CLUSTER.match(name):
         job = store.get_job(int(match.group(1)))

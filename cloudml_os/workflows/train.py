@@ -445,7 +445,8 @@ def export_from(ctx: TrainingContext, job: Job, cluster: Cluster, sources: list[
 
 
 def teardown(ctx: TrainingContext, job: Job) -> Handover:
-    """Stop trainers, keep their last logs, delete the cluster, then give the job its final state."""
+    """Stop trainers, keep their last logs, delete the cluster, then give the job its final state
+    (:meth:`~cloudml_os.store.Store.finish_job`: CANCELLED if a cancel is pending, else its outcome)."""
     cluster = ctx.store.cluster_of(job.id)
     if cluster is not None:
         ctx.store.update_cluster(cluster.id, state="DELETING")
@@ -470,12 +471,9 @@ def teardown(ctx: TrainingContext, job: Job) -> Handover:
         from cloudml_os.workflows import tune
 
         tune.close_trials(ctx, job)
-    job = ctx.store.get_job(job.id)
-    if job.state == JobState.CANCELLING.value:
-        ctx.store.transition(job.id, [JobState.CANCELLING], JobState.CANCELLED)
-    else:
-        final = JobState(job.outcome or JobState.FAILED.value)
-        ctx.store.transition(job.id, [JobState.QUEUED, JobState.PREPARING, JobState.RUNNING], final)
+    # One compare-and-set decides CANCELLED or the outcome: a cancel landing now cannot slip between a read
+    # and the write and leave the job CANCELLING with no step left to end it.
+    ctx.store.finish_job(job.id)
     return Handover(Step.DONE)
 
 

@@ -7,6 +7,7 @@ database of its own, two passes in parallel threads, to show that racing passes 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import threading
 import time
@@ -15,7 +16,7 @@ import uuid
 import kombu
 import pytest
 
-from cloudml_os.cloud.base import ClusterSpec, NodeSpec
+from cloudml_os.cloud.base import ClusterSpec, NodeSpec, load_driver
 from cloudml_os.cloud.local import LocalDriver
 from cloudml_os.config import load_settings
 from cloudml_os.keys import generate_keypair
@@ -106,7 +107,10 @@ def deleted_version(store) -> int:
 
 
 def test_clusters_of_no_live_job_or_version_are_deleted_and_no_other(platform, store, client, overhead_uri):
-    driver = LocalDriver(load_settings(environ=platform.env))
+    driver = load_driver(load_settings(environ=platform.env))  # the platform's installation, as its processes
+    # Another installation sharing the nodes (a cloud project): its clusters carry its own id.
+    another = LocalDriver(dataclasses.replace(load_settings(environ=platform.env),
+                                              installation_id="another-installation"))
     client.submit("live_job", overhead_uri, args=["--run-seconds", "600"], pythonModule="overhead_trainer.task")
     live_pk = job_pk_of(store, PROJECT, "live_job")
     wait_for(lambda: job_row(store, live_pk)["step"] == "TRAINING", "the live job to train")
@@ -117,9 +121,12 @@ def test_clusters_of_no_live_job_or_version_are_deleted_and_no_other(platform, s
     finished_cluster = f"cml-train-{finished.id}-left-after-the-end"
     deleted_version_cluster = f"cml-serve-{deleted_version(store)}"
     foreign = f"someone-elses-{uuid.uuid4().hex[:6]}"
+    # Its job number is one of this installation's ended jobs; only the installation's id tells it apart.
+    another_installations = f"cml-train-{finished.id}-another-installations-job"
     try:
         for name in (unknown, finished_cluster, deleted_version_cluster, foreign):
             _boot(driver, name)
+        _boot(another, another_installations)
         wait_for(lambda: not {finished_cluster, deleted_version_cluster} & set(driver.list_clusters()),
                  "the reconciler to delete the garbage clusters", timeout=300, interval=0.5)
         for name in (finished_cluster, deleted_version_cluster):
@@ -127,8 +134,10 @@ def test_clusters_of_no_live_job_or_version_are_deleted_and_no_other(platform, s
         # Several passes later, the live job's cluster and the ones not provably ours are still there.
         time.sleep(3 * float(RELIABILITY_SETTINGS["reconcile_interval"]))
         assert {live_cluster, unknown, foreign} <= set(driver.list_clusters())
+        assert another.list_clusters() == [another_installations]
         assert job_row(store, live_pk)["state"] == "RUNNING"
     finally:
+        another.delete_cluster(another_installations)
         driver.delete_cluster(foreign)
         driver.delete_cluster(unknown)
         client.request("POST", "/jobs/live_job:cancel", json={})

@@ -45,3 +45,13 @@ def test_a_bad_setting_is_named_in_the_error(tmp_path, content, message):
 def test_the_sample_configuration_is_valid():
     sample = Path(__file__).resolve().parents[2] / "etc" / "cloudml-os.toml.sample"
     assert load_settings(sample, environ={}).machine_types["standard_gpu"].gpus == 1
+
+
+@pytest.mark.parametrize("bad", ["has,comma", "-leading-dash", "x" * 57, "white space"])
+def test_an_installation_id_that_cannot_be_part_of_a_heat_tag_is_refused(tmp_path, bad):
+    with pytest.raises(ConfigError, match="'installation_id' must be 1-56"):
+        load_settings(environ={}, data_dir=tmp_path, installation_id=bad)
+
+
+def test_an_installation_id_of_56_characters_is_the_longest_that_fits_a_tag(tmp_path):
+    assert load_settings(environ={}, data_dir=tmp_path, installation_id="a" * 56).installation_id == "a" * 56

@@ -8,6 +8,7 @@ schemas of every resource including each ResourceGroup member, get_attr targets,
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import subprocess
 import time
@@ -21,6 +22,7 @@ from cloudml_os.cloud.heat_template import (
     StackOptions,
     build_stack,
     group_resource_name,
+    installation_tag,
     parse_template,
     template_text,
 )
@@ -103,6 +105,12 @@ def test_tensorflow_cluster_is_cluster_yaml_plus_one_group_per_task_type():
     }
     assert request.tags == ["cloudml-os", "job=job1", "project=team-a"]
     json.dumps(request.template)  # Heat's API takes it as JSON
+
+
+def test_the_installations_tag_follows_the_platforms_own_when_the_installation_has_an_id():
+    request = build_stack(TF, dataclasses.replace(OPTIONS, installation_id="4f1c2a"))
+    assert request.tags == ["cloudml-os", "cloudml-os-installation-4f1c2a", "job=job1", "project=team-a"]
+    assert installation_tag("4f1c2a") == "cloudml-os-installation-4f1c2a"
 
 
 def test_mxnet_groups_follow_first_appearance_and_members_any_order():

@@ -339,3 +339,44 @@ def test_several_nodes_log_lines_are_stored_in_one_call_and_a_repeated_call_stor
     assert ctx.store.read_log(job_pk, second.name) == (b"worker line\n", 12)
     offsets = {node.name: node.log_offset for node in ctx.store.cluster_of(job_pk).nodes}
     assert offsets == {first.name: 11, second.name: 12}
+
+
+class CancelDuringTeardown:
+    """``ctx.store`` for one job, with the API's cancel (RUNNING → CANCELLING) landing just before the
+    ``at``-th store call that teardown makes once the cluster is deleted: each value of ``at`` is one
+    moment between teardown's reads and writes (and, past their number, a cancel after the job ended)."""
+
+    def __init__(self, store: Store, driver: RecordingDriver, job_pk: int, at: int):
+        self._store, self._driver, self._job_pk, self._at = store, driver, job_pk, at
+        self.calls = 0
+        self.cancelled: bool | None = None  # whether the cancel moved the job, once it was sent
+
+    def __getattr__(self, name):
+        attribute = getattr(self._store, name)
+        if not callable(attribute) or name in ("now", "session"):
+            return attribute
+
+        def call(*args, **kwargs):
+            if self._driver.deletes:  # the cluster is deleted: teardown's ending runs
+                if self.calls == self._at:
+                    self.cancelled = self._store.transition(self._job_pk, [JobState.PREPARING, JobState.RUNNING],
+                                                            JobState.CANCELLING)
+                self.calls += 1
+            return attribute(*args, **kwargs)
+
+        return call
+
+
+@pytest.mark.parametrize("at", range(12))
+def test_a_cancel_landing_at_any_moment_of_teardown_ends_the_job_cancelled_or_in_its_outcome(world, at):
+    ctx, driver, exits, _, _ = world
+    job_pk = submit(ctx)
+    message = _until_training(ctx, job_pk)
+    exits["chief-0"] = 0
+    store = CancelDuringTeardown(ctx.store, driver, job_pk, at)
+    drive(dataclasses.replace(ctx, store=store), job_pk, message)
+    job = ctx.store.get_job(job_pk)
+    assert job.step == "DONE"
+    assert job.state == ("CANCELLED" if store.cancelled else "SUCCEEDED"), (store.calls, store.cancelled)
+    assert job.end_time is not None
+    assert [e.message for e in ctx.store.events(job_pk) if e.kind == "STATE"][-1] == f"Job {job.state}"
