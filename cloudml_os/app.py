@@ -152,7 +152,7 @@ def create_app(settings: Settings, *, store: Store, artifacts: ArtifactStore,
     app.before_request(_require_length)
     app.before_request(_authenticate)
     app.after_request(admin.record_audit)
-    register_dashboard(app, settings)
+    register_dashboard(app, settings, store)
     app.add_url_rule("/healthz", "healthz", _healthz)
     if settings.auth == "keystone":
         app.wsgi_app = keystone_middleware(app.wsgi_app, settings)

@@ -21,12 +21,11 @@ from flask import Flask
 from flask_wtf.csrf import CSRFProtect
 
 from cloudml_os.config import Settings
-from cloudml_os.dashboard.sessions import DashboardSessionInterface, RevokedSessionFiles
+from cloudml_os.dashboard.sessions import DashboardSessionInterface, RevokedSessionsInDatabase
 from cloudml_os.keys import kept_secret
+from cloudml_os.store import Store
 
 SESSION_SECRET_FILE = "dashboard-session.key"
-# Sessions signed out before they expired, refused until they would have (see sessions.RevokedSessionFiles).
-REVOKED_SESSIONS_DIR = "dashboard-sessions-revoked"
 SESSION_IDLE = dt.timedelta(minutes=30)
 SESSION_LIFETIME = dt.timedelta(hours=12)
 
@@ -43,7 +42,7 @@ def session_secret(settings: Settings) -> str:
     return kept_secret(Path(settings.data_dir) / SESSION_SECRET_FILE, lambda: secrets.token_urlsafe(48))
 
 
-def register_dashboard(app: Flask, settings: Settings) -> None:
+def register_dashboard(app: Flask, settings: Settings, store: Store) -> None:
     """Mount the dashboard on ``app``: its sessions and their cookie, CSRF protection of its forms, its blueprint.
 
     The session cookie is ``Secure`` whenever the request came over HTTPS; ``dashboard_secure_cookie`` makes it
@@ -53,7 +52,7 @@ def register_dashboard(app: Flask, settings: Settings) -> None:
 
     app.secret_key = session_secret(settings)
     app.session_interface = DashboardSessionInterface(
-        app.secret_key, RevokedSessionFiles(Path(settings.data_dir) / REVOKED_SESSIONS_DIR),
+        app.secret_key, RevokedSessionsInDatabase(store),
         idle=SESSION_IDLE, lifetime=SESSION_LIFETIME)
     app.config.update(
         SESSION_COOKIE_NAME="cloudml_os_dashboard",

@@ -8,9 +8,9 @@ every API process holding the key accepts a session, whichever process issued it
 
 A cookie is refused (the request starts a new, empty session) when it cannot be decrypted, when its user has
 not acted for the idle limit, when it was issued longer ago than the absolute limit, or when its session was
-signed out: signing out writes the session's id into :class:`RevokedSessions` until the session would have
-ended anyway, so a copy of the cookie taken before is refused after. That list is the only session state the
-server keeps.
+signed out: signing out writes the session's id into :class:`RevokedSessions` (the installation's database,
+shared by every API process on every host) until the session would have ended anyway, so a copy of the cookie
+taken before is refused after. That list is the only session state the server keeps.
 
 What counts as the user acting is the views' decision (:meth:`DashboardSessionInterface.touch`); this module
 knows nothing of views.
@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import os
 import re
 import secrets
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Protocol
 
 from cryptography.fernet import Fernet, InvalidToken
@@ -33,6 +31,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from flask import Flask, Request, Response, request
 from flask.sessions import SecureCookieSession, SessionInterface, session_json_serializer
+
+from cloudml_os.store import Store
 
 SESSION_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -55,30 +55,18 @@ class RevokedSessions(Protocol):
         ...
 
 
-class RevokedSessionFiles:
-    """Revoked session ids as files of a directory, one per id, holding the time it may be forgotten.
+class RevokedSessionsInDatabase:
+    """Revoked session ids in the installation's database (``dashboard_revoked_sessions``), which every API
+    process of the installation shares, on whatever host it runs."""
 
-    Every API process of a host sees them (they share the data directory); processes on other hosts do not.
-    """
-
-    def __init__(self, directory: Path):
-        self.directory = directory
+    def __init__(self, store: Store):
+        self.store = store
 
     def revoke(self, session_id: str, until: float, now: float) -> None:
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        draft = self.directory / f".{session_id}.{os.getpid()}.{secrets.token_hex(4)}"
-        draft.write_text(f"{until}\n")
-        draft.replace(self.directory / session_id)  # never seen half-written
-        for entry in self.directory.iterdir():  # forget those whose sessions have expired anyway
-            try:
-                expired = float(entry.read_text()) < now
-            except (OSError, ValueError):
-                continue
-            if expired:
-                entry.unlink(missing_ok=True)
+        self.store.revoke_session(session_id, dt.datetime.fromtimestamp(until, dt.UTC).replace(tzinfo=None))
 
     def is_revoked(self, session_id: str) -> bool:
-        return (self.directory / session_id).exists()
+        return self.store.session_revoked(session_id)
 
 
 class DashboardSession(SecureCookieSession):

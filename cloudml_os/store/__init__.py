@@ -35,6 +35,7 @@ from cloudml_os.store.models import (
     Package,
     Replica,
     ReplicaSample,
+    RevokedSession,
     Token,
     utcnow,
 )
@@ -327,6 +328,19 @@ class Store:
                 update(JobTrial).where(JobTrial.id == trial_pk, JobTrial.state == "RUNNING")
                 .values(state=state, end_time=utcnow(), **fields)
             ).rowcount)
+
+    # ---- dashboard sessions signed out -------------------------------------------------------------
+
+    def revoke_session(self, session_id: str, until: dt.datetime) -> None:
+        """Refuse a dashboard session from now on (until ``until``, its expiry); forget those expired."""
+        with self.session() as session:
+            session.execute(delete(RevokedSession).where(RevokedSession.until < utcnow()))
+        with contextlib.suppress(IntegrityError), self.session() as session:  # revoked already: nothing to do
+            session.add(RevokedSession(session_id=session_id, until=until))
+
+    def session_revoked(self, session_id: str) -> bool:
+        with self.session() as session:
+            return session.get(RevokedSession, session_id) is not None
 
     # ---- clusters and nodes --------------------------------------------------------------------
 

@@ -342,3 +342,12 @@ class Installation(Base):
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
     installation_id: Mapped[str] = mapped_column(String(56))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class RevokedSession(Base):
+    """A dashboard session signed out before it expired (:mod:`cloudml_os.dashboard.sessions`): refused by every
+    API process until ``until``, when it would have expired anyway and the row may go."""
+
+    __tablename__ = "dashboard_revoked_sessions"
+    session_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    until: Mapped[dt.datetime] = mapped_column(index=True)

@@ -13,6 +13,7 @@ import datetime as dt
 import html
 import json
 import re
+import shutil
 import zlib
 from pathlib import Path
 
@@ -283,8 +284,12 @@ def test_the_session_cookie_is_encrypted_so_the_token_cannot_be_read_from_it(env
 def test_signing_out_revokes_the_session_so_a_copied_cookie_is_refused_by_every_api_process(env, tmp_path, store):  # noqa: F811
     client = sign_in(env, "team-a", "member")
     copied = cookie_of(client)
-    # Another API process of the installation (same data directory) accepts the session while it lasts…
-    other_process = Env(tmp_path, store).app
+    # An API process of the installation on another host (its own data directory, the installation's session
+    # key, the same database) accepts the session while it lasts…
+    other_host = tmp_path / "other-host"
+    other_host.mkdir()
+    shutil.copy2(tmp_path / "dashboard-session.key", other_host / "dashboard-session.key")
+    other_process = Env(other_host, store).app
     replayed = other_process.test_client()
     replayed.set_cookie(COOKIE, copied, path="/dashboard")
     assert replayed.get("/dashboard/project/jobs").status_code == 200
