@@ -26,8 +26,11 @@ hyperparameters, reported with the real ``cloudml-hypertune`` package. Three mea
    trainer ``--steps 5 --step_seconds 0.5``, 1-node topology) with ``enableTrialEarlyStopping`` true and
    false: trainer-seconds (Σ endTime − startTime of ``trainingOutput.trials``), trials stopped early, best
    value. The two jobs of a pair search different sequences (their job ids seed them).
+4. **Early stopping at equal best value** (``--only grid``): the same pairs over a full 10-point grid, which
+   both jobs of a pair run whole (in orders of their own), so they search the same points and the best is
+   never stopped: trainer steps run (noise-free), trainer-seconds, best values (equal).
 
-About 5 minutes on the 2-core development machine:
+About 6 minutes on the 2-core development machine:
 
     .venv/bin/python -m bench.tuning [--trials 12] [--study-trials 20] [--seeds 100] [--es-pairs 2]
 """
@@ -377,6 +380,40 @@ def early_stopping(client: Client, uris: list[str], trials: int, pairs: int, ste
     print(f"  trainer-seconds on / off: {on / off:.2f} (median {on:.1f} s / {off:.1f} s)")
 
 
+GRID = {"goal": "MAXIMIZE", "hyperparameterMetricTag": "objective", "algorithm": "GRID_SEARCH", "maxTrials": 10,
+        "maxParallelTrials": 1, "params": [
+            {"parameterName": "layers", "type": "INTEGER", "minValue": 1, "maxValue": 5},
+            {"parameterName": "optimizer", "type": "CATEGORICAL", "categoricalValues": ["adam", "sgd"]}]}
+
+
+def early_stopping_on_a_grid(client: Client, uris: list[str], pairs: int, steps: int, step_seconds: float) -> None:
+    """Early stopping at equal best value: both jobs run every point of a 10-point grid (in orders of their
+    own), so they search the same points; the best point's curve is above every median, so it is never
+    stopped. Trainer steps run (the last reported step of each trial) are the noise-free figure."""
+    print(f"\n4. Early stopping at equal best value: a full grid of {GRID['maxTrials']} points, trainer --steps "
+          f"{steps} --step_seconds {step_seconds:g}, 1 node")
+    print(f"  {'enableTrialEarlyStopping':26s} {'steps run':>10} {'trainer-s':>10} {'stopped':>8} {'best':>8}")
+    runs: dict[bool, list[tuple[int, float, float]]] = {True: [], False: []}
+    for pair in range(pairs):
+        for enabled in ((True, False) if pair % 2 == 0 else (False, True)):
+            job_id = f"bench_grid_{'on' if enabled else 'off'}_{uuid.uuid4().hex[:6]}"
+            job = run_job(client, job_id, uris, {**GRID, "enableTrialEarlyStopping": enabled},
+                          ["--steps", str(steps), "--step_seconds", str(step_seconds)], ONE_NODE)
+            output = job["trainingOutput"]["trials"]
+            steps_run = sum(int(t["finalMetric"]["trainingStep"]) for t in output if "finalMetric" in t)
+            seconds = sum(_time(t["endTime"]) - _time(t["startTime"]) for t in output)
+            best = max(t["finalMetric"]["objectiveValue"] for t in output
+                       if "finalMetric" in t and not t["isTrialStoppedEarly"])
+            runs[enabled].append((steps_run, seconds, best))
+            print(f"  {str(enabled):26s} {steps_run:10d} {seconds:10.1f} "
+                  f"{sum(t['isTrialStoppedEarly'] for t in output):8d} {best:8.4f}  {job_id}")
+    on_steps, off_steps = (statistics.median(r[0] for r in runs[k]) for k in (True, False))
+    on_s, off_s = (statistics.median(r[1] for r in runs[k]) for k in (True, False))
+    bests = {round(r[2], 9) for k in runs for r in runs[k]}
+    print(f"  steps on / off {on_steps / off_steps:.2f}, trainer-seconds on / off {on_s / off_s:.2f}; "
+          f"best values {'equal' if len(bests) == 1 else 'DIFFER'}: {sorted(bests)}")
+
+
 # ---- the run -----------------------------------------------------------------------------------------------
 
 def _packages(tmp: Path) -> list[Path]:
@@ -414,10 +451,10 @@ def main() -> None:
     parser.add_argument("--es-pairs", type=int, default=2, help="pairs of jobs (on, off) for early stopping")
     parser.add_argument("--steps", type=int, default=5, help="trainer steps in the early-stopping jobs")
     parser.add_argument("--step-seconds", type=float, default=0.5)
-    parser.add_argument("--only", choices=["overhead", "study", "early-stopping"], action="append")
+    parser.add_argument("--only", choices=["overhead", "study", "early-stopping", "grid"], action="append")
     parser.add_argument("--no-count", action="store_true", help="do not count the worker's SSH calls")
     args = parser.parse_args()
-    only = set(args.only or ["overhead", "study", "early-stopping"])
+    only = set(args.only or ["overhead", "study", "early-stopping", "grid"])
     print(f"{os.cpu_count()} cores, load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -434,6 +471,8 @@ def main() -> None:
                 study_efficiency(client, uris, platform.data_dir, args.study_trials, args.seeds)
             if "early-stopping" in only:
                 early_stopping(client, uris, args.es_trials, args.es_pairs, args.steps, args.step_seconds)
+            if "grid" in only:
+                early_stopping_on_a_grid(client, uris, args.es_pairs, args.steps, args.step_seconds)
     print(f"\nload average at the end {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
