@@ -63,7 +63,7 @@ class TokenListSchema(Schema):
 
 class TokenCreateSchema(Schema):
     project = fields.String(required=True, validate=validate.Regexp(
-        PROJECT_ID.pattern + "$", error="must match [a-z][a-z0-9-]{{0,61}}"))
+        PROJECT_ID.pattern + r"\Z", error="must match [a-z][a-z0-9-]{{0,61}}"))
     role = fields.String(required=True, validate=validate.OneOf(ROLES))
     description = fields.String(load_default="", validate=validate.Length(max=255))
 

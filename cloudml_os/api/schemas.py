@@ -107,7 +107,7 @@ def _labels_field(**kwargs: Any) -> fields.Dict:
 
 
 def _duration(**kwargs: Any) -> fields.String:
-    return fields.String(validate=validate.Regexp(f"^{DURATION_PATTERN}$", error="must be a duration like '3600s'"),
+    return fields.String(validate=validate.Regexp(rf"^{DURATION_PATTERN}\Z", error="must be a duration like '3600s'"),
                          metadata={"format": "google-duration", "example": "3600s"}, **kwargs)
 
 
@@ -292,7 +292,7 @@ class TrainingInputSchema(Schema):
                               metadata={"description": "store://PROJECT/packages/... URIs of uploaded packages"})
     pythonModule = fields.String(
         required=True,
-        validate=validate.Regexp(f"^{PYTHON_MODULE_PATTERN}$", error="must be a dotted Python module name"),
+        validate=validate.Regexp(rf"^{PYTHON_MODULE_PATTERN}\Z", error="must be a dotted Python module name"),
     )
     args = fields.List(fields.String(), metadata={"description": "passed to the module literally, no shell"})
     hyperparameters = fields.Nested(HyperparameterSpecSchema)
@@ -320,7 +320,7 @@ class JobCreateSchema(Schema):
     """The v1 Job body of ``jobs.create``. Output-only fields (as in a job fetched earlier) are ignored."""
 
     jobId = fields.String(required=True, validate=validate.Regexp(
-        f"^{RESOURCE_ID_PATTERN}$", error="must start with a letter and hold at most 128 letters, digits or '_'"))
+        rf"^{RESOURCE_ID_PATTERN}\Z", error="must start with a letter and hold at most 128 letters, digits or '_'"))
     trainingInput = fields.Nested(TrainingInputSchema, required=True)
     labels = _labels_field(load_default=dict)
     predictionInput = fields.Raw(metadata={"description": "batch prediction jobs are not supported yet"})
@@ -573,7 +573,7 @@ MAX_NODES = 32
 VERSION_STATES = ("CREATING", "READY", "UPDATING", "FAILED", "DELETING")
 HEALTH_CHECK_DEFAULTS = {"interval": 1.0, "timeout": 1.0, "rise": 2, "fall": 3}
 OPERATION_METADATA_TYPE = "type.googleapis.com/google.cloud.ml.v1.OperationMetadata"
-_RESOURCE_ID = validate.Regexp(f"^{RESOURCE_ID_PATTERN}$",
+_RESOURCE_ID = validate.Regexp(rf"^{RESOURCE_ID_PATTERN}\Z",
                                error="must start with a letter and hold at most 128 letters, digits or '_'")
 _UNSUPPORTED = {"description": "not supported: the version is served by the framework's model server"}
 

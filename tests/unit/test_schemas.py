@@ -180,3 +180,12 @@ def test_logs_offset_and_follow_need_a_node():
 def test_flatten_messages_names_nested_fields_and_list_items():
     messages = {"a": {"b": ["bad."], "c": {1: ["worse."]}}, "_schema": ["whole."]}
     assert flatten_messages(messages) == ["a.b: bad.", "a.c[1]: worse.", "whole."]
+
+
+@pytest.mark.parametrize(("data", "field"), [
+    ({**body(), "jobId": "job_1\n"}, "jobId"),
+    (body(pythonModule="trainer.task\n"), "trainingInput.pythonModule"),
+    (body(scheduling={"maxRunningTime": "3600s\n"}), "trainingInput.scheduling.maxRunningTime"),
+])
+def test_a_trailing_newline_does_not_pass_for_an_id(data, field):
+    assert any(message.startswith(field) for message in errors_of(data)), errors_of(data)
