@@ -160,6 +160,21 @@ class LocalDriver(Driver):
         return sorted(entry.name for entry in clusters.iterdir()
                       if entry.is_dir() and _installation_of(entry) == self._installation)
 
+    def recorded_nodes(self) -> list[tuple[str, NodeInfo, bool]]:
+        """(cluster, node, whether its sshd runs) of every node of this installation's clusters, from the
+        driver's own records; for an operator's listing of what outlives the control plane."""
+        processes = _unshare_processes()
+        found = []
+        for cluster in self.list_clusters():
+            for name in _recorded_nodes(self._cluster_dir(cluster)) or []:
+                node_dir = self._cluster_dir(cluster) / "nodes" / name
+                try:
+                    info = _load_node(node_dir)
+                except FileNotFoundError:  # the remains of a change cut short: no node to speak of
+                    continue
+                found.append((cluster, info, str(node_dir / "sshd_config") in processes))
+        return found
+
     def host_link(self, cluster: str, node: str) -> str | None:
         """The host end of the node's veth (``local_network_isolation``), or None when nodes share the host's
         network. Setting it down cuts the node off; setting it up again reconnects it."""
