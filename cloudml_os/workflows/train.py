@@ -39,7 +39,6 @@ from cloudml_os.remote import ProcessStatus as RemoteStatus
 from cloudml_os.runtimes import runtime_python
 from cloudml_os.states import NODE_UNREACHABLE, JobState, Step
 from cloudml_os.store import Cluster, Job, Node, Store
-from cloudml_os.tuning import parallel_slots
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +107,7 @@ def cluster_spec(ctx: TrainingContext, job: Job, cluster: Cluster) -> ClusterSpe
     framework = ctx.frameworks[job.framework]
     roles = framework.roles(topology_from_training_input(job.training_input, ctx.settings.machine_types),
                             job.training_input)
-    prefixes = [f"slot{k}-" for k in range(parallel_slots(job.training_input))] if is_tuning(job) else [""]
+    prefixes = [f"slot{k}-" for k in range(tuning.parallel_slots(job.training_input))] if is_tuning(job) else [""]
     return ClusterSpec(
         name=cluster.name,
         nodes=tuple(NodeSpec(prefix + r.node_name, r.task_type, r.task_index, r.machine_type.flavor,
