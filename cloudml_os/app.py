@@ -29,6 +29,7 @@ from cloudml_os.api import (
     no_operation_queue,
     no_prediction,
     no_replacement,
+    objects,
     operations,
     packages,
     projects,
@@ -143,6 +144,7 @@ def create_app(settings: Settings, *, store: Store, artifacts: ArtifactStore,
         api.register_converter(converter, lambda _converter, schema=schema: dict(schema))
     api.register_blueprint(jobs.blp)
     api.register_blueprint(packages.blp)
+    api.register_blueprint(objects.blp)
     api.register_blueprint(projects.blp)
     api.register_blueprint(models.blp)
     api.register_blueprint(operations.blp)

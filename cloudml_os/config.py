@@ -63,6 +63,9 @@ class Settings:
     task_queue: str = "cloudml-os"
     watch_interval: float = 0.25
     watch_window: float = 30.0
+    # Seconds between copies of running trainers' outputs (--job-dir) to the job's directory in the artifact
+    # store (cloudml_os.workflows.outputs); 0: copied only when training ends and before a restart.
+    output_sync_seconds: float = 2.0
     ssh_connect_timeout: float = 10.0
     ssh_boot_retries: int = 30
     ssh_parallelism: int = 16
@@ -133,6 +136,12 @@ class Settings:
     # Largest request body the API reads (JSON bodies), and largest trainer package it accepts.
     max_request_bytes: int = 16 << 20
     max_package_bytes: int = 512 << 20
+    # Objects API: the largest object (a PUT or a resumable upload), the unit in which a resumable upload to
+    # Swift keeps bytes (its segments; the local store keeps every byte), and how long an unused resumable
+    # upload session lives before the reconciler removes it with its bytes.
+    max_object_bytes: int = 50 << 30
+    upload_chunk_bytes: int = 8 << 20
+    upload_session_ttl: float = 7 * 24 * 3600.0
     # The dashboard's session cookies are signed with this key. Empty: one is made once and kept in
     # data_dir/dashboard-session.key (the embedded default; every API process of the installation shares it).
     dashboard_secret_key: str = dataclasses.field(default="", repr=False)  # a secret: never in a repr
@@ -233,6 +242,8 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("setting 'watch_interval' must be positive")
     if settings.watch_window < 0:
         raise ConfigError("setting 'watch_window' must not be negative")
+    if not 0 <= settings.output_sync_seconds <= 3600:
+        raise ConfigError("setting 'output_sync_seconds' must be between 0 (off) and 3600")
     if settings.local_ports_per_node < 2:
         raise ConfigError("setting 'local_ports_per_node' must be at least 2")
     if settings.artifacts not in ("local", "swift"):
@@ -257,6 +268,10 @@ def _validate(settings: Settings) -> None:
                           "a letter or digit (it becomes part of a Heat stack tag)")
     if settings.max_request_bytes < 1024 or settings.max_package_bytes < 1024:
         raise ConfigError("settings 'max_request_bytes' and 'max_package_bytes' must be at least 1024")
+    if settings.max_object_bytes < 1 or settings.upload_session_ttl <= 0:
+        raise ConfigError("settings 'max_object_bytes' and 'upload_session_ttl' must be positive")
+    if settings.upload_chunk_bytes < 1 << 20 or settings.upload_chunk_bytes % (256 << 10):
+        raise ConfigError("setting 'upload_chunk_bytes' must be at least 1 MiB and a multiple of 256 KiB")
     if min(settings.reconcile_interval, settings.step_lease_seconds, settings.step_pickup_seconds) <= 0:
         raise ConfigError("settings 'reconcile_interval', 'step_lease_seconds' and 'step_pickup_seconds' must be "
                           "positive")

@@ -63,6 +63,20 @@ class AlreadyExists(ApiError):
     status = "ALREADY_EXISTS"
 
 
+class Aborted(ApiError):
+    """409: a concurrent change or an out-of-order piece (a resumable upload sent from the wrong offset)."""
+
+    code = 409
+    status = "ABORTED"
+
+
+class OutOfRange(ApiError):
+    """416: a ``Range`` beyond the end of an object."""
+
+    code = 416
+    status = "OUT_OF_RANGE"
+
+
 class RequestTooLarge(ApiError):
     """413: gRPC, whose codes v1 uses, answers an oversized message with RESOURCE_EXHAUSTED."""
 
@@ -88,6 +102,7 @@ HTTP_STATUS_NAMES = {
     412: "FAILED_PRECONDITION",
     413: "RESOURCE_EXHAUSTED",
     415: "INVALID_ARGUMENT",
+    416: "OUT_OF_RANGE",
     429: "RESOURCE_EXHAUSTED",
     500: "INTERNAL",
     501: "UNIMPLEMENTED",

@@ -36,7 +36,8 @@ blp = ApiBlueprint("admin", __name__, url_prefix="/v1",
 
 SERVING_CLUSTER_PREFIX = "cml-serve-"
 # POSTs that change nothing and come by the thousand: predictions stay off the audit trail.
-NOT_AUDITED = frozenset({"models.predict_default", "models.predict_version"})
+# Predictions, and the pieces of a resumable upload (its start, and the object it makes, are audited).
+NOT_AUDITED = frozenset({"models.predict_default", "models.predict_version", "objects.put_upload"})
 
 
 # ---- schemas -------------------------------------------------------------------------------------------

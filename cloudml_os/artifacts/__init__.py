@@ -10,7 +10,11 @@ client side may use it.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import dataclasses
+import datetime as dt
+import hashlib
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +37,78 @@ _REFUSED_IN_KEY = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 class ArtifactError(ValueError):
     """A URI is malformed, points outside its project, or names nothing; the message is safe to show."""
+
+
+class ChecksumMismatch(ArtifactError):
+    """The bytes received do not have the checksum the client sent; nothing was stored."""
+
+
+class IncompleteBody(ArtifactError):
+    """The source ended before the bytes it announced (a cut connection); nothing was committed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectInfo:
+    """One stored object: its key in the project, size, MD5 (hex; None where the backend does not know it)
+    and last change (naive UTC)."""
+
+    key: str
+    size: int
+    md5: str | None
+    updated: dt.datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class Expected:
+    """Checksums a client sent with an upload (hex digests); an absent one is not checked."""
+
+    md5: str | None = None
+    sha256: str | None = None
+
+
+class Hashes:
+    """MD5 (always: it is the object's ``md5Hash``) and SHA-256 (only when a client asked for it to be checked)
+    of bytes seen in order."""
+
+    def __init__(self, expected: Expected = Expected()) -> None:
+        self.expected = expected
+        self.md5 = hashlib.md5(usedforsecurity=False)
+        self.sha256 = hashlib.sha256() if expected.sha256 else None
+
+    def update(self, data: bytes) -> None:
+        self.md5.update(data)
+        if self.sha256 is not None:
+            self.sha256.update(data)
+
+    def verify(self) -> str:
+        """The MD5 (hex) of what was seen. :raises ChecksumMismatch: naming the checksum that differs."""
+        md5 = self.md5.hexdigest()
+        if self.expected.md5 is not None and md5 != self.expected.md5:
+            raise ChecksumMismatch(f"the MD5 of the bytes received is {b64_digest(md5)}, "
+                                   f"not {b64_digest(self.expected.md5)}: nothing was stored")
+        if self.sha256 is not None and self.sha256.hexdigest() != self.expected.sha256:
+            raise ChecksumMismatch(f"the SHA-256 of the bytes received is {self.sha256.hexdigest()}, "
+                                   f"not {self.expected.sha256}: nothing was stored")
+        return md5
+
+
+def b64_digest(hex_digest: str) -> str:
+    """A hex digest as Cloud Storage and ``Content-MD5`` write it: base64 of the raw bytes."""
+    return base64.b64encode(bytes.fromhex(hex_digest)).decode()
+
+
+def read_exactly(source: BinaryIO, length: int, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """The next ``length`` bytes of ``source`` in chunks. :raises IncompleteBody: if it ends sooner."""
+    left = length
+    while left:
+        try:
+            data = source.read(min(chunk, left))
+        except OSError as exc:  # werkzeug's ClientDisconnected is an OSError too (BadRequest + OSError)
+            raise IncompleteBody(f"the body ended after {length - left} of {length} bytes") from exc
+        if not data:
+            raise IncompleteBody(f"the body ended after {length - left} of {length} bytes")
+        left -= len(data)
+        yield data
 
 
 def parse_uri(uri: str) -> tuple[str, str]:
@@ -93,6 +169,44 @@ class ArtifactStore(Protocol):
 
         :raises ArtifactError: when the URI names no tree.
         """
+
+    # -- the objects API (streamed, ranged, listed, resumable) --------------------------------------
+
+    def write_object(self, project: str, key: str, source: BinaryIO, size: int, expected: Expected) -> ObjectInfo:
+        """Stream exactly ``size`` bytes into the object and make it visible only if they match ``expected``.
+
+        :raises IncompleteBody: the source ended early. :raises ChecksumMismatch: nothing was stored.
+        """
+
+    def stat(self, uri: str) -> ObjectInfo | None:
+        """The object's metadata; None when no object has this exact name."""
+
+    def read_range(self, uri: str, first: int, length: int) -> Iterator[bytes]:
+        """``length`` bytes from offset ``first``, in chunks; the caller checked the range against ``stat``."""
+
+    def list_objects(self, project: str, prefix: str, after: str, limit: int) -> list[ObjectInfo]:
+        """Up to ``limit`` objects whose key starts with ``prefix`` and sorts after ``after``, in key order."""
+
+    def delete_object(self, uri: str) -> bool:
+        """Delete one object; False when there was none."""
+
+    def upload_received(self, project: str, upload_id: str, size: int, chunk: int) -> int:
+        """How many bytes of a resumable upload of ``size`` bytes are kept (0 for one not begun)."""
+
+    def upload_write(self, project: str, upload_id: str, offset: int, source: BinaryIO, length: int, size: int,
+                     chunk: int, hashes: Hashes | None) -> int:
+        """Append ``length`` bytes at ``offset`` (= what is kept) to a resumable upload of ``size`` bytes;
+        return what is kept now. Bytes are kept in whole ``chunk`` units and the last bytes of the object (or
+        to the byte where the backend can); a source that ends early keeps what arrived whole and raises
+        :class:`IncompleteBody`."""
+
+    def upload_commit(self, project: str, upload_id: str, key: str, size: int, chunk: int,
+                      hashes: Hashes | None, expected: Expected) -> ObjectInfo:
+        """Make a complete upload the object ``key``, checking ``expected`` (with ``hashes`` when they saw
+        every byte, else by reading the bytes back). The upload's bytes are gone afterwards, whatever happens."""
+
+    def upload_abort(self, project: str, upload_id: str) -> None:
+        """Drop a resumable upload's bytes (no-op for an unknown one)."""
 
 
 def files_of(tree: Path) -> Iterator[tuple[str, Path]]:

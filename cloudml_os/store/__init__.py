@@ -32,6 +32,7 @@ from cloudml_os.store.models import (
     JobTrial,
     LogChunk,
     Node,
+    ObjectUpload,
     Package,
     Replica,
     ReplicaSample,
@@ -341,6 +342,27 @@ class Store:
     def session_revoked(self, session_id: str) -> bool:
         with self.session() as session:
             return session.get(RevokedSession, session_id) is not None
+
+    # ---- resumable object uploads ------------------------------------------------------------
+
+    def object_upload(self, project: str, upload_id: str) -> ObjectUpload | None:
+        with self.session() as session:
+            upload = session.get(ObjectUpload, upload_id)
+            return upload if upload is not None and upload.project == project else None
+
+    def touch_object_upload(self, upload_id: str) -> None:
+        with self.session() as session:
+            session.execute(update(ObjectUpload).where(ObjectUpload.upload_id == upload_id)
+                            .values(updated_at=utcnow()))
+
+    def delete_object_upload(self, upload_id: str) -> bool:
+        """Forget a session; False when another request (or the reconciler) did first."""
+        with self.session() as session:
+            return session.execute(delete(ObjectUpload).where(ObjectUpload.upload_id == upload_id)).rowcount == 1
+
+    def stale_object_uploads(self, unused_since: dt.datetime) -> list[ObjectUpload]:
+        with self.session() as session:
+            return list(session.scalars(select(ObjectUpload).where(ObjectUpload.updated_at < unused_since)))
 
     # ---- clusters and nodes --------------------------------------------------------------------
 

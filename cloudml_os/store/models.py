@@ -351,3 +351,20 @@ class RevokedSession(Base):
     __tablename__ = "dashboard_revoked_sessions"
     session_id: Mapped[str] = mapped_column(String(32), primary_key=True)
     until: Mapped[dt.datetime] = mapped_column(index=True)
+
+
+class ObjectUpload(Base):
+    """A resumable upload session of the objects API (:mod:`cloudml_os.api.objects`): what the client announced.
+    How many bytes are kept is the artifact store's to say (``upload_received``), never a copy here that a cut
+    connection could leave behind. ``chunk_bytes`` is fixed at the start: the unit in which bytes are kept."""
+
+    __tablename__ = "object_uploads"
+    upload_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    project: Mapped[str] = mapped_column(String(64), index=True)
+    name: Mapped[str] = mapped_column(String(1024))
+    size: Mapped[int] = mapped_column(BigInteger)
+    chunk_bytes: Mapped[int] = mapped_column(BigInteger)
+    md5: Mapped[str | None] = mapped_column(String(32))
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
