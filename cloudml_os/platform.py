@@ -66,6 +66,7 @@ def reconcile_context(settings: Settings) -> ReconcileContext:
         settings=settings,
         store=Store.from_settings(settings),
         driver=load_driver(settings),
+        artifacts=open_artifact_store(settings),
         send_step=step_sender(make_celery(settings)),
     )
 

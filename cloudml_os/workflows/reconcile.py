@@ -12,7 +12,8 @@ Celery beat runs :func:`reconcile` every ``reconcile_interval`` seconds (``tasks
   whose job has ended (e.g. a crash between the driver's create and the database's record of the nodes,
   followed by a failure or cancel) or whose version was deleted. Only this installation's clusters are
   looked at (the driver lists those carrying its id); a cluster whose name is not one the platform makes, or
-  that this database has no record of, is never touched.
+  that this database has no record of, is never touched;
+- removes resumable object uploads unused for ``upload_session_ttl`` with the bytes they kept.
 
 Everything is a compare-and-set or idempotent, so two passes at once (two beats) do no harm: only one of
 them re-sends a step, and deleting a cluster twice deletes it once. Plain functions: the store, the
@@ -29,6 +30,7 @@ from collections.abc import Callable
 
 from sqlalchemy import select
 
+from cloudml_os.artifacts import ArtifactError, ArtifactStore
 from cloudml_os.cloud.base import Driver, DriverError
 from cloudml_os.config import Settings
 from cloudml_os.states import JobState, Step
@@ -50,6 +52,7 @@ class ReconcileContext:
     settings: Settings
     store: Store
     driver: Driver
+    artifacts: ArtifactStore
     send_step: Callable[[int, Step, int], None]
 
 
@@ -61,6 +64,7 @@ class Report:
     resent: list[tuple[int, str]] = dataclasses.field(default_factory=list)
     timed_out: list[int] = dataclasses.field(default_factory=list)
     deleted_clusters: list[str] = dataclasses.field(default_factory=list)
+    expired_uploads: list[str] = dataclasses.field(default_factory=list)
 
 
 def reconcile(ctx: ReconcileContext) -> Report:
@@ -70,9 +74,12 @@ def reconcile(ctx: ReconcileContext) -> Report:
     enforce_time_limits(ctx, report)
     resend_expired_steps(ctx, report)
     collect_garbage(ctx, report)
+    expire_uploads(ctx, report)
     if report.repaired or report.resent or report.timed_out or report.deleted_clusters:
         log.info("reconciler: repaired %s, resent %s, timed out %s, deleted clusters %s", report.repaired,
                  report.resent, report.timed_out, report.deleted_clusters)
+    if report.expired_uploads:
+        log.info("reconciler: removed %d expired upload session(s)", len(report.expired_uploads))
     return report
 
 
@@ -206,3 +213,19 @@ def collect_garbage(ctx: ReconcileContext, report: Report) -> None:
         if row is not None and row.job_id is not None:
             ctx.store.add_event(row.job_id, "RECONCILE", f"Cluster {name} belonged to no live job; deleted")
         report.deleted_clusters.append(name)
+
+
+# ---- resumable uploads ---------------------------------------------------------------------------------
+
+def expire_uploads(ctx: ReconcileContext, report: Report) -> None:
+    """Remove upload sessions unused for ``upload_session_ttl``, then the bytes they kept (a session whose row
+    another pass or the client removed first is left to them)."""
+    unused_since = ctx.store.now() - dt.timedelta(seconds=ctx.settings.upload_session_ttl)
+    for upload in ctx.store.stale_object_uploads(unused_since):
+        if not ctx.store.delete_object_upload(upload.upload_id):
+            continue
+        try:
+            ctx.artifacts.upload_abort(upload.project, upload.upload_id)
+        except ArtifactError as exc:
+            log.warning("reconciler: the bytes of expired upload %s could not be removed: %s", upload.upload_id, exc)
+        report.expired_uploads.append(upload.upload_id)

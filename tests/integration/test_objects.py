@@ -156,13 +156,13 @@ def test_over_the_size_limit(client):
 
 # ---- resumable uploads ----------------------------------------------------------------------------
 
-def _send_cut(client: Client, path: str, headers: dict[str, str], data: bytes, cut_after: int) -> None:
+def send_cut(client: Client, path: str, headers: dict[str, str], data: bytes, cut_after: int) -> None:
     """Send a PUT announcing all of ``data`` but close the connection after ``cut_after`` bytes."""
     url = urllib.parse.urlsplit(client.base_url)
     connection = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
     connection.putrequest("PUT", f"/v1/projects/{client.project}{path}")
-    for key, value in {"Authorization": f"Bearer {client.token}", "Content-Length": str(len(data)),
-                       **headers}.items():
+    credential = {"X-Auth-Token": client.token} if client.keystone else {"Authorization": f"Bearer {client.token}"}
+    for key, value in {**credential, "Content-Length": str(len(data)), **headers}.items():
         connection.putheader(key, value)
     connection.endheaders()
     connection.send(data[:cut_after])
@@ -170,7 +170,7 @@ def _send_cut(client: Client, path: str, headers: dict[str, str], data: bytes, c
     connection.sock.close()
 
 
-def _wait_received(client: Client, upload_id: str, at_least: int) -> int:
+def wait_received(client: Client, upload_id: str, at_least: int) -> int:
     deadline = time.monotonic() + 30
     while True:
         received = int(client.request("GET", f"/uploads/{upload_id}").json()["received"])
@@ -187,9 +187,9 @@ def test_resumable_upload_survives_a_cut_connection(client):
     upload = start.json()
     assert upload["received"] == "0" and upload["uri"] == f"store://{client.project}/resumed/data.bin"
     upload_id = upload["uploadId"]
-    _send_cut(client, f"/uploads/{upload_id}", {"Content-Range": f"bytes 0-{len(data) - 1}/{len(data)}"},
+    send_cut(client, f"/uploads/{upload_id}", {"Content-Range": f"bytes 0-{len(data) - 1}/{len(data)}"},
               data, cut_after=2 * MiB)
-    received = _wait_received(client, upload_id, 2 * MiB)
+    received = wait_received(client, upload_id, 2 * MiB)
     assert 0 < received <= 2 * MiB
     assert client.request("GET", "/objects/resumed/data.bin").status_code == 404  # nothing visible yet
     wrong = client.request("PUT", f"/uploads/{upload_id}", data=data[1:],
@@ -257,7 +257,7 @@ def _peak_rss(pids: list[int]) -> int:
     return peak
 
 
-def _pattern(total: int, first: int = 0) -> Iterator[bytes]:
+def pattern(total: int, first: int = 0) -> Iterator[bytes]:
     """``total`` bytes of a reproducible pattern from offset ``first``, made as they are sent."""
     block = hashlib.sha256(b"cloudml").digest() * (MiB // 32)
     offset = first
@@ -268,7 +268,7 @@ def _pattern(total: int, first: int = 0) -> Iterator[bytes]:
         yield piece
 
 
-class _Body:
+class StreamedBody:
     """A request body of known length read as it is sent (requests sends ``__len__`` + ``read`` objects with a
     Content-Length; a generator would go chunked, which the API refuses)."""
 
@@ -290,7 +290,7 @@ class _Body:
 def test_one_gibibyte_cut_and_resumed_in_bounded_memory(platform, client):
     size = 1 << 30
     md5 = hashlib.md5()
-    for piece in _pattern(size):
+    for piece in pattern(size):
         md5.update(piece)
     workers = _api_workers(platform)
     for pid in workers:
@@ -300,15 +300,16 @@ def test_one_gibibyte_cut_and_resumed_in_bounded_memory(platform, client):
         "name": "big/one-gib", "size": size, "md5Hash": base64.b64encode(md5.digest()).decode()}).json()["uploadId"]
 
     half = size // 2
-    cut = threading.Thread(target=_send_cut, args=(client, f"/uploads/{upload_id}",
+    cut = threading.Thread(target=send_cut, args=(client, f"/uploads/{upload_id}",
                                                    {"Content-Range": f"bytes 0-{half - 1}/{size}"},
-                                                   b"".join(_pattern(half)), half - 3 * MiB))
+                                                   b"".join(pattern(half)), half - 3 * MiB))
     cut.start()
     cut.join()
-    received = _wait_received(client, upload_id, half - 3 * MiB)
+    received = wait_received(client, upload_id, half - 3 * MiB)
     assert half - 4 * MiB < received <= half - 3 * MiB
     for _ in range(50):  # until the server has seen the cut request end (it holds the upload until then)
-        done = client.request("PUT", f"/uploads/{upload_id}", data=_Body(_pattern(size, received), size - received),
+        done = client.request("PUT", f"/uploads/{upload_id}",
+                              data=StreamedBody(pattern(size, received), size - received),
                               headers={"Content-Range": f"bytes {received}-{size - 1}/{size}"})
         if done.status_code != 409:
             break

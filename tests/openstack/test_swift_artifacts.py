@@ -290,3 +290,59 @@ def test_a_huge_file_gets_larger_segments_than_swifts_manifest_limit(platform, t
     assert [segment["bytes"] for segment in _manifest(platform, "huge", "model.bin")] == [3 * MIB // 2] * 2
     assert _read(SwiftArtifactStore(platform, container_prefix=PREFIX), uri) == data
     assert _names(platform, "huge") == ["model.bin"]
+
+
+# ---- the objects API's operations -----------------------------------------------------------------------
+
+def test_objects_are_written_checked_listed_ranged_and_deleted(store, platform):
+    from cloudml_os.artifacts import ChecksumMismatch, Expected
+
+    small, large = os.urandom(100_000), os.urandom(3 * MIB + 5)
+    info = store.write_object("objs", "a/small", io.BytesIO(small), len(small),
+                              Expected(md5=hashlib.md5(small).hexdigest()))
+    assert (info.size, info.md5) == (len(small), hashlib.md5(small).hexdigest())
+    big = store.write_object("objs", "a/large", io.BytesIO(large), len(large),
+                             Expected(sha256=hashlib.sha256(large).hexdigest()))
+    assert (big.size, big.md5) == (len(large), hashlib.md5(large).hexdigest())  # an SLO, its true MD5 kept
+    for expected in (Expected(md5=hashlib.md5(b"x").hexdigest()), Expected(sha256=hashlib.sha256(b"x").hexdigest())):
+        for data in (b"replacement", os.urandom(2 * MIB + 1)):
+            with pytest.raises(ChecksumMismatch):
+                store.write_object("objs", "a/small", io.BytesIO(data), len(data), expected)
+    assert b"".join(store.read_range("store://objs/a/small", 0, len(small))) == small  # unchanged
+    assert b"".join(store.read_range("store://objs/a/large", MIB - 3, 10)) == large[MIB - 3:MIB + 7]
+    listed = store.list_objects("objs", "a/", "", 10)
+    assert [(i.key, i.size) for i in listed] == [("a/large", len(large)), ("a/small", len(small))]
+    assert listed[1].md5 == hashlib.md5(small).hexdigest()
+    assert [i.key for i in store.list_objects("objs", "a/", "a/large", 10)] == ["a/small"]
+    assert store.delete_object("store://objs/a/large") and not store.delete_object("store://objs/a/large")
+    assert _names(platform, "objs", segments=True) == []  # the SLO's segments went with it
+    assert store.stat("store://objs/a/large") is None
+
+
+def test_a_resumable_upload_keeps_whole_segments_across_a_cut(store, platform):
+    from cloudml_os.artifacts import ChecksumMismatch, Expected, IncompleteBody
+
+    data = os.urandom(5 * MIB + 1234)
+    expected = Expected(md5=hashlib.md5(data).hexdigest())
+    cut = io.BytesIO(data[:2 * MIB + 500])  # the connection breaks inside the third segment
+    with pytest.raises(IncompleteBody):
+        store.upload_write("objs", "up1", 0, cut, len(data), len(data), MIB, None)
+    received = store.upload_received("objs", "up1", len(data), MIB)
+    assert received == 2 * MIB
+    assert store.stat("store://objs/resumed") is None
+    kept = store.upload_write("objs", "up1", received, io.BytesIO(data[received:]), len(data) - received,
+                              len(data), MIB, None)
+    assert kept == len(data)
+    info = store.upload_commit("objs", "up1", "resumed", len(data), MIB, None, expected)
+    assert info.md5 == expected.md5
+    assert b"".join(store.read_range("store://objs/resumed", 0, len(data))) == data
+    store.upload_write("objs", "up2", 0, io.BytesIO(data), len(data), len(data), MIB, None)
+    with pytest.raises(ChecksumMismatch):
+        store.upload_commit("objs", "up2", "wrong", len(data), MIB, None, Expected(md5=hashlib.md5(b"").hexdigest()))
+    assert store.stat("store://objs/wrong") is None
+    assert [n for n in _names(platform, "objs", segments=True) if "/up2/" in n] == []
+    store.upload_write("objs", "up3", 0, io.BytesIO(data[:MIB]), MIB, len(data), MIB, None)
+    store.upload_abort("objs", "up3")
+    assert store.upload_received("objs", "up3", len(data), MIB) == 0
+    assert store.delete_object("store://objs/resumed")
+    assert _names(platform, "objs", segments=True) == []

@@ -16,6 +16,7 @@ import uuid
 import kombu
 import pytest
 
+from cloudml_os.artifacts.local import LocalArtifactStore
 from cloudml_os.cloud.base import ClusterSpec, NodeSpec, load_driver
 from cloudml_os.cloud.local import LocalDriver
 from cloudml_os.config import load_settings
@@ -164,7 +165,8 @@ def test_two_reconciler_passes_at_once_resend_a_lost_step_once_and_time_out_a_jo
             sent.append((job_pk, step, seq))
 
     contexts = [ReconcileContext(settings=settings, store=Store(url), driver=LocalDriver(settings),
-                                 send_step=send_step) for _ in range(2)]
+                                 artifacts=LocalArtifactStore(settings.artifacts_root), send_step=send_step)
+                for _ in range(2)]
     start = threading.Barrier(2)
     reports = []
 

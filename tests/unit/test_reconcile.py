@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from cloudml_os.artifacts.local import LocalArtifactStore
 from cloudml_os.cloud.base import ClusterSpec, Driver, DriverError, NodeSpec, load_driver
 from cloudml_os.cloud.local import LocalDriver
 from cloudml_os.config import ConfigError, Settings, load_settings
@@ -63,6 +64,7 @@ class NoClusters(Driver):
 
 def context(settings: Settings, store: Store, driver: Driver, sent: list | None = None) -> ReconcileContext:
     return ReconcileContext(settings=settings, store=store, driver=driver,
+                            artifacts=LocalArtifactStore(settings.artifacts_root),
                             send_step=lambda *message: (sent if sent is not None else []).append(message))
 
 
@@ -179,3 +181,24 @@ def test_the_loaded_driver_carries_the_installation_id_kept_in_the_database(stor
     on_disk(settings, "cml-serve-1", store.installation_id())
     on_disk(settings, "cml-serve-2", "another")
     assert load_driver(settings).list_clusters() == ["cml-serve-1"]
+
+
+def test_upload_sessions_unused_past_their_ttl_are_removed_with_their_bytes(store, url, tmp_path):
+    import datetime as dt
+    import io
+
+    from cloudml_os.store.models import ObjectUpload
+
+    settings = settings_of(tmp_path, url)
+    artifacts = LocalArtifactStore(settings.artifacts_root)
+    old = dt.datetime.now(dt.UTC).replace(tzinfo=None) - dt.timedelta(seconds=settings.upload_session_ttl + 60)
+    for upload_id, updated in (("stale0", old), ("fresh0", dt.datetime.now(dt.UTC).replace(tzinfo=None))):
+        store.add(ObjectUpload(upload_id=upload_id, project="p", name="data/x", size=10, chunk_bytes=1 << 20,
+                               updated_at=updated))
+        artifacts.upload_write("p", upload_id, 0, io.BytesIO(b"12345"), 5, 10, 1 << 20, None)
+    report = reconcile(context(settings, store, NoClusters()))
+    assert report.expired_uploads == ["stale0"]
+    assert store.object_upload("p", "stale0") is None and store.object_upload("p", "fresh0") is not None
+    assert artifacts.upload_received("p", "stale0", 10, 1 << 20) == 0
+    assert artifacts.upload_received("p", "fresh0", 10, 1 << 20) == 5
+    assert reconcile(context(settings, store, NoClusters())).expired_uploads == []
