@@ -260,8 +260,9 @@ def put_upload(project: str, upload_id: str) -> Response:
                                                   upload.size, upload.chunk_bytes, hashes)
         except IncompleteBody as exc:
             raise InvalidArgument(f"{exc}; ask the upload how many bytes it kept and resume") from None
-        except ArtifactError as exc:
-            raise Aborted(str(exc)) from None
+        except ArtifactError as exc:  # another request holds the upload: the client asks again later
+            kept = svc.artifacts.upload_received(project, upload_id, upload.size, upload.chunk_bytes)
+            raise Aborted(str(exc), headers={"X-Upload-Received": str(kept)}) from None
     if received < upload.size:
         return _session_response(upload, received)
     if not svc.store.delete_object_upload(upload_id):

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import click
+import requests
 
 from cloudml_os.client.output import Format, parse_format
 from cloudml_os.client.rest import ApiClient
@@ -20,18 +21,25 @@ from cloudml_os.client.settings import Settings
 
 @dataclasses.dataclass
 class Invocation:
-    """One run of ``cloudml``: the global options given, and what they lead to."""
+    """One run of ``cloudml``: the global options given, and what they lead to.
+
+    :param session: the HTTP session every API client of this run uses (a test passes one with its own
+        transport adapter as Click's ``obj``); None: a new ``requests.Session`` per client.
+    """
 
     flags: dict[str, str | None] = dataclasses.field(default_factory=dict)
     format: Format | None = None
+    session: requests.Session | None = None
 
     def settings(self) -> Settings:
         return Settings.load(self.flags)
 
-    def api(self) -> ApiClient:
-        """The API client for the effective endpoint, project and credential."""
+    def api(self, project: str | None = None) -> ApiClient:
+        """The API client for the effective endpoint, credential and project (or ``project``, e.g. the one
+        a ``store://PROJECT/…`` URI names)."""
         settings = self.settings()
-        return ApiClient(settings.endpoint, settings.project, settings.token, settings.auth_type)
+        return ApiClient(settings.endpoint, project or settings.project, settings.token, settings.auth_type,
+                         session=self.session)
 
 
 def invocation() -> Invocation:

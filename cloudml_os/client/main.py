@@ -20,6 +20,7 @@ COMMANDS = {
     "jobs": "cloudml_os.client.jobs:jobs_group",
     "local": "cloudml_os.client.local:local",
     "models": "cloudml_os.client.models:models_group",
+    "objects": "cloudml_os.client.objects:objects_group",
     "operations": "cloudml_os.client.models:operations_group",
     "predict": "cloudml_os.client.models:predict",
     "versions": "cloudml_os.client.models:versions_group",

@@ -153,21 +153,34 @@ class ApiClient:
             return {"X-Auth-Token": self.token}
         return {"Authorization": f"Bearer {self.token}"}
 
-    def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
-        """Send one request; the answer whatever its status. :raises CliError: the endpoint is unreachable."""
-        url = self.url(path)
+    def send(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        """Send one request; the answer whatever its status, and ``requests``' exceptions as they are (for a
+        caller that retries; :meth:`unreachable` makes the final one a one-line error)."""
         headers = {**self._headers(), **kwargs.pop("headers", {})}
         kwargs.setdefault("timeout", TIMEOUT)
+        return self.session.request(method, self.url(path), headers=headers, **kwargs)
+
+    def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        """Send one request; the answer whatever its status. :raises CliError: the endpoint is unreachable."""
         try:
-            return self.session.request(method, url, headers=headers, **kwargs)
+            return self.send(method, path, **kwargs)
         except requests.RequestException as exc:
-            raise _unreachable(self.endpoint, exc) from None
+            raise self.unreachable(exc) from None
+
+    def unreachable(self, exc: requests.RequestException) -> CliError:
+        """The one-line error of a connection failure."""
+        return _unreachable(self.endpoint, exc)
+
+    @staticmethod
+    def error(response: requests.Response) -> ApiError:
+        """The error of an answer of status 400 or more: the API's v1 message."""
+        return _error_of(response)
 
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
         """Send one request and return its JSON answer. :raises ApiError: a v1 error answer."""
         response = self.request(method, path, **kwargs)
         if response.status_code >= 400:
-            raise _error_of(response)
+            raise self.error(response)
         try:
             return response.json()
         except ValueError:

@@ -24,9 +24,13 @@ def cli_env(config: Path, **variables: str) -> dict[str, str | None]:
     return env
 
 
-def run(env: dict[str, str | None], *args: str, input: str | None = None) -> Result:
-    """``cloudml ARGS`` in-process; stdout and stderr apart (``result.stdout``, ``result.stderr``)."""
-    return CliRunner().invoke(cli, list(args), env=env, input=input, catch_exceptions=False, prog_name="cloudml")
+def run(env: dict[str, str | None], *args: str, input: str | bytes | None = None, obj: object = None) -> Result:
+    """``cloudml ARGS`` in-process; stdout and stderr apart (``result.stdout``, ``result.stderr``).
+
+    :param obj: Click's context object, e.g. an ``Invocation`` carrying the HTTP session to use.
+    """
+    return CliRunner().invoke(cli, list(args), env=env, input=input, catch_exceptions=False, prog_name="cloudml",
+                              obj=obj)
 
 
 def process_env(config: Path, **variables: str) -> dict[str, str]:
