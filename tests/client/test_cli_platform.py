@@ -10,6 +10,7 @@ import json
 import queue
 import signal
 import subprocess
+import sys
 import textwrap
 import threading
 import time
@@ -50,9 +51,18 @@ def test_a_new_user_trains_deploys_predicts_and_cleans_up(platform, token, api, 
     assert run(env, "config", "set", "project", PROJECT).exit_code == 0
     assert run(env, "config", "set", "token", "-", input=token + "\n").exit_code == 0
 
+    # The README's quick start: a data set made here, uploaded, and named in the trainer's args.
+    data = tmp_path / "regression"
+    subprocess.run([sys.executable, str(ROOT / "examples" / "make_regression_data.py"), str(data), "--files", "3",
+                    "--rows", "500"], check=True)
+    copied = run(env, "objects", "cp", "-r", str(data), f"store://{PROJECT}/data/regression")
+    assert copied.exit_code == 0, copied.output
+    listed = run(env, "objects", "ls", f"store://{PROJECT}/data/regression/")
+    assert listed.stdout.split() == [f"store://{PROJECT}/data/regression/train-0000{i}.csv" for i in range(3)]
+    train_files = f"store://{PROJECT}/data/regression/train-*.csv"
     submitted = run(env, "jobs", "submit", "training", "cli_census", "--package-path", str(EXAMPLE),
                     "--module-name", "trainer.task", "--region", "local", "--labels", "team=ml", "--stream-logs",
-                    "--polling-interval", "0.3", "--", "--epochs", "2")
+                    "--polling-interval", "0.3", "--", "--epochs", "2", "--train-files", train_files)
     assert submitted.exit_code == 0, submitted.output
     assert "Uploaded trainer-0.1.0.tar.gz" in submitted.stderr
     assert "Job [cli_census] submitted successfully." in submitted.stderr
@@ -60,6 +70,7 @@ def test_a_new_user_trains_deploys_predicts_and_cleans_up(platform, token, api, 
     lines = submitted.stdout.splitlines()
     assert lines and all(line.startswith("chief-0: ") for line in lines), submitted.stdout
     assert any("epoch 2/2" in line for line in lines) and any("exported SavedModel" in line for line in lines)
+    assert any("read 1500 rows from 3 file(s) matching /store/" in line for line in lines), submitted.stdout
     assert submitted.stdout == "".join(f"chief-0: {line}\n" for line in api.logs("cli_census")["chief-0"]
                                        .splitlines())  # every line once, in order
 
@@ -67,7 +78,7 @@ def test_a_new_user_trains_deploys_predicts_and_cleans_up(platform, token, api, 
     assert described.exit_code == 0
     job = yaml.safe_load(described.stdout)
     assert job["state"] == "SUCCEEDED" and job["labels"] == {"team": "ml"}
-    assert job["trainingInput"]["args"] == ["--epochs", "2"]
+    assert job["trainingInput"]["args"] == ["--epochs", "2", "--train-files", train_files]
     assert job["trainingInput"]["packageUris"][0].startswith(f"store://{PROJECT}/packages/")
     export = job["trainingOutput"]["exportedModelUri"]
     value = run(env, "jobs", "describe", "cli_census", "--format", "value(state,trainingOutput.exportedModelUri)")

@@ -24,6 +24,7 @@ chief into ``JOB_DIR``; the others write scratch copies that are deleted, and al
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import logging
 import os
@@ -47,7 +48,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="default: one pass over the samples at the global batch size")
     parser.add_argument("--batch-size", type=int, default=64, help="per replica")
     parser.add_argument("--learning-rate", type=float, default=0.1)
-    parser.add_argument("--samples", type=int, default=4096)
+    parser.add_argument("--samples", type=int, default=4096, help="synthetic samples, when no --train-files")
+    parser.add_argument("--train-files", default="",
+                        help="CSV files (glob; header 'x,y') to train on, e.g. store://PROJECT/data/train-*.csv, "
+                             "which the platform hands over as the path its nodes see it at")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--fail-at-step", type=int, default=0,
                         help="raise an exception before this (1-based, global) step: a failing trainer")
@@ -87,6 +91,21 @@ def make_data(samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     x = rng.uniform(-1.0, 1.0, size=(samples, 1)).astype("float32")
     y = (TRUE_SLOPE * x + TRUE_INTERCEPT + rng.normal(0.0, 0.1, size=(samples, 1))).astype("float32")
     return x, y
+
+
+def read_csv(pattern: str) -> tuple[np.ndarray, np.ndarray]:
+    """Every row of the CSV files matching ``pattern`` (header ``x,y``), in file name order: plain file APIs,
+    as on Cloud ML Engine's /gcs/ paths."""
+    paths = sorted(glob.glob(pattern))
+    if not paths:
+        raise SystemExit(f"--train-files {pattern!r}: no file matches")
+    rows = np.concatenate([np.loadtxt(path, delimiter=",", skiprows=1, dtype="float32", ndmin=2) for path in paths])
+    LOG.info("read %d rows from %d file(s) matching %s", len(rows), len(paths), pattern)
+    return rows[:, :1], rows[:, 1:2]
+
+
+def training_data(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
+    return read_csv(args.train_files) if args.train_files else make_data(args.samples, args.seed)
 
 
 def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int) -> tf.data.Dataset:
@@ -192,8 +211,8 @@ def train_synchronously(args: argparse.Namespace, strategy: tf.distribute.Strate
                         task_type: str, task_index: int) -> tf.keras.Model:
     """The default strategy or MultiWorkerMirroredStrategy: each task iterates its shard in lock-step."""
     global_batch = args.batch_size * strategy.num_replicas_in_sync
-    steps_per_epoch = args.steps_per_epoch or max(1, args.samples // global_batch)
-    x, y = make_data(args.samples, args.seed)
+    x, y = training_data(args)
+    steps_per_epoch = args.steps_per_epoch or max(1, len(x) // global_batch)
     with strategy.scope():
         model = build_model()
         optimizer = tf.keras.optimizers.SGD(learning_rate=args.learning_rate)
@@ -235,14 +254,14 @@ def train_with_parameter_servers(args: argparse.Namespace, resolver) -> tf.keras
         model = build_model()
         optimizer = tf.keras.optimizers.SGD(learning_rate=args.learning_rate)
         checkpoint = EpochCheckpoint(args.job_dir, True, model=model, optimizer=optimizer)
-    x, y = make_data(args.samples, args.seed)
+    x, y = training_data(args)
 
     def dataset_fn():
         return make_dataset(x, y, args.batch_size, args.seed)
 
     iterator = iter(coordinator.create_per_worker_dataset(dataset_fn))
     train_step = make_train_step(strategy, model, optimizer, args.batch_size)
-    steps_per_epoch = args.steps_per_epoch or max(1, args.samples // args.batch_size)
+    steps_per_epoch = args.steps_per_epoch or max(1, len(x) // args.batch_size)
     failer = Failer(args, "chief", 0)
     summaries = Summaries(args.job_dir, True)
     done = checkpoint.restore()
