@@ -273,6 +273,8 @@ def put_upload(project: str, upload_id: str) -> Response:
     except ChecksumMismatch as exc:
         raise InvalidArgument(f"{'sha256' if upload.sha256 and 'SHA-256' in str(exc) else 'md5Hash'}: {exc}; "
                               "the upload is deleted") from None
+    except ArtifactError as exc:
+        raise InvalidArgument(f"name: {exc}; the upload is deleted") from None
     return _session_response(upload, received, info)
 
 

@@ -191,10 +191,17 @@ class LocalArtifactStore:
         return self.root / UPLOADS / f"upload-{upload_id}"
 
     def _commit(self, staged: Path, target: Path, md5: str) -> None:
+        """Make the staged file the object at ``target``. In a folder, "a" and "a/b" cannot both be objects
+        (Swift and Cloud Storage allow it): the second one is refused."""
         os.setxattr(staged, MD5_ATTRIBUTE, md5.encode())
-        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise ArtifactError(f"an object named like a folder above {target.name!r} exists; on this store an "
+                                "object cannot also be a folder") from None
         if target.is_dir():
-            raise ArtifactError(f"{target.name} is a folder of objects; an object cannot have its name")
+            raise ArtifactError(f"{target.name!r} is a folder of objects; on this store an object cannot have "
+                                "its name")
         os.replace(staged, target)
 
     @staticmethod

@@ -125,6 +125,15 @@ def test_bad_names_store_nothing(platform, client, name):
     assert not (platform.data_dir / "artifacts" / "escape").exists()
 
 
+def test_an_object_and_a_folder_of_one_name_are_refused_on_the_local_store(client):
+    assert client.request("PUT", "/objects/clash/file", data=b"1").status_code == 200
+    under_object = client.request("PUT", "/objects/clash/file/below", data=b"2")
+    assert under_object.status_code == 400 and "cannot also be a folder" in under_object.json()["error"]["message"]
+    over_folder = client.request("PUT", "/objects/clash", data=b"3")
+    assert over_folder.status_code == 400 and "folder of objects" in over_folder.json()["error"]["message"]
+    assert client.request("GET", "/objects/clash/file").content == b"1"
+
+
 def test_other_projects_and_viewers(platform, client):
     client.request("PUT", "/objects/private", data=b"secret")
     other = platform.client(f"other-{uuid.uuid4().hex[:6]}")
