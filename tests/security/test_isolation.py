@@ -51,7 +51,8 @@ def test_the_matrix_covers_every_resource():
     """Guards the generator itself: the routes it finds include every resource family."""
     paths = {rule for rule, _ in PROJECT_ROUTES}
     for needle in ("/jobs", ":cancel", "/packages", "/models", "/versions", ":predict", "/operations", "/quotas",
-                   ":getConfig"):
+                   ":getConfig",
+                   "/objects", "/uploads"):
         assert any(needle in path for path in paths), needle
     assert len(PROJECT_ROUTES) >= 25
 
@@ -64,8 +65,11 @@ class World(QuotaEnv):
         assert self.submit("j1").status_code == 200
         self.deployed("v1")
         self.operation = self.create_version("v2").get_json()["name"].rsplit("/", 1)[1]
+        assert self.client.put("/v1/projects/p/objects/data/x.csv", data=b"a,b\n", headers=self.admin).status_code == 200
+        upload = self.client.post("/v1/projects/p/uploads", json={"name": "data/y.csv", "size": 10}, headers=self.admin)
         self.values = {"project": "p", "job": "j1", "model": "census", "version": "v1",
-                       "operation": self.operation, "cluster": "cml-serve-1", "node": "replica-0", "token_id": "1"}
+                       "operation": self.operation, "cluster": "cml-serve-1", "node": "replica-0", "token_id": "1",
+                       "name": "data/x.csv", "upload_id": upload.get_json()["uploadId"]}
 
     def path(self, rule: str) -> str:
         def fill(match: re.Match) -> str:
