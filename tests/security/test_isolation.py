@@ -65,7 +65,8 @@ class World(QuotaEnv):
         assert self.submit("j1").status_code == 200
         self.deployed("v1")
         self.operation = self.create_version("v2").get_json()["name"].rsplit("/", 1)[1]
-        assert self.client.put("/v1/projects/p/objects/data/x.csv", data=b"a,b\n", headers=self.admin).status_code == 200
+        put = self.client.put("/v1/projects/p/objects/data/x.csv", data=b"a,b\n", headers=self.admin)
+        assert put.status_code == 200, put.get_data(as_text=True)
         upload = self.client.post("/v1/projects/p/uploads", json={"name": "data/y.csv", "size": 10}, headers=self.admin)
         self.values = {"project": "p", "job": "j1", "model": "census", "version": "v1",
                        "operation": self.operation, "cluster": "cml-serve-1", "node": "replica-0", "token_id": "1",
