@@ -10,6 +10,9 @@ DEBIAN_PACKAGES := openssh-server util-linux procps iproute2 chromium chromium-d
 DEBIAN_PACKAGES += debootstrap systemd-container tinyproxy shellcheck sudo
 # the reliability tests start private PostgreSQL and RabbitMQ servers (initdb, pg_ctl, rabbitmq-server)
 DEBIAN_PACKAGES += postgresql rabbitmq-server
+# OpenStack mode's nodes mount their project's Swift container (rclone over FUSE); the test cloud's emulated
+# servers reach Keystone and Swift through socat on the tenant network's gateway.
+DEBIAN_PACKAGES += rclone fuse3 socat
 
 .PHONY: run test lint system-packages runtimes testcloud assets site-tools release
 

@@ -18,11 +18,14 @@ import zlib
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
+from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
+from packaging.version import InvalidVersion
+
 MAX_MEMBERS = 20_000
 MAX_UNPACKED_BYTES = 4 << 30  # sum of member sizes (and of the decompressed tar stream)
 MAX_LINK_TARGET = 4096
 
-FORMATS = {".tar.gz": "tar.gz", ".tgz": "tar.gz", ".tar": "tar", ".zip": "zip"}
+FORMATS = {".tar.gz": "tar.gz", ".tgz": "tar.gz", ".tar": "tar", ".zip": "zip", ".whl": "zip"}
 _DRIVE = re.compile(r"[A-Za-z]:")
 
 
@@ -43,7 +46,7 @@ class Member:
 @dataclasses.dataclass(frozen=True)
 class ArchiveInfo:
     format: str  # "tar.gz", "tar" or "zip"
-    kind: str  # "sdist" or "archive"
+    kind: str  # "sdist", "wheel" or "archive"
     members: int
     unpacked_bytes: int
 
@@ -54,7 +57,7 @@ def archive_format(filename: str) -> str:
     for suffix, name in FORMATS.items():
         if lowered.endswith(suffix) and len(lowered) > len(suffix):
             return name
-    raise ArchiveError(f"{filename!r}: a package must be a .tar.gz, .tgz, .tar or .zip file")
+    raise ArchiveError(f"{filename!r}: a package must be a .tar.gz, .tgz, .tar, .zip or .whl file")
 
 
 def member_parts(name: str) -> tuple[str, ...]:
@@ -114,6 +117,28 @@ def package_kind(members: Iterable[Member]) -> str:
     if "PKG-INFO" in files and ({"setup.py", "pyproject.toml"} & files):
         return "sdist"
     return "archive"
+
+
+def wheel_kind(filename: str, members: Iterable[Member]) -> str:
+    """``wheel`` for a Python wheel (PEP 427): named ``NAME-VERSION[-BUILD]-PYTHON-ABI-PLATFORM.whl`` and
+    holding ``NAME-VERSION.dist-info/`` with ``METADATA`` and ``WHEEL``, as pip needs to install it.
+
+    :raises ArchiveError: the name or the contents are not a wheel's.
+    """
+    try:
+        name, version, _build, _tags = parse_wheel_filename(filename)
+    except (InvalidWheelFilename, InvalidVersion) as exc:
+        raise ArchiveError(f"{filename!r} is not a wheel's file name: {exc}") from None
+    info_files: dict[str, set[str]] = {}
+    for member in members:
+        parts = member_parts(member.name)
+        if len(parts) == 2 and parts[0].endswith(".dist-info") and member.kind == "file":
+            info_files.setdefault(parts[0], set()).add(parts[1])
+    for folder, files in info_files.items():
+        folder_name = folder.removesuffix(".dist-info").rpartition("-")[0]
+        if canonicalize_name(folder_name) == name and {"METADATA", "WHEEL"} <= files:
+            return "wheel"
+    raise ArchiveError(f"{filename!r}: a wheel must hold {name}-{version}.dist-info/ with METADATA and WHEEL")
 
 
 def _gzip_length(path: Path, limit: int) -> int:
@@ -236,7 +261,8 @@ def inspect_archive(path: Path, filename: str, *, max_members: int = MAX_MEMBERS
         raise ArchiveError("archive is empty")
     for member in members:
         check_member(member)
-    return ArchiveInfo(format=fmt, kind=package_kind(members), members=len(members),
+    kind = wheel_kind(filename, members) if filename.lower().endswith(".whl") else package_kind(members)
+    return ArchiveInfo(format=fmt, kind=kind, members=len(members),
                        unpacked_bytes=sum(m.size for m in members))
 
 

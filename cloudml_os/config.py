@@ -12,6 +12,7 @@ import dataclasses
 import ipaddress
 import os
 import re
+import shlex
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,12 @@ from typing import Any
 ENV_PREFIX = "CLOUDML_OS_"
 # What an installation id may be: "cloudml-os-installation-" and it fit in one Heat tag (80 characters, no commas).
 INSTALLATION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,55}")
+# What the setting pip_extra_args may hold: where pip finds packages and how it reaches the index, nothing
+# that changes what is installed where.
+PIP_INDEX_OPTIONS = frozenset({
+    "--extra-index-url", "--find-links", "-f", "--no-index", "--trusted-host", "--cert", "--client-cert",
+    "--proxy", "--timeout", "--retries", "--pre", "--prefer-binary", "--only-binary", "--no-binary",
+})
 
 
 class ConfigError(ValueError):
@@ -60,6 +67,12 @@ class Settings:
     driver: str = "local"
     artifacts_dir: Path | None = None
     runtimes_dir: Path = Path.home() / ".cache" / "cloudml-os" / "runtimes"
+    # Trainers' own requirements (what their packages require beyond the runtime) are resolved and fetched by
+    # one node of each job from this package index (pip's --index-url), with pip_extra_args added: index
+    # options only (PIP_INDEX_OPTIONS), e.g. "--extra-index-url URL --trusted-host HOST". Empty: the nodes' own
+    # pip configuration (the embedded default's nodes use this host's).
+    pip_index_url: str = ""
+    pip_extra_args: str = ""
     task_queue: str = "cloudml-os"
     watch_interval: float = 0.25
     watch_window: float = 30.0
@@ -116,6 +129,13 @@ class Settings:
     openstack_volume_size: int = 0  # GB; 0 boots from the image, more boots from a volume of that size
     openstack_stack_timeout: float = 900.0
     openstack_console_timeout: float = 300.0
+    # Nodes of a job mount their project's Swift container read-only at /store/PROJECT (rclone, FUSE) with an
+    # application credential made for the job alone and deleted at its end (docs/operator-guide.md).
+    openstack_store_mount: bool = True
+    # Where nodes reach Keystone (v3) and Swift when not at the catalog's public endpoints; in the Swift URL,
+    # {project_id} stands for the platform's project. Empty: the catalog's.
+    openstack_node_identity_url: str = ""
+    openstack_node_object_store_url: str = ""
     swift_container_prefix: str = "cloudml-os-"
     swift_segment_size: int = 100 * 1024 * 1024
     # Tenancy: callers with the admin role in this project are platform admins (every project, quotas).
@@ -290,6 +310,22 @@ def _validate(settings: Settings) -> None:
     parts = settings.local_address_prefix.split(".")
     if len(parts) != 2 or parts[0] != "127" or not parts[1].isdigit() or not 0 <= int(parts[1]) < 256:
         raise ConfigError("setting 'local_address_prefix' must look like '127.N' (a loopback /16)")
+    _validate_pip_options(settings.pip_index_url, settings.pip_extra_args)
+
+
+def _validate_pip_options(index_url: str, extra_args: str) -> None:
+    if index_url and not re.fullmatch(r"(https?|file)://\S+", index_url):
+        raise ConfigError("setting 'pip_index_url' must be an http://, https:// or file:// URL (or empty: the "
+                          "nodes' pip configuration)")
+    try:
+        words = shlex.split(extra_args)
+    except ValueError as exc:
+        raise ConfigError(f"setting 'pip_extra_args': {exc}") from None
+    for word in words:
+        option = word.split("=", 1)[0]
+        if word.startswith("-") and option not in PIP_INDEX_OPTIONS:
+            raise ConfigError(f"setting 'pip_extra_args': {option!r} is not one of pip's index options "
+                              f"({', '.join(sorted(PIP_INDEX_OPTIONS))})")
 
 
 def _is_fernet_key(key: str) -> bool:

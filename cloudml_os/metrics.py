@@ -1,12 +1,14 @@
 """A training job's metric curves, for the API (``GET …/jobs/{job}/metrics``) and so for the dashboard.
 
 Two sources, in this order:
-- TensorBoard event files. At teardown the training workflow copies every ``*tfevents*`` file under each
-  node's job directory to ``JOB_DIR/tensorboard/NODE/…`` in the artifact store
-  (:func:`cloudml_os.workflows.train._archive_summaries`); they are read with TensorBoard's own reader
-  (``tensorboard`` package, no TensorFlow needed): scalars written with ``tf.summary.scalar`` (TF2 tensors) or
-  as TF1 ``simple_value``\\ s, one curve per node and tag.
-- The trainers' log lines, for a running job or one whose trainers wrote no summaries: a JSON line
+- TensorBoard event files. While the trainers run, the training workflow copies every ``*tfevents*`` file
+  under each node's job directory to ``JOB_DIR/tensorboard/NODE/…`` in the artifact store, seconds behind
+  (:mod:`cloudml_os.workflows.outputs`), so running jobs have live curves; they are read with TensorBoard's
+  own reader (``tensorboard`` package, no TensorFlow needed), which drops a torn last record of a file
+  still being written: scalars written with ``tf.summary.scalar`` (TF2 tensors) or as TF1
+  ``simple_value``\\ s, one curve per node and tag.
+- The trainers' log lines, for trainers that write no summaries (the MXNet and PyTorch examples, a trainer
+  reporting with cloudml-hypertune only): a JSON line
   ``{"metric": NAME, "value": V, "step": S}`` (the shape cloudml-hypertune reports) or a line with ``step S``
   followed by ``NAME VALUE`` pairs of decimal values, such as the example trainers' ``epoch 2/5 step 128 loss 0.0123``.
 """
@@ -29,8 +31,8 @@ def tensorboard_uri(job_dir_uri: str) -> str:
 
 
 def tensorboard_scalars(artifacts: ArtifactStore, job_dir_uri: str) -> Series:
-    """``{"NODE: TAG": [{"x": step, "y": value}, …]}`` from the job's archived event files, by step;
-    empty when the job archived none."""
+    """``{"NODE: TAG": [{"x": step, "y": value}, …]}`` from the job's event files in the store, by step;
+    empty when there are none (yet)."""
     try:
         with artifacts.local_tree(tensorboard_uri(job_dir_uri)) as tree:
             return scalars_in(tree)

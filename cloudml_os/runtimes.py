@@ -25,8 +25,8 @@ from pathlib import Path, PurePosixPath
 # images/ lies beside the package in the source tree (the package is installed editable).
 RUNTIMES_SOURCE_DIR = Path(__file__).resolve().parent.parent / "images" / "runtimes"
 COMPLETE_MARKER = ".complete"
-# The per-job trainer install is `pip install --no-deps --no-index --no-build-isolation`: the build
-# backend must already be in the runtime.
+# The per-job trainer install resolves and builds sdists without build isolation (cloudml_os.dependencies):
+# the build backend must already be in the runtime.
 BUILD_PACKAGES = ("setuptools", "wheel")
 # The caller's own interpreter settings must not leak into a build of another environment.
 _ENVIRONMENT_NOT_PASSED = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PIP_USER", "PIP_TARGET", "PIP_PREFIX")

@@ -37,6 +37,8 @@ from cloudml_os.api.schemas import (
     MetricsQuerySchema,
 )
 from cloudml_os.artifacts import ArtifactError, job_dir_uri, parse_uri
+from cloudml_os.artifacts.trainer_args import StoreArgError, check_store_args, store_uri_in
+from cloudml_os.cloud.base import node_store_root
 from cloudml_os.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from cloudml_os.frameworks.base import TopologyError, topology_from_training_input
 from cloudml_os.states import JobState, Step
@@ -65,7 +67,8 @@ def _job_or_404(project: str, job_id: str) -> Job:
 
 
 def _check_training_input(project: str, training_input: dict[str, Any]) -> None:
-    """The checks that need this installation: framework, machine types, runtime, packages, jobDir."""
+    """The checks that need this installation: framework, machine types, runtime, packages, jobDir, and the
+    ``store://`` args (of this project, on nodes that see the store)."""
     svc = services()
     name = training_input["framework"]
     if name not in svc.frameworks:
@@ -94,6 +97,12 @@ def _check_training_input(project: str, training_input: dict[str, Any]) -> None:
             raise InvalidArgument(f"trainingInput.jobDir: {exc}; job outputs go to the artifact store") from None
         if dir_project != project:
             raise InvalidArgument(f"trainingInput.jobDir: {job_dir!r} is not in project {project}")
+    args = training_input.get("args", [])
+    if any(store_uri_in(arg) for arg in args):  # asks the driver only then
+        try:
+            check_store_args(args, project, node_store_root(svc.settings))
+        except StoreArgError as exc:
+            raise InvalidArgument(f"trainingInput.args[{exc.index}]: {exc}") from None
     spec = tuning.hyperparameter_spec(training_input)
     if spec and spec.get("resumePreviousJobId"):
         _check_resumed_study(project, spec)
@@ -337,17 +346,17 @@ def job_logs(args: dict[str, Any], project: str, job: str) -> dict[str, Any] | R
 @blp.arguments(MetricsQuerySchema, location="query")
 @blp.response(200, JobMetricsSchema)
 def job_metrics(args: dict[str, Any], project: str, job: str) -> dict[str, Any]:
-    """The job's training metric curves: the TensorBoard scalars its trainers wrote, once it has ended and
-    they were archived, else the metrics its log lines report (see :mod:`cloudml_os.metrics`). With
-    ``trial``, only that trial's curves (a tuning job's series are named ``trial-N/NODE: METRIC``)."""
+    """The job's training metric curves: the TensorBoard scalars its trainers wrote, copied to the store while
+    they run (seconds behind), else, for trainers that write no summaries, the metrics their log lines
+    report (see :mod:`cloudml_os.metrics`). With ``trial``, only that trial's curves (a tuning job's series
+    are named ``trial-N/NODE: METRIC``)."""
     svc = services()
     row = _job_or_404(project, job)
     prefix = f"{tuning.trial_node(args['trial'])}/" if "trial" in args else ""
-    if JobState(row.state).is_final:
-        series = metrics.tensorboard_scalars(svc.artifacts, job_dir_uri(project, row.job_id, row.training_input))
-        series = {name: points for name, points in series.items() if name.startswith(prefix)}
-        if series:
-            return {"source": "tensorboard", "series": series}
+    series = metrics.tensorboard_scalars(svc.artifacts, job_dir_uri(project, row.job_id, row.training_input))
+    series = {name: points for name, points in series.items() if name.startswith(prefix)}
+    if series:
+        return {"source": "tensorboard", "series": series}
     logs = {}
     for name in sorted(svc.store.log_nodes(row.id)):
         if not name.startswith(prefix):

@@ -56,7 +56,7 @@ def _copy_and_hash(source: IO[bytes], target: Path, limit: int) -> tuple[str, in
 @blp.arguments(PackageUploadSchema, location="files")
 @blp.response(200, PackageSchema)
 def upload_package(files: dict[str, Any], project: str) -> Package:
-    """Upload a trainer package (multipart field ``file``): a Python sdist or a .tar.gz/.tgz/.tar/.zip."""
+    """Upload a trainer package (multipart field ``file``): a Python sdist or wheel, or a .tar.gz/.tgz/.tar/.zip."""
     svc = services()
     upload: FileStorage = files["file"]
     try:

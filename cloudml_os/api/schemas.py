@@ -294,7 +294,10 @@ class TrainingInputSchema(Schema):
         required=True,
         validate=validate.Regexp(rf"^{PYTHON_MODULE_PATTERN}\Z", error="must be a dotted Python module name"),
     )
-    args = fields.List(fields.String(), metadata={"description": "passed to the module literally, no shell"})
+    args = fields.List(fields.String(), metadata={
+        "description": "passed to the module literally, no shell; a store://PROJECT/NAME argument (or the value "
+                       "of --flag=store://PROJECT/NAME) of this project reaches the trainer as the path where "
+                       "its node sees the object (/store/PROJECT/NAME on the local driver)"})
     hyperparameters = fields.Nested(HyperparameterSpecSchema)
     region = fields.String()
     jobDir = fields.String()
@@ -478,12 +481,12 @@ class JobMetricsSchema(Schema):
 
 class PackageUploadSchema(Schema):
     file = fields.Raw(required=True, metadata={"type": "string", "format": "binary",
-                                               "description": ".tar.gz, .tgz, .tar or .zip"})
+                                               "description": ".tar.gz, .tgz, .tar, .zip or .whl"})
 
 
 class PackageSchema(Schema):
     uri = fields.String(metadata={"description": "store:// URI to put in trainingInput.packageUris"})
-    kind = fields.String(metadata={"description": "sdist (a Python source distribution) or archive"})
+    kind = fields.String(metadata={"description": "sdist (a Python source distribution), wheel or archive"})
     sha256 = fields.String()
     size = fields.Integer()
     filename = fields.String()

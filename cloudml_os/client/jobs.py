@@ -160,7 +160,7 @@ def submit_group() -> None:
                    "uploaded.")
 @click.option("--module-name", help="The module to run, e.g. trainer.task (python -m MODULE USER_ARGS).")
 @click.option("--packages", multiple=True, metavar="FILE",
-              help="More packages to install: a .tar.gz/.zip file (uploaded) or a store:// URI. Repeat it, or "
+              help="More packages to install: a .tar.gz/.zip/.whl file (uploaded) or a store:// URI. Repeat it, or "
                    "separate them with commas.")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A YAML or JSON file with trainingInput (and labels), e.g. an hptuning_config.yaml; the "

@@ -70,6 +70,15 @@ class DriverError(RuntimeError):
 class Driver(abc.ABC):
     name: str
 
+    @classmethod
+    def store_mount(cls, settings: Settings) -> str | None:
+        """Where this driver's nodes see their project's objects as read-only files under ``settings``: a
+        root such that ``store://PROJECT/NAME`` is ``ROOT/PROJECT/NAME`` on a node of a cluster labelled with
+        that project (and no other project's objects are there), or None when nodes get no such view; then a
+        ``store://`` word in a job's args is refused at submission. A class method, so that the API can ask
+        without creating a driver."""
+        return None
+
     @abc.abstractmethod
     def create_cluster(self, spec: ClusterSpec) -> list[NodeInfo]:
         """Create the cluster's nodes, or return the existing ones if it already exists, booted.
@@ -122,11 +131,22 @@ def load_driver(settings: Settings, installation_id: str | None = None) -> Drive
 
     :raises ConfigError: the ``installation_id`` setting differs from the database's.
     """
-    matches = entry_points(group="cloudml_os.drivers", name=settings.driver)
-    if not matches:
-        raise DriverError(f"no compute driver named {settings.driver!r} is installed")
+    driver = driver_class(settings)
     if installation_id is None:
         from cloudml_os.store import kept_installation_id  # the database keeps it; drivers know no store
 
         installation_id = kept_installation_id(settings)
-    return next(iter(matches)).load()(dataclasses.replace(settings, installation_id=installation_id))
+    return driver(dataclasses.replace(settings, installation_id=installation_id))
+
+
+def driver_class(settings: Settings) -> type[Driver]:
+    """The class of the driver named in settings (``cloudml_os.drivers`` entry points), not instantiated."""
+    matches = entry_points(group="cloudml_os.drivers", name=settings.driver)
+    if not matches:
+        raise DriverError(f"no compute driver named {settings.driver!r} is installed")
+    return next(iter(matches)).load()
+
+
+def node_store_root(settings: Settings) -> str | None:
+    """Where the configured driver's nodes see the store (:meth:`Driver.store_mount`); None: they do not."""
+    return driver_class(settings).store_mount(settings)

@@ -96,8 +96,11 @@ def group_resource_name(task_type: str) -> str:
     return f"{task_type}_nodes"
 
 
-def build_stack(spec: ClusterSpec, options: StackOptions) -> StackRequest:
+def build_stack(spec: ClusterSpec, options: StackOptions, store_mount: str = "") -> StackRequest:
     """The Heat stack that creates ``spec``'s nodes.
+
+    :param store_mount: the ``store_mount`` parameter (:func:`cloudml_os.cloud.swift_mount.user_data_parameter`),
+        a secret: Heat hides it; empty leaves it out (the nodes mount nothing, or keep what a stack has).
 
     :raises DriverError: when the spec or the options cannot be expressed as this stack (names Heat or
         cloud-init would mangle, a task type whose indices repeat or whose nodes differ in flavor or
@@ -130,6 +133,8 @@ def build_stack(spec: ClusterSpec, options: StackOptions) -> StackRequest:
         "gpu_image": options.gpu_image,
         "volume_size": options.volume_size,
     }
+    if store_mount:
+        parameters["store_mount"] = store_mount
     return StackRequest(template=template, files={NODE_TEMPLATE: template_text(NODE_TEMPLATE)},
                         parameters=parameters, tags=_tags(spec.labels, options.installation_id))
 
@@ -202,6 +207,7 @@ def _group_resource(task_type: str, members: list[NodeSpec], options: StackOptio
                     "server_group": {"get_resource": "server_group"},
                     "floating_network": {"get_param": "floating_network"},
                     "volume_size": {"get_param": "volume_size"},
+                    "store_mount": {"get_param": "store_mount"},
                 },
             },
         },

@@ -23,6 +23,11 @@ continue or delete what another one started::
 Slot N gives the address ``PREFIX.(N // 256).(N % 256)`` and the framework ports
 ``local_port_base + N * local_ports_per_node`` onwards.
 
+Each node sees this host's files through its own mount namespace (:mod:`cloudml_os.cloud.node_view`, set up
+before its sshd starts, at every boot): the platform's data folder is hidden but for the node's own folder, and
+with the local artifact store ``/store/PROJECT`` holds the objects of the project the cluster's spec labels it
+with (``labels["project"]``), read-only.
+
 With ``local_network_isolation`` (root only), each node also gets a network namespace of its own, named
 after the bridge and its slot, whose ``eth0`` is one end of a veth; the other end is plugged into the
 bridge ``local_network_bridge`` on this host, which holds the first address of ``local_network_subnet``.
@@ -53,6 +58,8 @@ import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
+from cloudml_os.artifacts import PROJECT_ID_PATTERN
+from cloudml_os.cloud import node_view
 from cloudml_os.cloud.base import ClusterSpec, Driver, DriverError, NodeInfo, NodeSpec
 from cloudml_os.config import Settings
 from cloudml_os.keys import generate_keypair
@@ -83,6 +90,11 @@ class LocalDriver(Driver):
     """
 
     name = "local"
+
+    @classmethod
+    def store_mount(cls, settings: Settings) -> str | None:
+        """``/store`` with the local artifact store, whose project folders are bound into nodes; None with Swift."""
+        return node_view.STORE_ROOT if settings.artifacts == "local" else None
 
     def __init__(self, settings: Settings, *, boot_timeout: float = 15.0,
                  gpu_indices: Sequence[str] | None = None) -> None:
@@ -227,7 +239,7 @@ class LocalDriver(Driver):
             gpus = self._allocate_gpus(owner, node)
             prepared.append((node_dir, self._prepare_node(node_dir, spec, node, slot, gpus, username)))
         # Boot every node first and wait afterwards, so a cluster boots in the time of one node.
-        started = [(node_dir, info, self._start_node(node_dir, info)) for node_dir, info in prepared]
+        started = [(node_dir, info, self._start_node(node_dir, info, spec)) for node_dir, info in prepared]
         for node_dir, info, pid in started:
             self._wait_booted(node_dir, info, pid)
         return [info for _, info in prepared]
@@ -254,7 +266,7 @@ class LocalDriver(Driver):
             unshare_pid = processes.get(str(node_dir / "sshd_config"))
             if unshare_pid is None or namespace_init(unshare_pid) is None:
                 self._kill_node(node_dir, processes)
-                rebooting.append((node_dir, info, self._start_node(node_dir, info)))
+                rebooting.append((node_dir, info, self._start_node(node_dir, info, spec)))
             else:
                 rebooting.append((node_dir, info, unshare_pid))
         for node_dir, info, pid in rebooting:
@@ -265,7 +277,7 @@ class LocalDriver(Driver):
                     raise
                 # It died while being looked at (a node killed a moment ago): boot it once more.
                 self._kill_node(node_dir, _unshare_processes())
-                self._wait_booted(node_dir, info, self._start_node(node_dir, info))
+                self._wait_booted(node_dir, info, self._start_node(node_dir, info, spec))
         return infos
 
     # -- changing ------------------------------------------------------------------------------
@@ -331,7 +343,7 @@ class LocalDriver(Driver):
             node_dir.mkdir()
             gpus = [index for index in state["environment"]["CUDA_VISIBLE_DEVICES"].split(",") if index]
             info = self._prepare_node(node_dir, spec, node, state["slot"], gpus, username)
-            self._wait_booted(node_dir, info, self._start_node(node_dir, info))
+            self._wait_booted(node_dir, info, self._start_node(node_dir, info, spec))
             return info
         except BaseException:
             # Left powered off; cluster.json still names it, so a later change or delete finds it.
@@ -368,30 +380,48 @@ class LocalDriver(Driver):
         _write_atomically(node_dir / "node.json", json.dumps({"slot": slot, **dataclasses.asdict(info)}))
         return info
 
-    def _start_node(self, node_dir: Path, info: NodeInfo) -> int:
+    def _start_node(self, node_dir: Path, info: NodeInfo, spec: ClusterSpec) -> int:
         """Start the node's sshd as PID 1 of a new PID namespace, in its own session; return unshare's pid.
 
-        With network isolation the node's network namespace is made anew first and sshd starts inside it.
+        With network isolation the node's network namespace is made anew first and sshd starts inside it. In the
+        new mount namespace, a script shapes the node's view of the files before it execs sshd; the project whose
+        objects it shows comes from the spec, never from the node's folder (which the node can write).
         """
+        state = json.loads((node_dir / "node.json").read_text())
+        view = self._view(node_dir, spec.labels.get("project"))
         prefix: list[str] = []
         if self._settings.local_network_isolation:
-            slot = json.loads((node_dir / "node.json").read_text())["slot"]
-            prefix = [IP, "netns", "exec", self._plug(slot)]
+            prefix = [IP, "netns", "exec", self._plug(state["slot"])]
         elif accepts_tcp(info.address, info.ssh_port):
             raise DriverError(f"node {info.name}: {info.address}:{info.ssh_port} is already in use by a "
                               "process this driver does not manage")
         RUN_SSHD.mkdir(mode=0o755, parents=True, exist_ok=True)
         log_path = node_dir / "sshd.log"
+        # sshd's "-f CONFIG" stays in unshare's own argv: _unshare_processes finds nodes by it.
+        sshd = [SSHD, "-D", "-f", str(node_dir / "sshd_config"), "-E", str(log_path)]
         with open(log_path, "ab") as log:
             process = subprocess.Popen(
-                [*prefix, UNSHARE, "--pid", "--fork", "--kill-child", "--mount-proc",
-                 SSHD, "-D", "-f", str(node_dir / "sshd_config"), "-E", str(log_path)],
+                [*prefix, UNSHARE, "--pid", "--fork", "--kill-child", "--mount-proc", "--propagation", "private",
+                 *node_view.wrap(view, sshd)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, env=NODE_ENVIRONMENT,
             )
         self._children[process.pid] = process
         _write_atomically(node_dir / "unshare.pid", f"{process.pid}\n")
         return process.pid
+
+    def _view(self, node_dir: Path, project: str | None) -> node_view.NodeView:
+        """The node's view of the files; makes the folders it mounts (the store's ``/store``, the project's)."""
+        settings = self._settings
+        artifacts = settings.artifacts_root if self.store_mount(settings) else None
+        try:
+            view = node_view.view_for(settings.data_dir, node_dir, settings.runtimes_dir, project, artifacts)
+        except ValueError as exc:
+            raise DriverError(f"node {node_dir.name}: cannot set up its view of the files: {exc}") from None
+        Path(node_view.STORE_ROOT).mkdir(mode=0o755, exist_ok=True)  # the mount point; stays empty on this host
+        for folder in (*view.kept, *([view.project_source] if view.project_source else [])):
+            folder.mkdir(parents=True, exist_ok=True)
+        return view
 
     def _wait_booted(self, node_dir: Path, info: NodeInfo, unshare_pid: int) -> None:
         """Wait until the node's sshd accepts TCP; fail early if its namespace died."""
@@ -671,6 +701,9 @@ def _check_spec(spec: ClusterSpec) -> None:
         raise DriverError(f"cluster {spec.name}: node names must be unique, got {names}")
     if not spec.nodes:
         raise DriverError(f"cluster {spec.name}: needs at least one node")
+    project = spec.labels.get("project")
+    if project is not None and not re.fullmatch(PROJECT_ID_PATTERN, project):
+        raise DriverError(f"cluster {spec.name}: label project {project!r} is not a project id")
     key = spec.public_key.strip()
     if not key or "\n" in key or "\r" in key:
         raise DriverError(f"cluster {spec.name}: public_key must be one OpenSSH public key line")

@@ -14,6 +14,13 @@ is still deleted by name (its job's teardown) but no longer listed, so garbage c
 
 Host keys are never trusted on first use: cloud-init prints every node's host keys to its console log
 (the "SSH HOST KEY KEYS" block), which the driver reads through Nova's authenticated API and pins.
+
+A job's cluster (labelled with its project) gets a Keystone application credential of its own, named after
+the cluster, that reads only the project's Swift container; the nodes mount that container read-only at
+``/store/PROJECT`` with it (:mod:`cloudml_os.cloud.swift_mount`, setting ``openstack_store_mount``). It is
+made just before the stack and reaches the nodes only in the stack's hidden ``store_mount`` parameter (their
+user data); :meth:`OpenStackDriver.delete_cluster` deletes it by name, also when the stack is already gone.
+
 Only this module and ``artifacts/swift.py`` import openstacksdk.
 """
 
@@ -26,6 +33,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from cloudml_os.cloud import swift_mount
 from cloudml_os.cloud.base import ClusterSpec, Driver, DriverError, NodeInfo
 from cloudml_os.cloud.heat_template import (
     NODES_OUTPUT,
@@ -42,6 +50,7 @@ log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 1.0
 UPDATE_START_GRACE = 10.0  # seconds an update may take to show on the stack
+CREDENTIAL_ATTEMPTS = 4  # tries at making a cluster's store credential (see _new_store_credential)
 _HOST_KEYS = re.compile(r"-----BEGIN SSH HOST KEY KEYS-----\r?\n(.*?)-----END SSH HOST KEY KEYS-----", re.S)
 # Newer cloud-init prefixes console lines with "<14>DATE ec2: "; the key is the rest of the line.
 _KEY_LINE = re.compile(r"(?:^|\s)((?:ssh-ed25519|ecdsa-sha2-nistp(?:256|384|521)|ssh-rsa) [A-Za-z0-9+/]+=*)(?:\s|$)")
@@ -80,6 +89,11 @@ class OpenStackDriver(Driver):
 
     # -- the Driver interface -------------------------------------------------------------------
 
+    @classmethod
+    def store_mount(cls, settings: Settings) -> str | None:
+        """``/store`` when nodes mount their project's Swift container (``openstack_store_mount``)."""
+        return swift_mount.STORE_ROOT if settings.openstack_store_mount and settings.artifacts == "swift" else None
+
     def create_cluster(self, spec: ClusterSpec) -> list[NodeInfo]:
         stack = self._find_own_stack(spec.name)
         if stack is not None and (stack.status.endswith("_FAILED")
@@ -89,7 +103,7 @@ class OpenStackDriver(Driver):
             stack = None
         if stack is None:
             self._check_limits(spec)
-            request = build_stack(spec, self._options())
+            request = build_stack(spec, self._options(), store_mount=self._new_store_credential(spec))
             body = {"stack_name": spec.name, "template": request.template, "files": request.files,
                     "parameters": request.parameters, "tags": ",".join(request.tags),
                     "timeout_mins": max(1, int(self._settings.openstack_stack_timeout // 60)),
@@ -117,8 +131,11 @@ class OpenStackDriver(Driver):
         if self._stack_nodes(stack) != {(n.task_type, n.task_index) for n in spec.nodes}:
             self._check_limits(spec, already=self._stack_nodes(stack))
             request = build_stack(spec, self._options())
+            # PATCH keeps the parameters it is not given: the hidden store_mount, whose credential the
+            # cluster's nodes hold (its secret is known only when it is made), goes to new nodes as well.
             self._update(stack, {"template": request.template, "files": request.files,
-                                 "parameters": request.parameters, "tags": ",".join(request.tags)}, method="put")
+                                 "parameters": request.parameters, "tags": ",".join(request.tags)},
+                         method="patch" if self.store_mount(self._settings) else "put")
             stack = self._wait_updated(spec.name, stack)
         return self._nodes(spec, stack)
 
@@ -146,13 +163,15 @@ class OpenStackDriver(Driver):
 
     def delete_cluster(self, name: str) -> None:
         stack = self._find_stack(name)
-        if stack is None:
-            return
-        owner = self._another_installation(stack)
+        owner = self._another_installation(stack) if stack is not None else ""
         if owner:
             log.warning("cluster %s belongs to the installation %s, not this one: left as it is", name, owner)
             return
-        self._delete_stack(stack)
+        # The credential first: the nodes' mounts stop working before the nodes go (and a credential whose
+        # stack was never made, or is gone already, is not left behind).
+        self._delete_store_credential(name)
+        if stack is not None:
+            self._delete_stack(stack)
 
     def list_clusters(self) -> list[str]:
         installation = self._settings.installation_id
@@ -161,6 +180,62 @@ class OpenStackDriver(Driver):
         # no other installation's stack is listed. Heat lists a deleted stack for a moment after DELETE_COMPLETE.
         return sorted(stack.name for stack in self._cloud.orchestration.stacks(tags=tags)
                       if stack.status != "DELETE_COMPLETE" and installation_of(stack.tags or []) == installation)
+
+    # -- the nodes' view of the store -------------------------------------------------------------
+
+    def _new_store_credential(self, spec: ClusterSpec) -> str:
+        """Make the cluster's application credential; return the ``store_mount`` stack parameter ("" for none).
+
+        Called only before the stack is created; one of the same name (from a delivery that died before its
+        stack was made, whose secret is lost) is deleted first, so a cluster never has two.
+        """
+        project = spec.labels.get("project")
+        if not project or not self.store_mount(self._settings):
+            return ""
+        settings = self._settings
+        self._delete_store_credential(spec.name)
+        endpoint = self._cloud.object_store.get_endpoint()
+        container = settings.swift_container_prefix + project
+        identity = self._cloud.identity
+        from openstack import exceptions
+
+        for attempt in range(CREDENTIAL_ATTEMPTS):
+            try:
+                credential = identity.create_application_credential(
+                    self._cloud.current_user_id,
+                    name=swift_mount.credential_name(spec.name, settings.installation_id),
+                    description=f"cloudml-os: read-only {container} for the nodes of {spec.name}",
+                    access_rules=swift_mount.access_rules(swift_mount.account_path(endpoint), container))
+                break
+            except exceptions.ConflictException as exc:
+                # Keystone keeps access rules per user and shares equal ones between credentials: two jobs of
+                # a project made at the same moment race to store the same rule, and the loser gets 409.
+                if attempt == CREDENTIAL_ATTEMPTS - 1:
+                    raise DriverError(f"cluster {spec.name}: Keystone would not make the nodes' credential for "
+                                      f"the store: {exc}") from None
+                self._delete_store_credential(spec.name)
+                self._sleep(POLL_INTERVAL)
+            except exceptions.SDKException as exc:  # the message names no secret
+                raise DriverError(f"cluster {spec.name}: Keystone would not make the nodes' credential for the "
+                                  f"store: {exc}") from None
+        identity_url = settings.openstack_node_identity_url or self._cloud.session.get_endpoint(
+            service_type="identity", interface="public")
+        config = swift_mount.rclone_config(
+            identity_url, swift_mount.storage_url(endpoint, settings.openstack_node_object_store_url,
+                                                  self._cloud.current_project_id),
+            credential.id, credential.secret)
+        return swift_mount.user_data_parameter(swift_mount.mount_script(project, container, config))
+
+    def _delete_store_credential(self, cluster: str) -> None:
+        """Delete the cluster's application credential(s), if any: its nodes' tokens stop working."""
+        if not self.store_mount(self._settings):
+            return
+        identity = self._cloud.identity
+        user = self._cloud.current_user_id
+        name = swift_mount.credential_name(cluster, self._settings.installation_id)
+        for credential in list(identity.application_credentials(user)):
+            if credential.name == name:
+                identity.delete_application_credential(user, credential.id, ignore_missing=True)
 
     # -- creating ------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator
 from typing import IO, Any
 
 from flask import Flask
@@ -58,8 +59,33 @@ class V1Client:
                           str(error.get("message") or f"The API answered HTTP {response.status_code}."))
         return payload
 
+    def stream(self, path: str) -> tuple[int, dict[str, str], Iterator[bytes]]:
+        """``GET /v1{path}`` of a byte stream (an object): status, headers and the body as it is produced.
+
+        :raises V1Error: the API answered with an error.
+        """
+        response = self._client.open(f"/v1{path}", method="GET", headers=self._headers,
+                                     environ_base=self._environ, buffered=False)
+        if response.status_code >= 400:
+            try:
+                payload = json.loads(response.get_data() or b"{}")
+            finally:
+                response.close()
+            error = payload.get("error", {}) if isinstance(payload, dict) else {}
+            raise V1Error(response.status_code, str(error.get("status", "UNKNOWN")),
+                          str(error.get("message") or f"The API answered HTTP {response.status_code}."))
+        return response.status_code, dict(response.headers), _closing(response)
+
     def get(self, path: str, **query: Any) -> dict[str, Any]:
         return self.call("GET", path, query=query)
 
     def post(self, path: str, body: Any = None, **query: Any) -> dict[str, Any]:
         return self.call("POST", path, body=body if body is not None else {}, query=query)
+
+
+def _closing(response: Any) -> Iterator[bytes]:
+    """The response's body, closing it (and the app's iterator) when the last piece is read or the client goes."""
+    try:
+        yield from response.iter_encoded()
+    finally:
+        response.close()

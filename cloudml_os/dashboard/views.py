@@ -17,7 +17,7 @@ import math
 import re
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from flask import (
     Blueprint,
@@ -356,6 +356,14 @@ def job_detail(job_id: str) -> str:
 def job_metrics(job_id: str) -> Response:
     """The Metrics tab's data as JSON: the API's ``{"source": "tensorboard" | "logs", "series": {...}}``."""
     return jsonify(_job_metrics(job_id))
+
+
+@blp.route("/project/jobs/<job_id>/metrics/pane")
+def job_metrics_pane(job_id: str) -> str:
+    """The Metrics tab's body, polled while the job runs: its curves are live (event files copied as written)."""
+    metrics = _job_metrics(job_id)
+    return render_template("dashboard/project/_job_metrics.html", job=_job_view(job_id), metrics=metrics["series"],
+                           metrics_source=metrics["source"])
 
 
 def _job_metrics(job_id: str) -> dict[str, Any]:
@@ -748,6 +756,47 @@ def upload_package() -> Response:
         _act(lambda: api().call("POST", f"/projects/{g.project}/packages", file=(upload.stream, upload.filename)),
              f"Package {upload.filename} uploaded.")
     return redirect(url_for("dashboard.packages"))
+
+
+# ---- Project: objects ------------------------------------------------------------------------------------
+
+OBJECTS_PAGE = 200
+
+
+@blp.route("/project/objects")
+def objects() -> str:
+    """One "folder" of the project's objects (names up to the next ``/`` after ``prefix``), a page at a time."""
+    prefix = request.args.get("prefix", "")
+    listed = api().get(f"/projects/{g.project}/objects", prefix=prefix, delimiter="/", pageSize=OBJECTS_PAGE,
+                       pageToken=request.args.get("pageToken"))
+    parts = prefix.rstrip("/").split("/") if prefix else []
+    crumbs = [(part, "/".join(parts[:index + 1]) + "/") for index, part in enumerate(parts)]
+    return render_template("dashboard/project/objects.html", prefix=prefix, crumbs=crumbs,
+                           folders=listed.get("prefixes", []), objects=listed.get("objects", []),
+                           next_token=listed.get("nextPageToken"))
+
+
+@blp.route("/project/objects/download/<path:name>")
+def download_object(name: str) -> Response:
+    """The object's bytes, streamed from the API as they come (never held whole)."""
+    status, headers, body = api().stream(f"/projects/{g.project}/objects/{quote(name)}")
+    response = Response(body, status=status, mimetype="application/octet-stream", direct_passthrough=True)
+    for header in ("Content-Length", "ETag", "Last-Modified", "X-Content-MD5"):
+        if header in headers:
+            response.headers[header] = headers[header]
+    response.headers["Content-Disposition"] = f"attachment; filename*=UTF-8''{quote(name.rsplit('/', 1)[-1])}"
+    return response
+
+
+@blp.route("/project/objects/delete", methods=["POST"])
+def delete_object() -> Response:
+    name = request.form.get("name", "")
+    recursive = name.endswith("/")
+    _act(lambda: api().call("DELETE", f"/projects/{g.project}/objects/{quote(name.rstrip('/'))}",
+                            query={"recursive": "true"} if recursive else None),
+         f"{'Folder' if recursive else 'Object'} {name} deleted.")
+    parent = name.rstrip("/").rpartition("/")[0]
+    return redirect(url_for("dashboard.objects", prefix=parent + "/" if parent else None))
 
 
 # ---- Admin panels --------------------------------------------------------------------------------------------

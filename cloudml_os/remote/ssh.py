@@ -31,7 +31,7 @@ import stat
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import paramiko
 import tenacity
@@ -432,6 +432,30 @@ class NodeSession:
                 return remote.read(limit)
         except FileNotFoundError:
             return b""
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            raise RemoteError(f"node {self.name}: cannot read {remote_path}: {exc or type(exc).__name__}") from None
+
+    def get_file(self, remote_path: str, target: BinaryIO, size: int) -> int | None:
+        """Copy one file of ``size`` bytes (as a listing said) into ``target``, its reads sent ahead in parallel.
+
+        At most ``size + 1`` bytes are copied, so a file that grew since it was listed shows as a count other
+        than ``size`` (the caller discards the copy) without ever being read to its end. The node is not
+        trusted, so ``size`` bounds the bytes, not the file's own claim.
+
+        :returns: the bytes copied, or None when the file no longer exists.
+        :raises RemoteError: the file cannot be opened or read.
+        """
+        try:
+            with self._sftp().open(remote_path, "rb") as source:
+                if size > _READ_CHUNK:  # prefetching starts a thread: worth it only beyond one read
+                    source.prefetch(size)
+                copied = 0
+                while copied <= size and (chunk := source.read(min(_READ_CHUNK, size + 1 - copied))):
+                    target.write(chunk)
+                    copied += len(chunk)
+                return copied
+        except FileNotFoundError:
+            return None
         except (OSError, EOFError, paramiko.SSHException) as exc:
             raise RemoteError(f"node {self.name}: cannot read {remote_path}: {exc or type(exc).__name__}") from None
 

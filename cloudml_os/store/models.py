@@ -44,7 +44,7 @@ class Package(Base):
     project: Mapped[str] = mapped_column(String(63), index=True)
     uri: Mapped[str] = mapped_column(String(1024), unique=True)
     filename: Mapped[str] = mapped_column(String(255))
-    kind: Mapped[str] = mapped_column(String(16))  # "sdist" or "archive"
+    kind: Mapped[str] = mapped_column(String(16))  # "sdist", "wheel" or "archive"
     sha256: Mapped[str] = mapped_column(String(64))
     size: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)

@@ -14,14 +14,14 @@ re-sends itself after the backoff; the second replaces the lost nodes, restores 
 node and hands over to BOOTSTRAPPING (a new node has an empty disk; the others' markers make it quick),
 LAUNCHING (a new process folder per start: ``process-N``) and TRAINING again. Each part is idempotent.
 
-Checkpoints survive a node: ``--job-dir`` is a folder on each node, and a new node's disk is empty. Before a
-restart the job directory of the first reachable node that owns the outputs (the chief; TensorFlow's
-worker 0 without one; any MXNet worker) is copied to the artifact store under the job's directory
-(``JOB_DIR/restarts/job-dir``) and that copy is put onto every node's ``--job-dir``, so every restarted
-trainer finds the latest checkpoint where it wrote it. One node's copy serves all because synchronous
-training keeps every replica's state equal, and copying only at a restart costs nothing while training
-runs. The copy in the store outlives its node: when the chief's node is the one lost, the copy of an
-earlier restart (if any) is restored, else the trainers start afresh.
+Checkpoints survive a node: ``--job-dir`` is a folder on each node, and a new node's disk is empty, but
+what the node that owns the outputs (the chief; TensorFlow's worker 0 without one; an MXNet worker) writes
+there is copied to the job's directory in the artifact store while it trains, seconds behind
+(:mod:`cloudml_os.workflows.outputs`). Before a restart the stopped trainers' last writes are copied too,
+if their node still answers; then that copy of the job directory is put onto every node's ``--job-dir``,
+so every restarted trainer finds the latest synced checkpoint where it wrote it, also when the chief's
+node is the one lost. One node's copy serves all because synchronous training keeps every replica's state
+equal. With nothing copied (a trainer that wrote no file yet) the trainers start afresh.
 
 This module builds on :mod:`cloudml_os.workflows.train` (its context, layout and step conventions).
 """
@@ -34,10 +34,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from cloudml_os.artifacts import make_uri, parse_uri
-from cloudml_os.remote import FanOutError, RemoteError, fan_out
+from cloudml_os.remote import FanOutError, fan_out
 from cloudml_os.states import DEFAULT_BACKOFF_LIMIT, NODE_UNREACHABLE, RESTART_POLICIES, Step
 from cloudml_os.store import Cluster, Job, Node
+from cloudml_os.workflows import outputs
 from cloudml_os.workflows import train as training
 
 NEVER, ON_FAILURE = RESTART_POLICIES
@@ -64,12 +64,6 @@ class RestartPolicy:
 def backoff_seconds(base: float, restart_number: int) -> float:
     """The pause before restart ``restart_number`` (1-based): base, 2 × base, 4 × base… at most 6 minutes."""
     return min(base * 2 ** max(0, restart_number - 1), MAX_BACKOFF_SECONDS)
-
-
-def checkpoint_uri(job: Job) -> str:
-    """Where the job directory saved before a restart lives: under the job's own directory."""
-    project, key = parse_uri(training._job_dir(job))
-    return make_uri(project, f"{key}/restarts/job-dir")
 
 
 # ---- what a failure leads to (called by the watch step) -------------------------------------------
@@ -110,7 +104,7 @@ def _apply_policy(ctx: training.TrainingContext, job: Job, reason: str) -> train
 # ---- the RESTARTING step ----------------------------------------------------------------------------
 
 def restart(ctx: training.TrainingContext, job: Job) -> training.Handover:
-    """First delivery: stop trainers, save the job directory, wait out the backoff. Then: replace, restore."""
+    """First delivery: stop trainers, copy their last outputs, wait out the backoff. Then: replace, restore."""
     cluster = training._cluster(ctx, job)
     if job.step_seq == 0:
         _stop_trainers(ctx, job, cluster)
@@ -142,29 +136,10 @@ def _stop_trainers(ctx: training.TrainingContext, job: Job, cluster: Cluster) ->
 
 
 def _save_job_dir(ctx: training.TrainingContext, job: Job, cluster: Cluster) -> None:
-    """Copy the job directory of the first reachable output-owning node to the artifact store."""
-    framework = ctx.frameworks[job.framework]
-    by_role = {(node.task_type, node.task_index): node for node in cluster.nodes}
-    roles = [training._role(node, job, ctx) for node in cluster.nodes]
-    for role in framework.export_roles(roles):
-        node = by_role[(role.task_type, role.task_index)]
-        if node.process_state == NODE_UNREACHABLE:
-            continue
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                with ctx.connect(node, cluster.private_key) as session:
-                    session.get_tree(training.node_job_dir(node), Path(tmp))
-            except RemoteError as exc:
-                ctx.store.add_event(job.id, "CHECKPOINT", f"Job directory not saved: {exc}", node=node.name)
-                continue
-            if not any(path.is_file() for path in Path(tmp).rglob("*")):
-                continue
-            project, key = parse_uri(checkpoint_uri(job))
-            uri = ctx.artifacts.put_tree(project, key, Path(tmp))
-        ctx.store.add_event(job.id, "CHECKPOINT", f"Job directory of {node.name} saved to {uri}", node=node.name)
-        return
-    ctx.store.add_event(job.id, "CHECKPOINT", "No reachable node had a job directory to save; an earlier copy, "
-                                              "if any, is restored")
+    """Copy what the stopped trainers wrote last to the store, from the nodes that still answer (a lost
+    chief's job directory is in the store as last synced)."""
+    reachable = [node for node in cluster.nodes if node.process_state != NODE_UNREACHABLE]
+    outputs.final_sync(ctx, job, cluster, training.output_sources(ctx, job, cluster, reachable))
 
 
 def _replace_lost_nodes(ctx: training.TrainingContext, job: Job, cluster: Cluster) -> None:
@@ -181,14 +156,22 @@ def _replace_lost_nodes(ctx: training.TrainingContext, job: Job, cluster: Cluste
 
 
 def _restore_job_dir(ctx: training.TrainingContext, job: Job, cluster: Cluster) -> None:
-    uri = checkpoint_uri(job)
-    if not ctx.artifacts.exists(uri):
-        ctx.store.add_event(job.id, "CHECKPOINT", "No saved job directory: the trainers start afresh")
-        return
-    with ctx.artifacts.local_tree(uri) as tree:
+    """Put the job directory's copy in the store onto every node's ``--job-dir``."""
+    sources = training.output_sources(ctx, job, cluster)
+    with outputs.OutputSync(ctx, job, cluster, sources, interval=0) as copier, \
+            tempfile.TemporaryDirectory() as tmp:
+        count, synced_at = copier.download(Path(tmp))
+        if not count:
+            ctx.store.add_event(job.id, "CHECKPOINT", "No copy of the job directory in the store: the trainers "
+                                                      "start afresh")
+            return
         with training._Sessions(ctx, cluster) as sessions:
-            sessions.each(lambda node, session: session.put_tree(tree, training.node_job_dir(node)))
-    ctx.store.add_event(job.id, "CHECKPOINT", f"Job directory restored from {uri} onto {len(cluster.nodes)} node(s)")
+            sessions.each(lambda node, session: session.put_tree(Path(tmp), training.node_job_dir(node)))
+        for source in sources:
+            if source.mirror is not None:
+                copier.adopt(source)
+    ctx.store.add_event(job.id, "CHECKPOINT", f"Job directory restored from {copier.uri}/ ({count} file(s), as "
+                                              f"copied at {synced_at}) onto {len(cluster.nodes)} node(s)")
 
 
 def _each(ctx: training.TrainingContext, nodes: Sequence[Node],

@@ -28,17 +28,19 @@ from typing import Any
 
 from sqlalchemy.exc import OperationalError
 
-from cloudml_os import tuning
+from cloudml_os import dependencies, tuning
 from cloudml_os.artifacts import ArtifactError, ArtifactStore, job_dir_uri, make_uri, parse_uri
+from cloudml_os.artifacts.trainer_args import StoreArgError, node_args
 from cloudml_os.cloud.base import ClusterSpec, Driver, DriverError, NodeSpec
 from cloudml_os.config import Settings
 from cloudml_os.frameworks.base import Framework, Member, ProcessStatus, Role, topology_from_training_input
 from cloudml_os.keys import generate_keypair
 from cloudml_os.remote import FanOutError, NodeSession, RemoteError, fan_out, wait_for_streams
 from cloudml_os.remote import ProcessStatus as RemoteStatus
-from cloudml_os.runtimes import runtime_python
+from cloudml_os.runtimes import runtime_dirname, runtime_python
 from cloudml_os.states import NODE_UNREACHABLE, JobState, Step
 from cloudml_os.store import Cluster, Job, Node, Store
+from cloudml_os.workflows import outputs
 
 log = logging.getLogger(__name__)
 
@@ -197,18 +199,15 @@ def provision(ctx: TrainingContext, job: Job) -> Handover:
 
 
 def bootstrap(ctx: TrainingContext, job: Job) -> Handover:
-    """Check the runtime on every node and install the job's packages into a per-job site directory."""
+    """Check the runtime on every node and install the job's packages and their requirements into a per-job
+    site directory."""
     cluster = _cluster(ctx, job)
     framework = ctx.frameworks[job.framework]
     with contextlib.ExitStack() as downloads:
         packages = [(uri, downloads.enter_context(ctx.artifacts.local_file(uri)))
                     for uri in job.training_input["packageUris"]]
-
-        def prepare(node: Node, session: NodeSession) -> None:
-            _install_packages(ctx, job, framework, packages, node, session)
-
         with _Sessions(ctx, cluster) as sessions:
-            sessions.each(prepare)
+            _install_packages_on(ctx, job, framework, packages, cluster.nodes, sessions.open)
     ctx.store.add_event(job.id, "BOOTSTRAP", f"{len(cluster.nodes)} node(s) bootstrapped")
     return Handover(Step.TUNING if is_tuning(job) else Step.LAUNCHING)
 
@@ -216,29 +215,102 @@ def bootstrap(ctx: TrainingContext, job: Job) -> Handover:
 def _install_packages(ctx: TrainingContext, job: Job, framework: Framework, packages: list[tuple[str, Path]],
                       node: Node, session: NodeSession) -> None:
     """Check the node's runtime and install the job's packages there, once (a marker says it is done)."""
-    done_marker = f"{job_root(node)}/bootstrap.done"
-    if session.run(["test", "-e", done_marker], check=False).exit_code == 0:
+    _install_packages_on(ctx, job, framework, packages, [node], {node.name: session})
+
+
+def _install_packages_on(ctx: TrainingContext, job: Job, framework: Framework, packages: list[tuple[str, Path]],
+                         nodes: list[Node], sessions: dict[str, NodeSession]) -> None:
+    """Check the runtime of ``nodes`` and install the job's packages there with what they require beyond the
+    runtime, once per node (a marker says it is done: a redelivered step skips the nodes that finished).
+
+    The first node still to do resolves the requirements and fetches what the worker's wheel cache lacks
+    (:mod:`cloudml_os.dependencies`); then every node gets exactly those wheels and installs them, the job's
+    sdists and wheels with one offline pip command, and unpacks its plain archives after.
+    """
+    def each(action: Callable[[Node, NodeSession], Any], some: list[Node]) -> list[Any]:
+        return fan_out(some, lambda node: action(node, sessions[node.name]), ctx.settings.ssh_parallelism)
+
+    done = each(lambda node, session: session.run(["test", "-e", _done_marker(node)], check=False).exit_code == 0,
+                nodes)
+    pending = [node for node, finished in zip(nodes, done, strict=True) if not finished]
+    if not pending:
         return
+    each(lambda node, session: _upload_packages(job, framework, packages, node, session), pending)
+    kinds = [_package_kind(ctx, uri) for uri, _ in packages]
+    pip_packages = [path for (_, path), kind in zip(packages, kinds, strict=True) if kind != "archive"]
+    pip_files = [path.name for path in pip_packages]
+    archives = [path.name for (_, path), kind in zip(packages, kinds, strict=True) if kind == "archive"]
+    wheels = _requirements(ctx, job, framework, pip_packages, pending[0], sessions[pending[0].name])
+    each(lambda node, session: _install_on_node(job, framework, pip_files, archives, wheels, node, session), pending)
+
+
+def _requirements(ctx: TrainingContext, job: Job, framework: Framework, pip_packages: list[Path], node: Node,
+                  session: NodeSession) -> dependencies.Wheels:
+    """What the job's sdists and wheels (``pip_packages``, uploaded to ``node``) require beyond the runtime,
+    resolved on ``node`` (or as the same packages were before), which also fetches what the project's wheel
+    cache for the runtime lacks."""
+    if not pip_packages:
+        return dependencies.Wheels()
+    root = job_root(node)
+    runtime = runtime_dirname(framework.runtime(job.training_input.get("runtimeVersion")))
+    cache = dependencies.WheelCache(ctx.settings.data_dir / "wheelhouse" / runtime / job.project)
+    options = dependencies.pip_options(ctx.settings.pip_index_url, ctx.settings.pip_extra_args)
+    try:
+        wheels = dependencies.prepare(node.name, session, node_python(node, job, framework),
+                                      [f"{root}/packages/{path.name}" for path in pip_packages], root, cache,
+                                      dependencies.resolution_key(pip_packages, options), options)
+    except dependencies.DependencyError as exc:
+        raise StepError(str(exc)) from None
+    if wheels.requirements:
+        ctx.store.add_event(job.id, "BOOTSTRAP", wheels.summary())
+    return wheels
+
+
+def _install_on_node(job: Job, framework: Framework, pip_files: list[str], archives: list[str],
+                     wheels: dependencies.Wheels, node: Node, session: NodeSession) -> None:
+    """Put the requirements' wheels on the node, install them with the job's sdists and wheels, unpack the
+    plain archives, and mark the node done."""
+    root, python, site = job_root(node), node_python(node, job, framework), packages_dir(node)
+    for path in wheels.files:
+        if node.name != wheels.fetched_on or path.name not in wheels.fetched:  # the fetching node has those
+            session.put(path, f"{root}/wheels/{path.name}")
+    if pip_files:
+        argv = dependencies.install_argv(python, site, [f"{root}/packages/{name}" for name in pip_files],
+                                         f"{root}/wheels", wheels.requirements)
+        result = session.run(argv, check=False, timeout=dependencies.PIP_TIMEOUT)
+        if result.exit_code != 0:
+            raise StepError(f"node {node.name}: installing the job's packages failed: "
+                            + dependencies.pip_failure(f"{result.stdout}\n{result.stderr}"))
+    for name in archives:
+        result = session.run([python, "-c", UNPACK_SCRIPT, f"{root}/packages/{name}", site], check=False,
+                             timeout=dependencies.PIP_TIMEOUT)
+        if result.exit_code != 0:
+            tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-ERROR_LOG_LINES:])
+            raise StepError(f"node {node.name}: unpacking {name} failed:\n{tail}")
+    session.run(["touch", _done_marker(node)])
+
+
+def _done_marker(node: Node) -> str:
+    return f"{job_root(node)}/bootstrap.done"
+
+
+def _package_kind(ctx: TrainingContext, uri: str) -> str:
+    """How nodes install a package: ``sdist`` and ``wheel`` with pip, ``archive`` (also a package the store
+    does not know) unpacked."""
+    package = ctx.store.package_by_uri(uri)
+    return package.kind if package is not None else "archive"
+
+
+def _upload_packages(job: Job, framework: Framework, packages: list[tuple[str, Path]], node: Node,
+                     session: NodeSession) -> None:
     python = node_python(node, job, framework)
     if session.run(["test", "-x", python], check=False).exit_code != 0:
         raise StepError(f"node {node.name}: runtime {python} is missing (build it with "
                         f"`cloudml-os runtime build`)")
-    site = packages_dir(node)
-    session.run(["mkdir", "-p", site, node_job_dir(node), f"{job_root(node)}/packages"])
-    for uri, local_path in packages:
-        remote = f"{job_root(node)}/packages/{local_path.name}"
-        session.put(local_path, remote)
-        package = ctx.store.package_by_uri(uri)
-        if package is not None and package.kind == "sdist":
-            command = [python, "-m", "pip", "install", "--no-deps", "--no-index", "--no-build-isolation",
-                       "--disable-pip-version-check", "--quiet", "--upgrade", "--target", site, remote]
-        else:
-            command = [python, "-c", UNPACK_SCRIPT, remote, site]
-        result = session.run(command, check=False, timeout=600)
-        if result.exit_code != 0:
-            tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-ERROR_LOG_LINES:])
-            raise StepError(f"node {node.name}: installing {local_path.name} failed:\n{tail}")
-    session.run(["touch", done_marker])
+    root = job_root(node)
+    session.run(["mkdir", "-p", packages_dir(node), node_job_dir(node), f"{root}/packages", f"{root}/wheels"])
+    for _, local_path in packages:
+        session.put(local_path, f"{root}/packages/{local_path.name}")
 
 
 # Unpacks a plain archive on the node; members were checked at upload, the 'data' filter checks again.
@@ -252,13 +324,26 @@ UNPACK_SCRIPT = (
 )
 
 
+def trainer_args(ctx: TrainingContext, job: Job) -> list[str]:
+    """The job's args as its trainers get them: ``store://`` URIs become paths where the nodes see the store.
+
+    :raises StepError: a ``store://`` arg the nodes cannot open (checked at submission; the driver or store may
+        have changed since).
+    """
+    args = job.training_input.get("args", [])
+    try:
+        return node_args(args, job.project, ctx.driver.store_mount(ctx.settings))
+    except StoreArgError as exc:
+        raise StepError(f"trainingInput.args[{exc.index}]: {exc}") from None
+
+
 def launch(ctx: TrainingContext, job: Job) -> Handover:
     """Start the trainer on every node with the environment its framework role needs."""
     cluster = _cluster(ctx, job)
     framework = ctx.frameworks[job.framework]
     members = [Member(_role(n, job, ctx), n.address, n.port_first, n.port_last) for n in cluster.nodes]
     body = {"jobId": job.job_id, "trainingInput": job.training_input}
-    training_input = job.training_input
+    training_input = {**job.training_input, "args": trainer_args(ctx, job)}
     ctx.store.transition(job.id, [JobState.PREPARING], JobState.RUNNING)
 
     def start(node: Node, session: NodeSession) -> None:
@@ -314,7 +399,9 @@ def _watch_window(ctx: TrainingContext, job: Job, cluster: Cluster, framework: F
     ended: dict[str, RemoteStatus] = {}  # node name -> how its trainer ended
     unsent = {name: bytearray() for name in nodes}
     logs_due = time.monotonic() + LOG_FETCH_INTERVAL
-    with _Sessions(ctx, cluster) as sessions, contextlib.ExitStack() as open_streams:
+    # The trainers' outputs are copied to the store by a thread of the window's own, beside log following.
+    with _Sessions(ctx, cluster) as sessions, contextlib.ExitStack() as open_streams, \
+            outputs.OutputSync(ctx, job, cluster, output_sources(ctx, job, cluster)) as copier:
         def follow(node: Node, session: NodeSession) -> Any:
             follower = session.follow(process_dir(node), _log_file_offset(node), ctx.settings.watch_interval)
             return open_streams.enter_context(contextlib.closing(follower))
@@ -355,6 +442,7 @@ def _watch_window(ctx: TrainingContext, job: Job, cluster: Cluster, framework: F
                         ended[node.name] = status
                 outcome = framework.outcome([_process_status(role, ended.get(role.node_name)) for role in roles])
                 if outcome.state == "SUCCEEDED":
+                    copier.finish()  # what the trainers wrote last, in the store before the export reads it
                     ctx.store.add_event(job.id, "OUTCOME", outcome.message or "Training succeeded")
                     return Handover(Step.EXPORTING)
                 if outcome.state == "FAILED":
@@ -449,19 +537,23 @@ def teardown(ctx: TrainingContext, job: Job) -> Handover:
     cluster = ctx.store.cluster_of(job.id)
     if cluster is not None:
         ctx.store.update_cluster(cluster.id, state="DELETING")
-        def stop(node: Node) -> None:
+        def stop(node: Node) -> bool:
             # Each node on its own: one that is gone already (or stopped answering) costs only its own last
             # log bytes, never the others'; deletion runs in any case.
             try:
                 with ctx.connect(node, cluster.private_key) as session:
                     session.stop_process(process_dir(node), ctx.settings.stop_grace_seconds)
                     _fetch(ctx, job, node, session)
-                    _archive_summaries(ctx, job, node, session)
+                return True
             except (RemoteError, OSError) as exc:
                 log.warning("job %s: could not stop the trainer on %s before deletion: %s", job.id, node.name, exc)
+                return False
 
-        fan_out([n for n in cluster.nodes if n.process_state != NODE_UNREACHABLE], stop,
-                ctx.settings.ssh_parallelism)
+        nodes = [n for n in cluster.nodes if n.process_state != NODE_UNREACHABLE]
+        stopped = [node for node, ok in zip(nodes, fan_out(nodes, stop, ctx.settings.ssh_parallelism), strict=True)
+                   if ok]
+        if job.outcome != JobState.SUCCEEDED.value:  # a job that succeeded had them copied before its export
+            outputs.final_sync(ctx, job, cluster, output_sources(ctx, job, cluster, stopped))
         ctx.driver.delete_cluster(cluster.name)
         ctx.store.update_cluster(cluster.id, state="DELETED", deleted_at=ctx.store.now())
         ctx.store.add_event(job.id, "CLUSTER", f"Cluster {cluster.name} deleted")
@@ -478,6 +570,23 @@ def teardown(ctx: TrainingContext, job: Job) -> Handover:
 
 def _job_dir(job: Job) -> str:
     return job_dir_uri(job.project, job.job_id, job.training_input)
+
+
+def output_sources(ctx: TrainingContext, job: Job, cluster: Cluster,
+                   reachable: list[Node] | None = None) -> list[outputs.Source]:
+    """The node folders whose outputs are copied to the store (:mod:`cloudml_os.workflows.outputs`), on the
+    cluster's nodes or on ``reachable`` of them: every node's job directory for its TensorBoard event files,
+    and the first output-owning node's (the framework's export roles, in order) 1:1. A tuning job's are its
+    running trials' (:func:`cloudml_os.workflows.tune.output_sources`)."""
+    nodes = cluster.nodes if reachable is None else reachable
+    if is_tuning(job):
+        from cloudml_os.workflows import tune
+
+        return tune.output_sources(ctx, job, cluster, nodes)
+    names = {node.name for node in nodes}
+    owner = next((node.name for node in _export_nodes(ctx, job, cluster.nodes) if node.name in names), None)
+    return [outputs.Source(node, node_job_dir(node), f"{node.name}/", "" if node.name == owner else None)
+            for node in nodes]
 
 
 def _archive_logs(ctx: TrainingContext, job: Job) -> None:
@@ -503,47 +612,11 @@ def _archive_logs(ctx: TrainingContext, job: Job) -> None:
         ctx.store.add_event(job.id, "LOGS", f"Logs of {len(nodes)} node(s) copied to {make_uri(project, key)}/logs/")
 
 
-def _archive_summaries(ctx: TrainingContext, job: Job, node: Node, session: NodeSession) -> None:
-    """Copy the TensorBoard event files (``*tfevents*``) under a node's job directory to
-    ``JOB_DIR/tensorboard/NODE/PATH`` in the artifact store, next to the logs (the dashboard draws the
-    job's curves from them). Never fails the teardown: a copy that fails is an event."""
-    project, key = parse_uri(_job_dir(job))
-    root = node_job_dir(node)
-    try:
-        found = session.run(["find", root, "-type", "f", "-name", "*tfevents*"], timeout=60, check=False)
-        paths = sorted(p for p in found.stdout.splitlines() if p.startswith(root + "/"))
-        for path in paths:
-            with tempfile.TemporaryFile() as spool:
-                offset = 0
-                while chunk := session.read_file(path, offset):
-                    spool.write(chunk)
-                    offset += len(chunk)
-                spool.seek(0)
-                ctx.artifacts.put_file(project, f"{key}/tensorboard/{_summary_name(node, path[len(root) + 1:])}",
-                                       spool)
-    except (RemoteError, ArtifactError, OSError) as exc:
-        ctx.store.add_event(job.id, "SUMMARIES", f"TensorBoard summaries could not be copied: {exc}",
-                            node=node.name)
-        return
-    if paths:
-        ctx.store.add_event(job.id, "SUMMARIES", f"{len(paths)} TensorBoard event file(s) copied to "
-                            f"{make_uri(project, key)}/tensorboard/{node.name}/", node=node.name)
-
-
 def _tune_step(ctx: TrainingContext, job: Job) -> Handover:
     """The TUNING step (its own module: imported here on use, as it builds on this one)."""
     from cloudml_os.workflows import tune
 
     return tune.tune(ctx, job)
-
-
-def _summary_name(node: Node, relative: str) -> str:
-    """Where an event file found at ``relative`` under a node's job directory goes under ``tensorboard/``:
-    ``NODE/PATH``, or ``trial-N/ROLE/PATH`` for a trial of a tuning job (its job directory is ``N/``)."""
-    if node_slot(node) is None:
-        return f"{node.name}/{relative}"
-    trial, _, rest = relative.partition("/")
-    return f"{tuning.trial_node(int(trial))}/{role_name(node)}/{rest}" if trial.isdigit() else f"{node.name}/{relative}"
 
 
 def _restart_step(ctx: TrainingContext, job: Job) -> Handover:

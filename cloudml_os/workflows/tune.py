@@ -39,7 +39,8 @@ from cloudml_os.remote import FanOutError, NodeSession, RemoteError, wait_for_st
 from cloudml_os.remote import ProcessStatus as RemoteStatus
 from cloudml_os.states import NODE_UNREACHABLE, JobState, Step
 from cloudml_os.store import Cluster, Job, JobTrial, Node
-from cloudml_os.tuning import DEFAULT_METRIC_TAG, goal, max_trials
+from cloudml_os.tuning import DEFAULT_METRIC_TAG, goal, max_trials, trial_node
+from cloudml_os.workflows import outputs
 from cloudml_os.workflows import train as training
 from cloudml_os.workflows.train import Handover, StepError, TrainingContext
 
@@ -279,6 +280,10 @@ def _tune_window(ctx: TrainingContext, job: Job, cluster: Cluster) -> Handover:
         for slot, trial in running.items():  # started by an earlier delivery: make sure, then follow
             _start_on_slot(ctx, job, trial, slots[slot], sessions)
             watch_slot(slots[slot])
+        # The running trials' outputs are copied to JOB_DIR/TRIAL by a thread of the window's own; a trial that
+        # ends gets a last round at once (its slot's next trial writes another folder).
+        copier = open_streams.enter_context(outputs.OutputSync(ctx, job, cluster, lambda: [
+            source for slot, trial in list(running.items()) for source in trial_sources(ctx, job, trial, slots[slot])]))
         logs_due = metrics_due = time.monotonic()
         received = False  # whether the last look got log bytes
         while True:
@@ -319,6 +324,7 @@ def _tune_window(ctx: TrainingContext, job: Job, cluster: Cluster) -> Handover:
                                                                       ended.get(node.name)) for node in slots[slot]])
                 if outcome.state != "RUNNING":
                     _end_trial(ctx, job, trial, slots[slot], sessions, outcome, followers)
+                    copier.run(trial_sources(ctx, job, trial, slots[slot]), final=True)
                     del running[slot]
                     slots_freed = True
             if early_stopping_due:
@@ -327,6 +333,7 @@ def _tune_window(ctx: TrainingContext, job: Job, cluster: Cluster) -> Handover:
                     if _should_stop_early(ctx, job, trial, slots[slot], sessions):
                         _stop_slot(ctx, job, slots[slot], sessions, followers)
                         _finish(ctx, job, trial, "SUCCEEDED", stopped_early=True)
+                        copier.run(trial_sources(ctx, job, trial, slots[slot]), final=True)
                         del running[slot]
                         slots_freed = True
             if now >= logs_due:
@@ -345,6 +352,26 @@ def _tune_window(ctx: TrainingContext, job: Job, cluster: Cluster) -> Handover:
             pause = ctx.settings.watch_interval if received and received_before else 0.0
             if not ctx.stopping.wait(pause):
                 wait_for_streams(followers.values(), due - time.monotonic())
+
+
+def trial_sources(ctx: TrainingContext, job: Job, trial: JobTrial, nodes: list[Node],
+                  reachable: set[str] | None = None) -> list[outputs.Source]:
+    """The folders a trial's outputs are copied from: its job directory (``output/TRIAL``) on each of its
+    slot's nodes (or the ``reachable`` ones) for event files (``tensorboard/trial-N/ROLE/…``), and the first
+    output-owning node's 1:1 to ``JOB_DIR/TRIAL/…``."""
+    owner = next((node.name for node in training._export_nodes(ctx, job, nodes)
+                  if reachable is None or node.name in reachable), None)
+    nodes = [node for node in nodes if reachable is None or node.name in reachable]
+    return [outputs.Source(node, f"{training.node_job_dir(node)}/{trial.trial_id}",
+                           f"{trial_node(trial.trial_id)}/{training.role_name(node)}/",
+                           f"{trial.trial_id}/" if node.name == owner else None) for node in nodes]
+
+
+def output_sources(ctx: TrainingContext, job: Job, cluster: Cluster, nodes: list[Node]) -> list[outputs.Source]:
+    """The folders of the trials still running, on ``nodes`` (a job cancelled or failed while they ran)."""
+    slots, names = _slots(cluster), {node.name for node in nodes}
+    return [source for trial in ctx.store.trials(job.id) if trial.state == "RUNNING"
+            for source in trial_sources(ctx, job, trial, slots.get(trial.slot, []), names)]
 
 
 def _next_trial(ctx: TrainingContext, job: Job, slot: int) -> JobTrial | None:
@@ -400,7 +427,7 @@ def _start_on_slot(ctx: TrainingContext, job: Job, trial: JobTrial, nodes: list[
                                   process_state="RUNNING", exit_code=None)
     members = [Member(training._role(n, job, ctx), n.address, n.port_first, n.port_last) for n in nodes]
     arguments = [f"--{name}={value}" for name, value in trial.hyperparameters.items()]
-    training_input = {**job.training_input, "args": [*job.training_input.get("args", []), *arguments]}
+    training_input = {**job.training_input, "args": [*training.trainer_args(ctx, job), *arguments]}
     body = {"jobId": job.job_id, "trainingInput": job.training_input, "trial": str(trial.trial_id)}
 
     def start(node: Node, session: NodeSession) -> None:

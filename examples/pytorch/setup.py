@@ -1,7 +1,7 @@
 """The example trainer package, built as Cloud ML Engine trainers are: ``python setup.py sdist``.
 
-PyTorch is not a dependency here: the runtime (``trainingInput.runtimeVersion``) provides it, and the
-node installs this package with ``--no-deps``.
+PyTorch is not a dependency here: the runtime (``trainingInput.runtimeVersion``) provides it. Requirements
+listed in ``install_requires`` would be installed for the job, except what the runtime already has.
 """
 
 from setuptools import find_packages, setup

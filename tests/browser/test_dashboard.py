@@ -104,7 +104,7 @@ def test_a_jobs_logs_open_from_its_row_with_the_trainers_output(member_page, tea
     page.click("#tab-metrics")
     expect(page.locator("#pane-metrics")).to_have_class(re.compile(r"\bshow\b"))
     expect(page.locator("#metrics-chart")).to_be_visible()
-    # The loss curve from the TensorBoard summaries the trainer wrote (archived when the job ended), drawn
+    # The loss curve from the TensorBoard summaries the trainer wrote (copied to the store as written), drawn
     # by Chart.js: one point per epoch, the values the trainer logged.
     expect(page.locator("#metrics-source")).to_have_attribute("data-source", "tensorboard")
     expect(page.locator("#metrics-source")).to_contain_text("TensorBoard summaries")
@@ -127,9 +127,11 @@ def test_a_jobs_logs_open_from_its_row_with_the_trainers_output(member_page, tea
     expect(page.locator("#job-timeline")).to_contain_text("Job SUCCEEDED")
 
 
-def test_the_trainers_event_files_are_archived_in_the_artifact_store(team_a, dashboard_platform):
-    events = [e["message"] for e in team_a.events("dash_train") if e["kind"] == "SUMMARIES"]
-    assert events == ["1 TensorBoard event file(s) copied to store://team-a/jobs/dash_train/tensorboard/chief-0/"]
+def test_the_trainers_event_files_are_copied_to_the_artifact_store(team_a, dashboard_platform):
+    events = [e["message"] for e in team_a.events("dash_train") if e["kind"] == "OUTPUTS"]
+    assert len(events) == 1 and re.fullmatch(
+        r"Outputs copied to store://team-a/jobs/dash_train/: \d+ file\(s\) of chief-0's job directory, 1 TensorBoard "
+        r"event file\(s\) in store://team-a/jobs/dash_train/tensorboard/", events[0]), events
     folder = dashboard_platform.data_dir / "artifacts" / "team-a" / "jobs" / "dash_train" / "tensorboard"
     files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
     assert len(files) == 1 and re.fullmatch(r"chief-0/tensorboard/events\.out\.tfevents\.[^/]+", files[0]), files

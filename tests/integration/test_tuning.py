@@ -210,7 +210,8 @@ def test_resume_previous_job_continues_its_study(client, packages):
                for e in client.events("tune_resumed"))
 
 
-def test_a_tensorflow_summary_with_the_metric_tag_is_read_when_hypertune_reported_nothing(client, packages):
+def test_a_tensorflow_summary_with_the_metric_tag_is_read_when_hypertune_reported_nothing(platform, client,
+                                                                                          packages):
     spec = {"hyperparameterMetricTag": "accuracy", "maxTrials": 1,
             "params": [{"parameterName": "optimizer", "type": "CATEGORICAL", "categoricalValues": ["adam"]}]}
     _submit(client, "tune_tf_summary", packages, spec,
@@ -219,10 +220,17 @@ def test_a_tensorflow_summary_with_the_metric_tag_is_read_when_hypertune_reporte
     assert job["state"] == "SUCCEEDED", job.get("errorMessage")
     [trial] = job["trainingOutput"]["trials"]
     assert trial["finalMetric"] == {"trainingStep": "3", "objectiveValue": pytest.approx(1.35)}
-    # The trial's event file was archived under its trial, and its curve is the trial's.
+    # The trial's event file was copied under its trial, and its curve is the trial's.
     curves = client.request("GET", "/jobs/tune_tf_summary/metrics", params={"trial": 1}).json()
     assert curves["source"] == "tensorboard"
     assert [point["x"] for point in curves["series"]["trial-1/chief-0: accuracy"]] == [1, 2, 3]
+    # The trial's job directory (output/1 on its chief) is JOB_DIR/1 in the store, its event file only under
+    # tensorboard/.
+    job_dir = platform.data_dir / "artifacts" / PROJECT / "jobs" / "tune_tf_summary"
+    assert (job_dir / "1" / "model" / "saved_model.pb").exists() and not (job_dir / "1" / "summaries").exists()
+    assert len(list((job_dir / "tensorboard" / "trial-1" / "chief-0" / "summaries").glob("events.out.tfevents.*"))) == 1
+    assert any(e["message"].startswith(f"Outputs copied to store://{PROJECT}/jobs/tune_tf_summary/1/: 1 file(s) "
+                                       "of slot0-chief-0's job directory") for e in client.events("tune_tf_summary"))
 
 
 def test_a_trial_reporting_no_value_for_the_tag_fails_saying_so(client, packages):

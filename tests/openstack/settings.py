@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from cloudml_os.config import Settings, load_settings
-from tests.testcloud.cloud import TestCloud
+from tests.testcloud.cloud import TestCloud, node_url
 
 
 def openstack_environment(test_cloud: TestCloud) -> dict[str, str]:
@@ -26,6 +26,9 @@ def openstack_environment(test_cloud: TestCloud) -> dict[str, str]:
         "openstack_runtime_root": str(runtimes), "openstack_workdir": "/var/lib/cloudml-os",
         "openstack_stack_timeout": "300", "openstack_console_timeout": "60",
         "swift_segment_size": str(1024 * 1024),
+        # Nodes reach Keystone and Swift through the tenant network's gateway (tests/testcloud/cloud.py).
+        "openstack_node_identity_url": node_url(ctx, "keystone", "/v3"),
+        "openstack_node_object_store_url": node_url(ctx, "swift", "/v1/AUTH_{project_id}"),
     }
 
 

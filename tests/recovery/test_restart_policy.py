@@ -6,15 +6,18 @@ so each rule is isolated; test_node_failures.py runs the same path for real.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from marshmallow import ValidationError
 
 from cloudml_os.api.schemas import TrainingInputSchema
 from cloudml_os.cloud.base import NodeInfo
-from cloudml_os.remote import RemoteError
+from cloudml_os.remote import CommandResult, RemoteError
 from cloudml_os.states import Step
+from cloudml_os.workflows import outputs
 from cloudml_os.workflows.restart import RestartPolicy, backoff_seconds
-from cloudml_os.workflows.train import run_step
+from cloudml_os.workflows.train import output_sources, run_step
 from tests.unit.test_train_workflow import FakeSession, RecordingDriver, deliver, drive, submit, world  # noqa: F401
 
 BASE = {"packageUris": ["store://p/packages/t.tar.gz"], "pythonModule": "trainer.task"}
@@ -38,13 +41,21 @@ class ReplacingDriver(RecordingDriver):
 
 
 class CheckpointingSession(FakeSession):
-    """A node whose job directory holds a checkpoint file; uploads are recorded."""
+    """A node whose job directory holds a checkpoint file naming the node (as the output copy lists and
+    reads it); what a restore puts onto nodes is recorded."""
 
     uploads: list[str] = []
 
-    def get_tree(self, remote_dir, local_dir):
-        (local_dir / "checkpoints").mkdir(parents=True)
-        (local_dir / "checkpoints" / "ckpt-2.index").write_text(self.node)
+    def run(self, argv, **kwargs):
+        if argv[:2] == ["/bin/sh", "-c"] and "find . -type f" in argv[2]:  # the output copy's listing
+            listing = f"now {time.time():.3f}\0f {len(self.node)} 1700000000.5 checkpoints/ckpt-2.index\0end 0\0"
+            return CommandResult(0, listing, "")
+        return super().run(argv, **kwargs)
+
+    def get_file(self, remote_path, target, size):
+        assert remote_path.endswith("/output/checkpoints/ckpt-2.index")
+        target.write(self.node.encode())
+        return len(self.node)
 
     def put_tree(self, local_dir, remote_dir):
         self.uploads.append(f"{self.node}:{(local_dir / 'checkpoints' / 'ckpt-2.index').read_text()}")
@@ -130,8 +141,9 @@ def test_on_failure_restarts_every_trainer_after_a_failed_one_and_then_succeeds(
     assert sorted(started) == ["chief-0", "chief-0", "worker-0", "worker-0"]
     nodes = ctx.store.cluster_of(job_pk).nodes
     assert {node.attempt for node in nodes} == {1}
-    # The chief's job directory was saved before the restart and put onto every node.
+    # The chief's job directory was copied to the store before the restart and put onto every node.
     assert sorted(CheckpointingSession.uploads) == ["chief-0:chief-0", "worker-0:chief-0"]
+    assert (ctx.settings.artifacts_root / "p" / "jobs" / "j" / "checkpoints" / "ckpt-2.index").read_text() == "chief-0"
     exits.update({"chief-0": 0, "worker-0": 0})
     drive(ctx, job_pk, message)
     job = ctx.store.get_job(job_pk)
@@ -150,6 +162,25 @@ def test_an_unreachable_node_is_replaced_before_the_restart(replacing):
     assert ctx.store.get_job(job_pk).restart_count == 1
     events = [event.message for event in ctx.store.events(job_pk)]
     assert any(m.startswith("Node worker-0 is unreachable: worker-0: connection refused") for m in events)
+    exits.update({"chief-0": 0, "worker-0": 0})
+    drive(ctx, job_pk, message)
+    assert ctx.store.get_job(job_pk).state == "SUCCEEDED"
+
+
+def test_a_lost_chiefs_last_synced_job_directory_is_restored_onto_its_replacement(replacing):
+    ctx, exits, _, unreachable = replacing
+    job_pk = submit(ctx, scaleTier="CUSTOM", masterType="standard", workerType="standard", workerCount=1,
+                    scheduling={"restartPolicy": "ON_FAILURE"})
+    message = until(ctx, job_pk, deliver(ctx, job_pk, Step.PROVISIONING), Step.TRAINING)
+    job, cluster = ctx.store.get_job(job_pk), ctx.store.cluster_of(job_pk)
+    outputs.final_sync(ctx, job, cluster, output_sources(ctx, job, cluster))  # a round of the watch's copier
+    unreachable.add("chief-0")
+    message = until(ctx, job_pk, run_step(ctx, job_pk, *message[:2]), Step.TRAINING)
+    assert ctx.driver.replaced == ["chief-0"]
+    assert sorted(CheckpointingSession.uploads) == ["chief-0:chief-0", "worker-0:chief-0"]
+    events = [event.message for event in ctx.store.events(job_pk)]
+    assert any(m.startswith("Job directory restored from store://p/jobs/j/ (1 file(s), as copied at ") and
+               m.endswith(") onto 2 node(s)") for m in events), events
     exits.update({"chief-0": 0, "worker-0": 0})
     drive(ctx, job_pk, message)
     assert ctx.store.get_job(job_pk).state == "SUCCEEDED"

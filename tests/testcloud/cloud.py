@@ -126,6 +126,7 @@ def start_test_cloud(root: Path, instance: int = 0) -> TestCloud:
                      "swift": start_swift, "nova": start_nova}
             for future in [pool.submit(_timed, timings, name, step, ctx) for name, step in steps.items()]:
                 future.result()
+        _timed(timings, "node-access", start_node_access, ctx)
         _timed(timings, "resources", create_shared_resources, cloud)
         cloud.clouds_yaml.write_text(yaml.safe_dump({"clouds": {name: cloud_entry(ctx, name) for name in USERS}}))
     except BaseException:
@@ -133,6 +134,44 @@ def start_test_cloud(root: Path, instance: int = 0) -> TestCloud:
         raise
     timings["total"] = round(time.monotonic() - started, 1)
     return cloud
+
+
+# Services the emulated servers reach, as VMs reach a cloud's public endpoints (their nodes mount Swift).
+NODE_SERVICES = ("keystone", "swift")
+
+
+def node_url(ctx: CloudContext, service: str, path: str = "") -> str:
+    """``service``'s URL as the emulated servers reach it: on the tenant network's gateway (this host)."""
+    return f"http://{ctx.tenant_gateway}:{ctx.port(service)}{path}"
+
+
+def start_node_access(ctx: CloudContext) -> None:
+    """Forward the gateway's ports of :data:`NODE_SERVICES` to the services, which listen on ``ctx.host`` only.
+
+    A server's 127.0.0.1 is its own (its network namespace), so the catalog's endpoints are out of its reach;
+    socat (one process per service, a child per connection) carries its connections to them. Needs the bridge
+    that Nova's start makes.
+    """
+    for service in NODE_SERVICES:
+        port = ctx.port(service)
+        ctx.spawn(f"node-access-{service}", ["socat", f"TCP-LISTEN:{port},bind={ctx.tenant_gateway},reuseaddr,fork",
+                                             f"TCP:{ctx.host}:{port}"])
+    for service in NODE_SERVICES:
+        deadline = time.monotonic() + 10
+        while not _accepts(ctx.tenant_gateway, ctx.port(service)):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"socat did not listen on {ctx.tenant_gateway}:{ctx.port(service)}")
+            time.sleep(0.05)
+
+
+def _accepts(host: str, port: int) -> bool:
+    import socket
+
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
 
 
 def create_shared_resources(cloud: TestCloud) -> None:

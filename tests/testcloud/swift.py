@@ -124,8 +124,12 @@ def _proxy_conf(ctx: CloudContext, folder: Path) -> dict[str, dict[str, str]]:
     conf["filter:keystoneauth"] = {"use": "egg:swift#keystoneauth", "operator_roles": "admin, member",
                                    "reseller_prefix": "AUTH_"}
     # delay_auth_decision lets keystoneauth answer anonymous requests itself (tempurl, public containers).
+    # service_type makes the middleware enforce application credentials' access rules (the platform's nodes get
+    # one that reads only their project's container); without it, every token carrying rules is refused. The
+    # rules are matched against the token's catalog, so the middleware must fetch it (include_service_catalog).
     conf["filter:authtoken"] = {"paste.filter_factory": "keystonemiddleware.auth_token:filter_factory",
                                 **authtoken_options(ctx, "swift"), "delay_auth_decision": "true",
-                                "cache": "swift.cache", "include_service_catalog": "false"}
+                                "cache": "swift.cache", "include_service_catalog": "true",
+                                "service_type": "object-store"}
     return conf
 

@@ -5,7 +5,9 @@ into the tenant bridge on this host, carrying the port's MAC and addresses and a
 subnet's gateway. The server's sshd (0.0.0.0:22) runs as PID 1 of its own PID namespace, so killing that
 PID 1 powers the server off: every process it ever started ends at once, as in a VM. Its own mount
 namespace binds the folder's ``disk/`` at /var/lib/cloudml-os and ``etc/`` at /etc/cloudml-os, so every
-server has a disk of its own at the path a real image has; everything else is this host's file system.
+server has a disk of its own at the path a real image has, and an empty tmpfs at /store of its own (where the
+platform's nodes mount their project's objects; nothing a server makes there reaches this host's /store, the
+local driver's mount point); everything else is this host's file system.
 
 From the user data, as cloud-init does: authorized keys; ``bootcmd`` (every boot) and ``write_files``
 (first boot, only under the two mapped folders) before sshd starts; ``runcmd`` and shell-script parts
@@ -52,13 +54,15 @@ from cloudml_os.cloud.local import (
 
 # Folders of a server's own disk: path inside the server -> sub-folder of the server's folder.
 MAPPED_FOLDERS = {"/var/lib/cloudml-os": "disk", "/etc/cloudml-os": "etc"}
+STORE_MOUNT_POINT = "/store"  # a tmpfs of each server's own (see _INIT_SCRIPT)
 HOST_KEY = "ssh_host_ed25519_key"
 CLOUD_INIT_VERSION = "24.4"
 SSH_PORT = 22
 # PID 1 of the server: sets the hostname, binds the server's folders, runs cloud-init's init stage (bootcmd,
 # write_files) with its output on the console, then becomes sshd; so sshd accepts nobody before that stage ends,
 # as cloud-init.service runs before sshd.service in an image.
-_INIT_SCRIPT = """hostname "$1" && mount --bind "$2" /var/lib/cloudml-os && mount --bind "$3" /etc/cloudml-os || exit 1
+_INIT_SCRIPT = """hostname "$1" && mount --bind "$2" /var/lib/cloudml-os && mount --bind "$3" /etc/cloudml-os &&
+mount -t tmpfs -o mode=0755,size=1m,nosuid,nodev cmlos-vm-store /store || exit 1
 /bin/sh "$7" 2>&1 | while IFS= read -r line; do printf 'cloud-init[1]: %s\\n' "$line"; done >> "$8"
 exec "$4" -D -f "$5" -E "$6"
 """
@@ -198,7 +202,7 @@ def remove_bridge(name: str) -> None:
 
 def ensure_mount_points() -> None:
     """Empty folders on this host where every server binds its own disk (mount points need a folder)."""
-    for path in MAPPED_FOLDERS:
+    for path in (*MAPPED_FOLDERS, STORE_MOUNT_POINT):
         Path(path).mkdir(parents=True, exist_ok=True)
     RUN_SSHD.mkdir(mode=0o755, parents=True, exist_ok=True)
 

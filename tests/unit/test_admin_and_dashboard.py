@@ -623,3 +623,21 @@ def test_the_log_viewer_lists_a_trials_logs_and_reads_a_trial_log_key(env):
     chunk = client.get("/dashboard/project/jobs/tune_1/logs/trial-1/worker-0?offset=0")
     assert chunk.status_code == 200
     assert chunk.get_data(as_text=True).startswith("trial one worker\n")
+
+
+def test_the_metrics_tab_draws_a_running_jobs_event_files_and_polls_until_the_job_ends(env):
+    from tests.unit.test_metrics import tensor_value, write_events
+
+    job = add_job(env, "team-a", "live")
+    write_events(env.artifacts_root / "team-a" / "jobs" / "live" / "tensorboard" / "chief-0",
+                 [(8, tensor_value("loss", 0.5))])
+    client = sign_in(env, "team-a", "viewer")
+    page = client.get("/dashboard/project/jobs/live").get_data(as_text=True)
+    pane = page[page.index('id="pane-metrics"'):page.index('id="pane-model"')]
+    assert 'data-source="tensorboard"' in pane and "while they run, a few seconds behind" in pane
+    assert 'hx-get="/dashboard/project/jobs/live/metrics/pane"' in pane and 'hx-trigger="every 2s"' in pane
+    assert "chief-0: loss" in pane
+    env.store.update_job(job.id, state="SUCCEEDED")
+    fragment = client.get("/dashboard/project/jobs/live/metrics/pane").get_data(as_text=True)
+    assert fragment.lstrip().startswith("<div id=\"metrics-live\"") and "chief-0: loss" in fragment
+    assert "hx-trigger" not in fragment  # the job has ended: nothing more to poll

@@ -25,7 +25,7 @@ from cloudml_os.errors import InvalidArgument
 from cloudml_os.frameworks.base import Framework, Member, Outcome, ProcessStatus, Role, Topology
 from cloudml_os.states import JobState
 from cloudml_os.store import Job, Package, Store, Token, migrate
-from tests.unit.test_archives import PLAIN, SDIST, tar_bytes, zip_bytes
+from tests.unit.test_archives import PLAIN, SDIST, WHEEL, tar_bytes, zip_bytes
 
 
 class FakeTensorFlow(Framework):
@@ -153,6 +153,11 @@ def test_upload_plain_zip_is_an_archive_and_the_same_file_twice_is_one_package(e
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", listed["packages"][0]["createTime"])
 
 
+def test_upload_wheel_is_a_wheel(env):
+    package = env.upload(zip_bytes(WHEEL), "cmlos_helper-1.0-py3-none-any.whl").get_json()
+    assert package["kind"] == "wheel" and package["uri"].endswith("/cmlos_helper-1.0-py3-none-any.whl")
+
+
 @pytest.mark.parametrize("filename, data, fragment", [
     ("slip.tar.gz", tar_bytes([*PLAIN, ("../../evil.py", b"x")]), "'..'"),
     ("slip.zip", zip_bytes([*PLAIN, ("../evil.py", b"x")]), "'..'"),
@@ -161,7 +166,8 @@ def test_upload_plain_zip_is_an_archive_and_the_same_file_twice_is_one_package(e
     ("link.zip", zip_bytes([*PLAIN, ("trainer/etc", "symlink", "/etc")]), "points outside"),
     ("corrupt.tar.gz", b"\x1f\x8b\x08\x00garbage" * 20, "not a readable"),
     ("notazip.zip", tar_bytes(PLAIN), "not a readable"),
-    ("trainer.whl", zip_bytes(PLAIN), "must be a .tar.gz"),
+    ("trainer.egg", zip_bytes(PLAIN), "must be a .tar.gz"),
+    ("trainer-0.1-py3-none-any.whl", zip_bytes(PLAIN), "must hold trainer-0.1.dist-info/"),
     ("../trainer.tar.gz", tar_bytes(PLAIN), "plain name"),
 ])
 def test_unsafe_or_unreadable_uploads_are_refused_and_leave_nothing(env, filename, data, fragment):

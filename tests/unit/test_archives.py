@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import re
 import stat
 import tarfile
 import zipfile
@@ -212,6 +213,28 @@ def test_member_count_and_unpacked_size_are_capped(tmp_path):
         inspect_archive(zip_bomb, "b.zip", max_unpacked=1 << 16)
 
 
+WHEEL = [("helper/__init__.py", b"VALUE = 1\n"), ("cmlos_helper-1.0.dist-info/METADATA", b"Name: cmlos-helper\n"),
+         ("cmlos_helper-1.0.dist-info/WHEEL", b"Wheel-Version: 1.0\n"), ("cmlos_helper-1.0.dist-info/RECORD", b"")]
+
+
+def test_a_wheel_is_wheel_kind(tmp_path):
+    info = inspect_archive(write(tmp_path, "w.whl", zip_bytes(WHEEL)), "cmlos_helper-1.0-py3-none-any.whl")
+    assert (info.format, info.kind, info.members) == ("zip", "wheel", 4)
+
+
+@pytest.mark.parametrize("filename, entries, reason", [
+    ("cmlos_helper-1.0.whl", WHEEL, "not a wheel's file name"),
+    ("cmlos_helper-x.y-py3-none-any.whl", WHEEL, "not a wheel's file name"),
+    ("cmlos_helper-1.0-py3-none-any.whl", WHEEL[:1], "must hold cmlos-helper-1.0.dist-info/ with METADATA and WHEEL"),
+    ("cmlos_helper-1.0-py3-none-any.whl", WHEEL[:2], "with METADATA and WHEEL"),
+    ("other-1.0-py3-none-any.whl", WHEEL, "must hold other-1.0.dist-info/"),
+    ("cmlos_helper-1.0-py3-none-any.whl", [*WHEEL, ("../evil.py", b"")], "'..' component"),
+])
+def test_what_is_not_a_safe_wheel_is_refused(tmp_path, filename, entries, reason):
+    with pytest.raises(ArchiveError, match=re.escape(reason)):
+        inspect_archive(write(tmp_path, "w.whl", zip_bytes(entries)), filename)
+
+
 def test_empty_archive_is_refused(tmp_path):
     with pytest.raises(ArchiveError, match="empty"):
         inspect_archive(write(tmp_path, "e.tar.gz", tar_bytes([])), "e.tar.gz")
@@ -221,12 +244,12 @@ def test_empty_archive_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("name, fmt", [("a.tar.gz", "tar.gz"), ("A.TGZ", "tar.gz"), ("a.tar", "tar"),
-                                       ("a-1.0.zip", "zip")])
+                                       ("a-1.0.zip", "zip"), ("a-1.0-py3-none-any.whl", "zip")])
 def test_archive_format_from_name(name, fmt):
     assert archive_format(name) == fmt
 
 
-@pytest.mark.parametrize("name", ["a.whl", "a.gz", "a", ".zip", "a.tar.bz2"])
+@pytest.mark.parametrize("name", ["a.egg", "a.gz", "a", ".zip", ".whl", "a.tar.bz2"])
 def test_other_extensions_are_refused(name):
     with pytest.raises(ArchiveError, match="must be a"):
         archive_format(name)

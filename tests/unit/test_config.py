@@ -34,6 +34,8 @@ def test_environment_overrides_the_file_and_flags_override_both(tmp_path):
     ("auth = 'ldap'", "auth"),
     ("openstack_node_port_first = 20100\nopenstack_node_port_last = 20000", "openstack_node_port_first"),
     ("swift_segment_size = 1000", "swift_segment_size"),
+    ("output_sync_seconds = -1", "output_sync_seconds"),
+    ("output_sync_seconds = 3601", "output_sync_seconds"),
 ])
 def test_a_bad_setting_is_named_in_the_error(tmp_path, content, message):
     config = tmp_path / "c.toml"
@@ -55,3 +57,21 @@ def test_an_installation_id_that_cannot_be_part_of_a_heat_tag_is_refused(tmp_pat
 
 def test_an_installation_id_of_56_characters_is_the_longest_that_fits_a_tag(tmp_path):
     assert load_settings(environ={}, data_dir=tmp_path, installation_id="a" * 56).installation_id == "a" * 56
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"pip_index_url": "pypi.example.org/simple"}, "'pip_index_url' must be an http://"),
+    ({"pip_extra_args": "--target /opt/runtime"}, "'pip_extra_args': '--target' is not one of pip's index options"),
+    ({"pip_extra_args": "--trusted-host h --user"}, "'--user' is not one of"),
+    ({"pip_extra_args": "--extra-index-url 'unclosed"}, "'pip_extra_args': No closing quotation"),
+])
+def test_pip_settings_take_an_index_url_and_index_options_only(tmp_path, settings, message):
+    with pytest.raises(ConfigError, match=message):
+        load_settings(environ={}, data_dir=tmp_path, **settings)
+
+
+def test_pip_settings_accept_a_mirror_and_its_options(tmp_path):
+    extra = "--extra-index-url=https://b/simple --trusted-host b"
+    settings = load_settings(environ={"CLOUDML_OS_PIP_EXTRA_ARGS": extra}, data_dir=tmp_path,
+                             pip_index_url="https://mirror.example/simple")
+    assert (settings.pip_index_url, settings.pip_extra_args) == ("https://mirror.example/simple", extra)

@@ -69,6 +69,7 @@ def member(group, flavor, image_parameter):
             "server_group": {"get_resource": "server_group"},
             "floating_network": {"get_param": "floating_network"},
             "volume_size": {"get_param": "volume_size"},
+            "store_mount": {"get_param": "store_mount"},
         },
     }
 

@@ -1,6 +1,6 @@
-"""A job's metric curves (cloudml_os.metrics, GET …/jobs/{job}/metrics): archived TensorBoard event files
-(TF2 scalar tensors and TF1 simple values, one curve per node and tag, other summaries ignored) once the job has
-ended, else metrics read from its log lines.
+"""A job's metric curves (cloudml_os.metrics, GET …/jobs/{job}/metrics): the TensorBoard event files in the job's
+directory in the store (TF2 scalar tensors and TF1 simple values, one curve per node and tag, other summaries
+ignored), copied there while the job runs, else metrics read from its log lines.
 
 The event files are written with TensorBoard's own writer (the format TensorFlow writes; a real TensorFlow
 trainer's files are read in tests/browser/test_dashboard.py).
@@ -80,7 +80,7 @@ def _job_with_log(env: Env, job_id: str, state: str, log: bytes) -> Job:
     return job
 
 
-def test_the_api_gives_a_running_jobs_curves_from_its_log_lines(env):
+def test_the_api_gives_curves_from_the_log_lines_of_trainers_that_wrote_no_summaries(env):
     _job_with_log(env, "running", "RUNNING", b"epoch 1/2 step 8 loss 0.5\nepoch 2/2 step 16 loss 0.25\n")
     response = env.client.get("/v1/projects/p/jobs/running/metrics", headers=env.admin)
     assert response.status_code == 200, response.get_json()
@@ -88,11 +88,12 @@ def test_the_api_gives_a_running_jobs_curves_from_its_log_lines(env):
         "chief-0: loss": [{"x": 8.0, "y": 0.5}, {"x": 16.0, "y": 0.25}]}}
 
 
-def test_the_api_prefers_an_ended_jobs_tensorboard_scalars(env):
-    _job_with_log(env, "ended", "SUCCEEDED", b"epoch 1/1 step 8 loss 0.5\n")
-    write_events(env.artifacts_root / "p" / "jobs" / "ended" / "tensorboard" / "chief-0",
+@pytest.mark.parametrize("state", ["RUNNING", "SUCCEEDED"])
+def test_the_api_prefers_the_tensorboard_scalars_in_the_store_while_the_job_runs_and_after(env, state):
+    _job_with_log(env, "summaries", state, b"epoch 1/1 step 8 loss 0.5\n")
+    write_events(env.artifacts_root / "p" / "jobs" / "summaries" / "tensorboard" / "chief-0",
                  [(8, tensor_value("loss", 0.5))])
-    response = env.client.get("/v1/projects/p/jobs/ended/metrics", headers=env.headers("p", "viewer"))
+    response = env.client.get("/v1/projects/p/jobs/summaries/metrics", headers=env.headers("p", "viewer"))
     assert response.get_json() == {"source": "tensorboard", "series": {"chief-0: loss": [{"x": 8.0, "y": 0.5}]}}
-    other = env.client.get("/v1/projects/p/jobs/ended/metrics", headers=env.headers("q", "admin"))
+    other = env.client.get("/v1/projects/p/jobs/summaries/metrics", headers=env.headers("q", "admin"))
     assert other.status_code == 404
