@@ -20,7 +20,7 @@ run: system-packages $(STAMP) runtimes assets
 	$(VENV)/bin/cloudml-os up $(if $(PORT),--port $(PORT))
 
 test: system-packages $(STAMP) runtimes testcloud assets site-tools lint
-	$(VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q -p no:cacheprovider --durations=40 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check cloudml_os tests examples bench

@@ -101,28 +101,39 @@ class OpenStackDriver(Driver):
             # A create that failed, or a delete that a crash interrupted: start over.
             self._delete_stack(stack)
             stack = None
-        if stack is None:
-            self._check_limits(spec)
-            request = build_stack(spec, self._options(), store_mount=self._new_store_credential(spec))
-            body = {"stack_name": spec.name, "template": request.template, "files": request.files,
-                    "parameters": request.parameters, "tags": ",".join(request.tags),
-                    "timeout_mins": max(1, int(self._settings.openstack_stack_timeout // 60)),
-                    # The driver deletes a failed stack itself: Heat's own rollback would replace the failure's
-                    # reason on the stack by "Stack ROLLBACK completed successfully".
-                    "disable_rollback": True}
-            response = self._cloud.orchestration.post("/stacks", json=body, raise_exc=False)
-            # 409: a redelivered task created it a moment ago; wait for that one.
-            if response.status_code >= 400 and response.status_code != 409:
-                raise DriverError(f"cluster {spec.name}: Heat refused the stack: {_error_text(response)}")
-            stack = self._find_own_stack(spec.name)
-            if stack is None:
-                raise DriverError(f"cluster {spec.name}: Heat accepted the stack but does not show it")
-        stack = self._wait_created(spec.name, stack)
         try:
-            return self._nodes(spec, stack)
+            if stack is None:
+                self._check_limits(spec)
+                stack = self._post_stack(spec)
+            stack = self._wait_created(spec.name, stack)
+            try:
+                return self._nodes(spec, stack)
+            except DriverError:
+                self._delete_stack(stack)
+                raise
         except DriverError:
-            self._delete_stack(stack)
+            # No stack was made, or the failed one is deleted: its nodes' credential goes with it (a caller
+            # that gives up on the cluster need not delete what it never got).
+            self._delete_store_credential(spec.name)
             raise
+
+    def _post_stack(self, spec: ClusterSpec) -> Any:
+        """Ask Heat for the cluster's stack, with a new credential for its nodes' view of the store."""
+        request = build_stack(spec, self._options(), store_mount=self._new_store_credential(spec))
+        body = {"stack_name": spec.name, "template": request.template, "files": request.files,
+                "parameters": request.parameters, "tags": ",".join(request.tags),
+                "timeout_mins": max(1, int(self._settings.openstack_stack_timeout // 60)),
+                # The driver deletes a failed stack itself: Heat's own rollback would replace the failure's
+                # reason on the stack by "Stack ROLLBACK completed successfully".
+                "disable_rollback": True}
+        response = self._cloud.orchestration.post("/stacks", json=body, raise_exc=False)
+        # 409: a redelivered task created it a moment ago; wait for that one.
+        if response.status_code >= 400 and response.status_code != 409:
+            raise DriverError(f"cluster {spec.name}: Heat refused the stack: {_error_text(response)}")
+        stack = self._find_own_stack(spec.name)
+        if stack is None:
+            raise DriverError(f"cluster {spec.name}: Heat accepted the stack but does not show it")
+        return stack
 
     def resize_cluster(self, spec: ClusterSpec) -> list[NodeInfo]:
         stack = self._find_own_stack(spec.name)

@@ -195,3 +195,6 @@ def test_a_stack_that_fails_is_rolled_back_and_deleted(test_cloud, driver):
             if s.name == spec.name and s.status != "DELETE_COMPLETE"] == []
     assert servers_of(test_cloud, spec.name) == []
     assert test_cloud.connect("cloudml-os").compute.find_keypair(spec.name) is None
+    cloud = test_cloud.connect("cloudml-os")  # nor the nodes' credential for the store, made before the stack
+    assert [c.name for c in cloud.identity.application_credentials(cloud.current_user_id)
+            if c.name.endswith(spec.name)] == []

@@ -96,7 +96,9 @@ def test_a_new_stack_gets_a_fresh_credential_of_its_own_in_its_hidden_parameter(
     identity.credentials["old"] = SimpleNamespace(id="old", name=NAME, secret="lost")  # a dead delivery's
     with pytest.raises(DriverError, match="does not show it"):  # the fake Heat keeps nothing
         driver(tmp_path, orchestration, identity).create_cluster(SPEC)
-    assert [call[:2] for call in identity.calls] == [("delete", NAME), ("create", NAME)]
+    # The dead delivery's credential deleted, a new one made, and deleted with the stack that failed.
+    assert [call[:2] for call in identity.calls] == [("delete", NAME), ("create", NAME), ("delete", NAME)]
+    assert identity.credentials == {}
     assert identity.calls[1][2][0]["path"] == "/v1/AUTH_0123/cloudml-os-p"
     [body] = [payload for call, payload in orchestration.calls if call == "post"]
     script = base64.b64decode(body["parameters"]["store_mount"]).decode()
@@ -109,7 +111,7 @@ def test_a_conflict_from_keystones_shared_access_rules_is_tried_again(tmp_path):
     with pytest.raises(DriverError, match="does not show it"):
         driver(tmp_path, orchestration, identity).create_cluster(SPEC)
     assert [call[0] for call in identity.calls].count("create") == 3
-    assert len(identity.credentials) == 1
+    assert identity.credentials == {}  # the one made goes with the stack that failed
 
 
 def test_an_existing_stack_makes_no_second_credential(tmp_path):

@@ -145,11 +145,15 @@ class EpochCheckpoint:
 
     :param owner: whether this task writes ``JOB_DIR/checkpoints`` (the chief, or a process alone);
         the others save to a scratch folder, as MultiWorkerMirroredStrategy needs every task to save.
+    :param io_device: the device that reads and writes the files. Under ParameterServerStrategy the variables
+        live on the ps tasks, which would write their shards themselves, into a folder of the chief's machine
+        they cannot see (as on separate VMs): the chief's CPU does all the I/O instead.
     """
 
-    def __init__(self, job_dir: str, owner: bool, **objects):
+    def __init__(self, job_dir: str, owner: bool, io_device: str | None = None, **objects):
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         self.checkpoint = tf.train.Checkpoint(epoch=self.epoch, **objects)
+        self.options = tf.train.CheckpointOptions(experimental_io_device=io_device)
         self.shared = os.path.join(job_dir, "checkpoints")
         self.scratch = None if owner else tempfile.mkdtemp(prefix="checkpoints-")
         self.manager = tf.train.CheckpointManager(self.checkpoint, self.scratch or self.shared, max_to_keep=2)
@@ -159,13 +163,13 @@ class EpochCheckpoint:
         latest = tf.train.latest_checkpoint(self.shared)
         if latest is None:
             return 0
-        self.checkpoint.restore(latest)
+        self.checkpoint.restore(latest, options=self.options)
         LOG.info("resumed from checkpoint %s: %d epoch(s) already done", latest, int(self.epoch.numpy()))
         return int(self.epoch.numpy())
 
     def save(self, epoch: int) -> None:
         self.epoch.assign(epoch)
-        self.manager.save(checkpoint_number=epoch)
+        self.manager.save(checkpoint_number=epoch, options=self.options)
 
     def close(self) -> None:
         if self.scratch:
@@ -253,7 +257,8 @@ def train_with_parameter_servers(args: argparse.Namespace, resolver) -> tf.keras
     with strategy.scope():
         model = build_model()
         optimizer = tf.keras.optimizers.SGD(learning_rate=args.learning_rate)
-        checkpoint = EpochCheckpoint(args.job_dir, True, model=model, optimizer=optimizer)
+        checkpoint = EpochCheckpoint(args.job_dir, True, io_device="/job:chief/replica:0/task:0/device:CPU:0",
+                                     model=model, optimizer=optimizer)
     x, y = training_data(args)
 
     def dataset_fn():
