@@ -41,6 +41,7 @@ class MachineType:
     gpus: int = 0
 
 
+DEFAULT_MACHINE_TYPE = "standard"  # what a version (or a batch prediction job over a model URI) runs on
 DEFAULT_MACHINE_TYPES = {
     "standard": MachineType("standard", "m1.medium"),
     "large_model": MachineType("large_model", "m1.xlarge"),

@@ -71,6 +71,14 @@ def job_demand(training_input: Mapping[str, Any], machine_types: Mapping[str, Ma
                   gpus=slots * sum(g.count * g.machine_type.gpus for g in groups))
 
 
+def prediction_demand(prediction_input: Mapping[str, Any], machine_types: Mapping[str, MachineType]) -> Demand:
+    """One job and at most ``maxWorkerCount`` nodes of its machine type (fewer when its input has fewer
+    shards, which only the job's first step knows)."""
+    count = int(prediction_input.get("maxWorkerCount") or 1)
+    machine_type = machine_types.get(prediction_input.get("machineType", ""))
+    return Demand(jobs=1, nodes=count, gpus=count * (machine_type.gpus if machine_type else 0))
+
+
 def version_demand(replicas: int, machine_type: MachineType) -> Demand:
     """``replicas`` serving nodes of ``machine_type`` (negative to scale down)."""
     return Demand(replicas=replicas, nodes=replicas, gpus=replicas * machine_type.gpus)
@@ -90,8 +98,11 @@ def _limit(row: ProjectQuota | None, settings: Settings, name: str) -> int:
 def usage(session: Session, settings: Settings, project: str) -> dict[str, int]:
     """What the project holds now, computed from its unfinished jobs and live versions."""
     total = {name: 0 for name in QUOTAS}
-    for training_input in session.scalars(select(Job.training_input).where(
+    for training_input, prediction_input in session.execute(select(Job.training_input, Job.prediction_input).where(
             Job.project == project, Job.state.not_in(FINAL_JOB_STATES))):
+        if prediction_input:
+            _add(total, prediction_demand(prediction_input, settings.machine_types))
+            continue
         try:
             demand = job_demand(training_input, settings.machine_types)
         except TopologyError:  # a machine type removed since: its nodes still count, GPUs unknown

@@ -50,6 +50,8 @@ class Step(enum.StrEnum):
     # A node died or a trainer failed under restartPolicy ON_FAILURE: stop, replace, restore, then BOOTSTRAPPING.
     RESTARTING = "RESTARTING"
     EXPORTING = "EXPORTING"
+    # A batch prediction job runs its shards here instead (workflows/batch_predict.py).
+    PREDICTING = "PREDICTING"
     TEARING_DOWN = "TEARING_DOWN"
     DONE = "DONE"
 

@@ -39,10 +39,12 @@ from cloudml_os.api.schemas import (
 from cloudml_os.artifacts import ArtifactError, job_dir_uri, parse_uri
 from cloudml_os.artifacts.trainer_args import StoreArgError, check_store_args, store_uri_in
 from cloudml_os.cloud.base import node_store_root
+from cloudml_os.config import DEFAULT_MACHINE_TYPE
 from cloudml_os.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from cloudml_os.frameworks.base import TopologyError, topology_from_training_input
 from cloudml_os.states import JobState, Step
 from cloudml_os.store import Job, JobEvent, Store
+from cloudml_os.store.models import Model, Version
 
 log = logging.getLogger(__name__)
 
@@ -135,20 +137,105 @@ def _forget_job(store: Store, job_pk: int) -> None:
         log.exception("could not remove job %s after its start failed", job_pk)
 
 
+def _prediction_job(project: str, job_id: str, prediction_input: dict[str, Any], labels: dict[str, str]) -> Job:
+    """A batch prediction job's row: its model resolved now (a later change of the model's default version
+    does not change what a submitted job predicts with), named in ``predictionOutput.modelUri``."""
+    for index, uri in enumerate(prediction_input["inputPaths"]):
+        _own_uri(project, f"predictionInput.inputPaths[{index}]", uri)
+    _own_uri(project, "predictionInput.outputPath", prediction_input["outputPath"])
+    model_uri, framework, runtime_version, machine_type = _prediction_model(project, prediction_input)
+    svc = services()
+    try:
+        runtime_version = runtime_version or svc.frameworks[framework].default_runtime_version
+        svc.frameworks[framework].runtime(runtime_version)
+    except TopologyError as exc:
+        raise InvalidArgument(f"predictionInput.runtimeVersion: {str(exc).partition(': ')[2] or exc}") from None
+    if node_store_root(svc.settings) is None:
+        raise InvalidArgument("predictionInput.inputPaths: the store is not mounted on this installation's nodes, "
+                              "so batch prediction cannot read its input")
+    prediction_input = {**prediction_input, "runtimeVersion": runtime_version, "machineType": machine_type}
+    return Job(project=project, job_id=job_id, state=JobState.QUEUED.value, step=Step.PROVISIONING.value,
+               framework=framework, training_input={}, prediction_input=prediction_input, labels=labels,
+               prediction_output={"outputPath": prediction_input["outputPath"], "modelUri": model_uri})
+
+
+def _own_uri(project: str, field: str, uri: str) -> None:
+    try:
+        uri_project, _ = parse_uri(uri)
+    except ArtifactError as exc:
+        raise InvalidArgument(f"{field}: {exc}") from None
+    if uri_project != project:
+        raise InvalidArgument(f"{field}: {uri!r} is not in project {project}")
+
+
+def _prediction_model(project: str, prediction_input: dict[str, Any]) -> tuple[str, str, str | None, str]:
+    """(model URI, framework, runtime version or None, machine type) of the model a prediction job names."""
+    svc = services()
+    if prediction_input.get("uri"):
+        uri = prediction_input["uri"].rstrip("/")
+        _own_uri(project, "predictionInput.uri", uri)
+        framework = prediction_input.get("framework") or _exported_framework(uri)
+        if framework not in svc.frameworks:
+            raise InvalidArgument(f"predictionInput.framework: unknown framework {framework!r}; valid: "
+                                  f"{', '.join(sorted(svc.frameworks))}")
+        return uri, framework, prediction_input.get("runtimeVersion"), DEFAULT_MACHINE_TYPE
+    field = "modelName" if prediction_input.get("modelName") else "versionName"
+    parts = prediction_input[field].split("/")
+    if len(parts) in (1, 3):  # MODEL or MODEL/versions/VERSION, within this project
+        parts = ["projects", project, "models", *parts]
+    expected = 4 if field == "modelName" else 6
+    if len(parts) != expected or parts[0] != "projects" or parts[2] != "models" or \
+            (expected == 6 and parts[4] != "versions"):
+        shape = "projects/PROJECT/models/MODEL" + ("/versions/VERSION" if expected == 6 else "")
+        raise InvalidArgument(f"predictionInput.{field}: {prediction_input[field]!r} is not {shape}")
+    if parts[1] != project:
+        raise InvalidArgument(f"predictionInput.{field}: {prediction_input[field]!r} is not in project {project}")
+    with svc.store.session() as session:
+        model = session.scalar(select(Model).where(Model.project == project, Model.name == parts[3]))
+        if model is None:
+            raise InvalidArgument(f"predictionInput.{field}: {resource_name(project, 'models', parts[3])} not found")
+        version_name = parts[5] if expected == 6 else model.default_version
+        version = session.scalar(select(Version).where(Version.model_id == model.id, Version.name == version_name,
+                                                       Version.state.not_in(("DELETING", "DELETED"))))
+    if version is None:
+        what = f"version {version_name}" if expected == 6 else "a default version"
+        raise InvalidArgument(f"predictionInput.{field}: model {parts[3]} has no {what}")
+    runtime_version = prediction_input.get("runtimeVersion") or version.runtime_version
+    return version.deployment_uri, version.framework, runtime_version, version.machine_type
+
+
+def _exported_framework(uri: str) -> str:
+    """The framework whose export marker (``saved_model.pb``, ``model-symbol.json``, ``model.pt``) lies in the
+    folder ``uri``."""
+    svc = services()
+    project, key = parse_uri(uri)
+    names = {info.key.rpartition("/")[2] for info in svc.artifacts.list_objects(project, key + "/", "", 1000)
+             if "/" not in info.key[len(key) + 1:]}
+    found = [name for name, framework in sorted(svc.frameworks.items()) if framework.export_marker in names]
+    if not found:
+        raise InvalidArgument(f"predictionInput.uri: {uri!r} holds no exported model (none of "
+                              f"{sorted(f.export_marker for f in svc.frameworks.values())})")
+    return found[0]
+
+
 @blp.route("/jobs", methods=["POST"])
 @blp.arguments(JobCreateSchema)
 @blp.response(200, JobSchema)
 def create_job(body: dict[str, Any], project: str) -> Job:
-    """Submit a training job (v1 ``jobs.create``)."""
+    """Submit a training job or a batch prediction job (v1 ``jobs.create``)."""
     svc = services()
-    training_input = body["trainingInput"]
-    _check_training_input(project, training_input)
     name = resource_name(project, "jobs", body["jobId"])
+    if "predictionInput" in body:
+        job = _prediction_job(project, body["jobId"], body["predictionInput"], body["labels"])
+        demand = quotas.prediction_demand(job.prediction_input, svc.settings.machine_types)
+    else:
+        training_input = body["trainingInput"]
+        _check_training_input(project, training_input)
+        job = Job(project=project, job_id=body["jobId"], state=JobState.QUEUED.value, step=Step.PROVISIONING.value,
+                  framework=training_input["framework"], training_input=training_input, labels=body["labels"])
+        demand = quotas.job_demand(training_input, svc.settings.machine_types)
     if svc.store.find_job(project, body["jobId"]) is not None:
         raise AlreadyExists(f"{name} already exists")
-    job = Job(project=project, job_id=body["jobId"], state=JobState.QUEUED.value, step=Step.PROVISIONING.value,
-              framework=training_input["framework"], training_input=training_input, labels=body["labels"])
-    demand = quotas.job_demand(training_input, svc.settings.machine_types)
     try:  # the quota check locks the project's quotas until the job row is in (429 and nothing created)
         svc.store.create_job(job, check=lambda session: quotas.check(session, svc.settings, project, demand))
     except IntegrityError:  # a concurrent create with the same jobId won

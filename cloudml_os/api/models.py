@@ -53,7 +53,7 @@ from cloudml_os.api.schemas import (
     VersionSchema,
 )
 from cloudml_os.artifacts import ArtifactError, parse_uri
-from cloudml_os.config import MachineType
+from cloudml_os.config import DEFAULT_MACHINE_TYPE, MachineType
 from cloudml_os.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from cloudml_os.frameworks.base import TopologyError
 from cloudml_os.store.models import Model, Operation, Replica, ReplicaSample, Version, VersionEvent, utcnow
@@ -67,7 +67,6 @@ blp = ApiBlueprint("models", __name__, url_prefix="/v1/projects/<project:project
 VERSION_TYPE = "type.googleapis.com/google.cloud.ml.v1.Version"
 MODEL_TYPE = "type.googleapis.com/google.cloud.ml.v1.Model"
 EMPTY_TYPE = "type.googleapis.com/google.protobuf.Empty"
-DEFAULT_MACHINE_TYPE = "standard"
 SERVING_STATES = ("READY", "UPDATING")  # a scale in progress keeps the replicas that serve serving
 DELETABLE_STATES = ("READY", "FAILED")
 EVENT_LIMIT = 1000

@@ -319,14 +319,64 @@ class TrainingInputSchema(Schema):
 _OUTPUT_ONLY = {"readOnly": True, "description": "output only; ignored on create"}
 
 
+PREDICTION_DATA_FORMATS = ("JSON", "TEXT", "CSV", "TF_RECORD", "TF_RECORD_GZIP")
+PREDICTION_OUTPUT_FORMATS = ("JSON", "CSV")
+DEFAULT_MAX_WORKER_COUNT = 10
+MAX_PREDICTION_INPUT_PATHS = 100
+
+
+class PredictionInputSchema(Schema):
+    """v1 PredictionInput: a batch prediction job over files in the store (``workflows/batch_predict.py``).
+
+    Exactly one of ``modelName`` (its default version), ``versionName`` or ``uri`` names the model; which of
+    them names something of this project is checked by the view.
+    """
+
+    dataFormat = fields.String(required=True, validate=validate.OneOf(PREDICTION_DATA_FORMATS), metadata={
+        "description": "JSON (TEXT is the same): one instance per line, as an item of an online request's "
+                       "instances; CSV: one instance per line, its comma-separated numbers; TF_RECORD, "
+                       "TF_RECORD_GZIP: one JSON instance per record"})
+    outputDataFormat = fields.String(load_default="JSON", validate=validate.OneOf(PREDICTION_OUTPUT_FORMATS))
+    inputPaths = fields.List(fields.String(validate=validate.Length(min=1, max=1100)), required=True,
+                             validate=validate.Length(min=1, max=MAX_PREDICTION_INPUT_PATHS,
+                                                      error=f"give 1 to {MAX_PREDICTION_INPUT_PATHS} paths"),
+                             metadata={"description": "store://PROJECT/NAME of this project; * matches any "
+                                                      "characters but /"})
+    outputPath = fields.String(required=True, validate=validate.Length(min=1, max=900), metadata={
+        "description": "store://PROJECT/FOLDER the prediction.results-* and prediction.errors_stats-* "
+                       "files are written to"})
+    modelName = fields.String(metadata={"description": "projects/PROJECT/models/MODEL: its default version"})
+    versionName = fields.String(metadata={"description": "projects/PROJECT/models/MODEL/versions/VERSION"})
+    uri = fields.String(metadata={"description": "store://PROJECT/FOLDER of an exported model"})
+    framework = fields.String(metadata={"description": "added field, with uri only: TENSORFLOW, MXNET or "
+                                                       "PYTORCH (default: told by the model's files)"})
+    runtimeVersion = fields.String()
+    maxWorkerCount = Int64(load_default=DEFAULT_MAX_WORKER_COUNT,
+                           validate=validate.Range(min=1, max=1000, error="must be 1 to 1000"))
+    batchSize = Int64(load_default=64, validate=validate.Range(min=1, max=10000, error="must be 1 to 10000"))
+    signatureName = fields.String(load_default="serving_default", validate=validate.OneOf(
+        ["serving_default"], error="only serving_default is served (the signature online prediction uses)"))
+    region = fields.String()
+
+    @validates_schema
+    def _one_model(self, data: dict[str, Any], **kwargs: Any) -> None:
+        given = [name for name in ("modelName", "versionName", "uri") if data.get(name)]
+        if len(given) != 1:
+            raise ValidationError("give exactly one of modelName, versionName and uri"
+                                  + (f" (got {', '.join(given)})" if given else ""), "modelName")
+        if data.get("framework") and not data.get("uri"):
+            raise ValidationError("only with uri: a version's framework is the version's", "framework")
+
+
 class JobCreateSchema(Schema):
-    """The v1 Job body of ``jobs.create``. Output-only fields (as in a job fetched earlier) are ignored."""
+    """The v1 Job body of ``jobs.create``: a training job (``trainingInput``) or a batch prediction job
+    (``predictionInput``). Output-only fields (as in a job fetched earlier) are ignored."""
 
     jobId = fields.String(required=True, validate=validate.Regexp(
         rf"^{RESOURCE_ID_PATTERN}\Z", error="must start with a letter and hold at most 128 letters, digits or '_'"))
-    trainingInput = fields.Nested(TrainingInputSchema, required=True)
+    trainingInput = fields.Nested(TrainingInputSchema)
+    predictionInput = fields.Nested(PredictionInputSchema)
     labels = _labels_field(load_default=dict)
-    predictionInput = fields.Raw(metadata={"description": "batch prediction jobs are not supported yet"})
     createTime = fields.Raw(metadata=_OUTPUT_ONLY)
     startTime = fields.Raw(metadata=_OUTPUT_ONLY)
     endTime = fields.Raw(metadata=_OUTPUT_ONLY)
@@ -340,13 +390,16 @@ class JobCreateSchema(Schema):
     framework = fields.Raw(metadata=_OUTPUT_ONLY)
     restartCount = fields.Raw(metadata=_OUTPUT_ONLY)
 
-    @validates("predictionInput")
-    def _no_prediction(self, value: Any, **kwargs: Any) -> None:
-        raise ValidationError("batch prediction jobs are not supported; send a trainingInput")
+    @validates_schema
+    def _one_input(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if ("trainingInput" in data) == ("predictionInput" in data):
+            raise ValidationError("give exactly one of trainingInput (a training job) and predictionInput (a "
+                                  "batch prediction job)", "trainingInput")
 
     @post_load
     def _keep_inputs(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-        return {"jobId": data["jobId"], "trainingInput": data["trainingInput"], "labels": data["labels"]}
+        kept = ("jobId", "trainingInput", "predictionInput", "labels")
+        return {key: data[key] for key in kept if key in data}
 
 
 class JobSchema(Schema):
@@ -354,12 +407,17 @@ class JobSchema(Schema):
 
     jobId = fields.String(attribute="job_id")
     trainingInput = fields.Nested(TrainingInputSchema, attribute="training_input")
+    predictionInput = fields.Dict(attribute="prediction_input")
     createTime = Timestamp(attribute="create_time")
     startTime = Timestamp(attribute="start_time")
     endTime = Timestamp(attribute="end_time")
     state = fields.String(validate=validate.OneOf([s.value for s in JobState]))
     errorMessage = fields.String(attribute="error_message")
     trainingOutput = fields.Dict(attribute="training_output")
+    predictionOutput = fields.Dict(attribute="prediction_output", metadata={
+        "description": "v1 PredictionOutput (outputPath, predictionCount, errorCount, nodeHours) with added "
+                       "modelUri, recordsDone, recordsTotal (once every shard has been counted), shardsDone, "
+                       "shardsTotal"})
     labels = fields.Dict(keys=fields.String(), values=fields.String())
     etag = fields.Method("_etag", metadata={"format": "byte"})
     step = fields.String(metadata={"description": "added field: the workflow step that owns the job now"})

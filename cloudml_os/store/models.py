@@ -62,6 +62,9 @@ class Job(Base):
     step_seq: Mapped[int] = mapped_column(default=0)
     framework: Mapped[str] = mapped_column(String(32))
     training_input: Mapped[dict[str, Any]]
+    # A batch prediction job's v1 predictionInput (its training_input is then empty) and predictionOutput.
+    prediction_input: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    prediction_output: Mapped[dict[str, Any]] = mapped_column(default=dict)
     labels: Mapped[dict[str, Any]] = mapped_column(default=dict)
     create_time: Mapped[dt.datetime] = mapped_column(default=utcnow)
     start_time: Mapped[dt.datetime | None]
@@ -164,6 +167,33 @@ class JobTrial(Base):
     error_message: Mapped[str] = mapped_column(Text, default="")
     start_time: Mapped[dt.datetime] = mapped_column(default=utcnow)
     end_time: Mapped[dt.datetime | None]
+
+
+class PredictionShard(Base):
+    """One piece of a batch prediction job's input: the records of ``input_uri`` whose first byte lies in
+    ``[start, end)`` (a whole file when ``end`` is None: record formats that cannot be split).
+
+    A shard is run by one node at a time (``node``, its ``run``-th process there); DONE only once its output
+    files are in the store under their final names, so a shard run again (its node died, the worker crashed)
+    replaces them and every record is in the output exactly once.
+    """
+
+    __tablename__ = "prediction_shards"
+    __table_args__ = (UniqueConstraint("job_id", "index"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    index: Mapped[int]
+    input_uri: Mapped[str] = mapped_column(String(1100))
+    start: Mapped[int] = mapped_column(BigInteger)
+    end: Mapped[int | None] = mapped_column(BigInteger)
+    state: Mapped[str] = mapped_column(String(16), default="PENDING")  # PENDING, RUNNING, DONE
+    node: Mapped[str | None] = mapped_column(String(128))
+    run: Mapped[int] = mapped_column(default=0)
+    failures: Mapped[int] = mapped_column(default=0)
+    records_total: Mapped[int | None] = mapped_column(BigInteger)
+    records_done: Mapped[int] = mapped_column(BigInteger, default=0)
+    predictions: Mapped[int] = mapped_column(BigInteger, default=0)
+    errors: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class JobEvent(Base):

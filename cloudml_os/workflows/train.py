@@ -661,6 +661,15 @@ def run_step(ctx: TrainingContext, job_pk: int, step: Step, seq: int) -> tuple[S
     return following
 
 
+def _steps(job: Job) -> dict[Step, Callable[[TrainingContext, Job], Handover]]:
+    """The steps of the job's kind: a batch prediction job's are its own module's (imported here on use)."""
+    if job.prediction_input is None:
+        return STEPS
+    from cloudml_os.workflows import batch_predict
+
+    return batch_predict.STEPS
+
+
 def _run_claimed_step(ctx: TrainingContext, job: Job, step: Step, seq: int) -> tuple[Step, int, float] | None:
     job_pk = job.id
     if job.state == JobState.CANCELLING.value and step != Step.TEARING_DOWN:
@@ -670,7 +679,7 @@ def _run_claimed_step(ctx: TrainingContext, job: Job, step: Step, seq: int) -> t
         handover = Handover(Step.TEARING_DOWN)  # failed from outside the step (the reconciler's time limits)
     else:
         try:
-            handover = STEPS[step](ctx, job)
+            handover = _steps(job)[step](ctx, job)
         except OperationalError:
             raise  # the database is down: leave the job as it is; the step is sent again after its lease
         except (StepError, DriverError, RemoteError, ArtifactError) as exc:

@@ -28,21 +28,13 @@ FAST_HEALTH = {"interval": 0.5, "timeout": 0.5, "rise": 2, "fall": 2}
 
 
 @pytest.fixture(scope="module")
-def client(platform):
-    return platform.client("team-serving")
-
-
-def trained(client, job_id: str, package_path, framework: str) -> dict:
-    uri = client.upload(package_path)
-    client.submit(job_id, uri, framework=framework, args=["--epochs", "2"])
-    job = client.wait(job_id)
-    assert job["state"] == "SUCCEEDED", job.get("errorMessage")
-    return job
+def client(serving_client):
+    return serving_client
 
 
 @pytest.fixture(scope="module")
-def tf_job(client, tf_package):
-    return trained(client, "serve_tf_training", tf_package, "TENSORFLOW")
+def tf_job(trained_job):
+    return trained_job("TENSORFLOW")
 
 
 @pytest.fixture(scope="module")
@@ -285,13 +277,13 @@ def test_scaling_a_version_adds_and_removes_replicas(platform, client, model, tf
     assert predict_via_api(client, f"/models/{model}/versions/tf_v1:predict").status_code == 200
 
 
-@pytest.mark.parametrize("framework, runtime, package_fixture, runtime_fixture, script", [
-    ("MXNET", "1.9", "mxnet_package", "mxnet_runtime", MXNET_PREDICT),
-    ("PYTORCH", "2.13", "pytorch_package", "pytorch_runtime", PYTORCH_PREDICT),
+@pytest.mark.parametrize("framework, runtime, runtime_fixture, script", [
+    ("MXNET", "1.9", "mxnet_runtime", MXNET_PREDICT),
+    ("PYTORCH", "2.13", "pytorch_runtime", PYTORCH_PREDICT),
 ])
-def test_mxnet_and_pytorch_versions_serve_what_they_trained(platform, client, model, request, framework,
-                                                             runtime, package_fixture, runtime_fixture, script):
-    job = trained(client, f"serve_{framework.lower()}_training", request.getfixturevalue(package_fixture), framework)
+def test_mxnet_and_pytorch_versions_serve_what_they_trained(platform, client, model, request, trained_job, framework,
+                                                             runtime, runtime_fixture, script):
+    job = trained_job(framework)
     version = f"{framework.lower()}_v1"
     deploy(client, model, version, job, framework, runtime)
     response = predict_via_api(client, f"/models/{model}/versions/{version}:predict")

@@ -145,10 +145,41 @@ def test_output_only_fields_of_a_fetched_job_are_ignored():
     assert set(JobCreateSchema().load(data)) == {"jobId", "trainingInput", "labels"}
 
 
-def test_prediction_jobs_are_refused_with_a_reason():
-    data = body()
-    data["predictionInput"] = {"dataFormat": "JSON"}
-    assert errors_of(data) == ["predictionInput: batch prediction jobs are not supported; send a trainingInput"]
+def prediction(**fields: Any) -> dict[str, Any]:
+    return {"jobId": "batch_1", "predictionInput": {"dataFormat": "JSON", "inputPaths": ["store://p/data/*.json"],
+                                                    "outputPath": "store://p/out", "modelName": "projects/p/models/m",
+                                                    **fields}}
+
+
+def test_a_prediction_job_gets_v1_defaults():
+    loaded = JobCreateSchema().load(prediction(region="us-central1"))
+    assert loaded["predictionInput"] == {
+        "dataFormat": "JSON", "inputPaths": ["store://p/data/*.json"], "outputPath": "store://p/out",
+        "modelName": "projects/p/models/m", "region": "us-central1", "outputDataFormat": "JSON",
+        "maxWorkerCount": 10, "batchSize": 64, "signatureName": "serving_default"}
+    assert "trainingInput" not in loaded
+
+
+@pytest.mark.parametrize("data, message", [
+    (dict(body(), predictionInput=prediction()["predictionInput"]),
+     "trainingInput: give exactly one of trainingInput (a training job) and predictionInput (a batch prediction job)"),
+    ({"jobId": "j"},
+     "trainingInput: give exactly one of trainingInput (a training job) and predictionInput (a batch prediction job)"),
+    (prediction(uri="store://p/model"), "predictionInput.modelName: give exactly one of modelName, versionName and "
+                                        "uri (got modelName, uri)"),
+    (prediction(dataFormat="PARQUET"), "predictionInput.dataFormat: Must be one of: JSON, TEXT, CSV, TF_RECORD, "
+                                       "TF_RECORD_GZIP."),
+    (prediction(maxWorkerCount=0), "predictionInput.maxWorkerCount: must be 1 to 1000"),
+    (prediction(batchSize="many"), "predictionInput.batchSize: Not a valid integer."),
+    (prediction(signatureName="other"), "predictionInput.signatureName: only serving_default is served (the "
+                                        "signature online prediction uses)"),
+    (prediction(framework="MXNET"), "predictionInput.framework: only with uri: a version's framework is the "
+                                    "version's"),
+    (prediction(dataFormat="JSON", inputPaths=[]), "predictionInput.inputPaths: give 1 to 100 paths"),
+    (prediction(accelerator={"count": 1}), "predictionInput.accelerator: Unknown field."),
+])
+def test_bad_prediction_inputs_are_refused_naming_the_field(data, message):
+    assert errors_of(data) == [message]
 
 
 def test_job_resource_is_v1_shaped():

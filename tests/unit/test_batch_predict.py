@@ -1,0 +1,125 @@
+"""Batch prediction's planning and its node-side runner, without nodes: shards cover every record once."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cloudml_os.workflows.batch_predict import SHARD_MIN_BYTES, errors_name, pattern_regex, plan_shards, results_name
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "cloudml_os" / "serving" / "runtime"))
+import batch_predict  # noqa: E402  (the runner, as the node imports it: beside model_server.py)
+import model_server  # noqa: E402
+
+
+def test_a_pattern_star_matches_within_one_folder():
+    pattern = pattern_regex("data/train-*.json")
+    assert pattern.match("data/train-1.json") and pattern.match("data/train-.json")
+    assert not pattern.match("data/train-1.json.gz") and not pattern.match("data/train-x/1.json")
+    assert pattern_regex("data/a+b(1).csv").match("data/a+b(1).csv")
+
+
+def test_text_inputs_are_cut_so_that_every_node_gets_work_and_record_files_stay_whole():
+    objects = [("store://p/a.json", 10 * SHARD_MIN_BYTES), ("store://p/b.json", 100), ("store://p/empty.json", 0)]
+    shards = plan_shards(objects, "JSON", max_workers=2)
+    piece = -(-(10 * SHARD_MIN_BYTES + 100) // 8)
+    assert shards[0] == ("store://p/a.json", 0, piece)
+    assert shards[-1] == ("store://p/b.json", 0, 100)
+    assert all(end - start <= piece for _, start, end in shards)
+    assert plan_shards(objects, "TF_RECORD", max_workers=2) == [(uri, 0, None) for uri, _ in objects]
+    assert len(plan_shards([("store://p/small.csv", 5000)], "CSV", max_workers=10)) == 1  # 1 MiB at least
+    assert results_name(2, 12) == "prediction.results-00002-of-00012"
+    assert errors_name(0, 1) == "prediction.errors_stats-00000-of-00001"
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_byte_ranges_give_every_line_to_exactly_one_shard(tmp_path, seed):
+    rng = random.Random(seed)
+    lines = [("x" * rng.randint(0, 40)).encode() for _ in range(300)]
+    path = tmp_path / "in.json"
+    path.write_bytes(b"\n".join(lines) + (b"\n" if seed % 2 else b""))  # with and without a last newline
+    size = path.stat().st_size
+    cuts = sorted({0, size, *(rng.randint(0, size) for _ in range(rng.randint(0, 30)))})
+    seen = [line for start, end in zip(cuts, cuts[1:], strict=False)
+            for _, line in batch_predict.text_records(str(path), start, end)]
+    assert [line.rstrip(b"\n") for line in seen] == [line for line in lines if line.strip()]
+
+
+def tf_record_file(path: Path, records: list[bytes], compressed: bool) -> None:
+    data = b"".join(struct.pack("<Q", len(r)) + b"crc!" + r + b"crc!" for r in records)
+    path.write_bytes(gzip.compress(data) if compressed else data)
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_tf_records_are_read_in_order_and_a_cut_file_is_an_error(tmp_path, compressed):
+    records = [json.dumps([float(i)]).encode() for i in range(50)] + [b""]
+    path = tmp_path / "in.tfrecord"
+    tf_record_file(path, records, compressed)
+    assert [data for _, data in batch_predict.tf_records(str(path), compressed)] == records
+    tf_record_file(path, records[:3], False)
+    path.write_bytes(path.read_bytes()[:-6])
+    with pytest.raises(ValueError, match="record 2: the file ends inside its data"):
+        list(batch_predict.tf_records(str(path), False))
+
+
+class Doubler:
+    """A model the runner cannot tell from a framework's: doubles its one input; refuses a row holding 13."""
+
+    inputs = [model_server.Tensor("x", np.dtype(np.float32))]
+    outputs = None
+
+    def predict(self, inputs):
+        if (inputs["x"] == 13).any():
+            raise model_server.bad_request("13 is unlucky")
+        return {"y": inputs["x"] * 2}
+
+
+def run(tmp_path: Path, lines: list[str], data_format: str = "JSON", output_format: str = "JSON") -> tuple:
+    source = tmp_path / "in.txt"
+    source.write_text("".join(line + "\n" for line in lines))
+    args = batch_predict.parse_args([
+        "--framework", "PYTORCH", "--model-dir", str(tmp_path), "--input", str(source), "--input-name",
+        "store://p/in.txt", "--data-format", data_format, "--output-format", output_format, "--batch-size", "4",
+        "--results", str(tmp_path / "results"), "--errors", str(tmp_path / "errors"),
+        "--progress", str(tmp_path / "progress.json")])
+    shard = batch_predict.Shard(args, total=len(lines))
+    batch = []
+    for position, raw in batch_predict.records(args):
+        try:
+            batch.append((position, raw, batch_predict.instance_of(data_format, raw)))
+        except batch_predict.BadRecord as error:
+            shard.error(position, raw, str(error))
+        if len(batch) == args.batch_size:
+            batch_predict.run_batch(Doubler(), shard, batch)
+            batch = []
+    batch_predict.run_batch(Doubler(), shard, batch)
+    shard.close()
+    errors = [json.loads(line) for line in (tmp_path / "errors").read_text().splitlines()]
+    return (tmp_path / "results").read_text().splitlines(), errors, json.loads((tmp_path / "progress.json").read_text())
+
+
+def test_bad_records_cost_only_themselves_and_are_reported_with_their_line(tmp_path):
+    lines = ["[1.0]", "[2.0]", "not json", "[13.0]", "[4.0]", "", "[5.0]", '{"x": [6.0]}']
+    results, errors, progress = run(tmp_path, lines)
+    assert [json.loads(line) for line in results] == [
+        {"instance": [1.0], "prediction": [2.0]}, {"instance": [2.0], "prediction": [4.0]},
+        {"instance": [4.0], "prediction": [8.0]}, {"instance": [5.0], "prediction": [10.0]},
+        {"instance": {"x": [6.0]}, "prediction": [12.0]}]
+    assert [(e["line"], e["byteOffset"]) for e in errors] == [("not json", 12), ("[13.0]", 21)]
+    assert errors[0]["error"].startswith("not JSON") and errors[1]["error"] == "13 is unlucky"
+    assert errors[0]["inputPath"] == "store://p/in.txt"
+    assert progress == {"total": 8, "done": 7, "errors": 2}  # the blank line is no record
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_csv_in_and_out(tmp_path):
+    results, errors, _ = run(tmp_path, ["1,2", "3,x", "0.5,1.5"], data_format="CSV", output_format="CSV")
+    assert results == ["2.0,4.0", "1.0,3.0"]
+    assert [e["line"] for e in errors] == ["3,x"]
