@@ -42,6 +42,10 @@ def make_celery(settings: Settings, context_factory: Callable[[], object] | None
         task_reject_on_worker_lost=True,
         task_ignore_result=True,
         worker_prefetch_multiplier=1,
+        # After a broker restart Celery lowers the prefetch count and raises it again with blocking basic.qos
+        # calls from its event loop; one was seen never to get its reply, and the worker consumed nothing until
+        # the broker dropped the silent connection (3 minutes). The full prefetch at once is safe: late acks.
+        worker_enable_prefetch_count_reduction=False,
         task_default_queue=settings.task_queue,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
