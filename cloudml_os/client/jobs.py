@@ -1,4 +1,5 @@
-"""``cloudml jobs``: submit a training job from a package folder, follow it, describe, list, cancel it.
+"""``cloudml jobs``: submit a training job from a package folder or a batch prediction job; follow, describe,
+list, cancel them.
 
 ``jobs submit training`` does what ``gcloud ai-platform jobs submit training`` does: it builds the
 package folder's source distribution, uploads it (and any ``--packages``) to the project's packages,
@@ -144,7 +145,7 @@ def follow(api: ApiClient, job_id: str, interval: float) -> None:
 
 @click.group("jobs")
 def jobs_group() -> None:
-    """Submit training jobs; follow, describe, list and cancel them."""
+    """Submit training and batch prediction jobs; follow, describe, list and cancel them."""
 
 
 @jobs_group.group("submit")
@@ -228,10 +229,90 @@ def submit_training(job: str, user_args: tuple[str, ...], package_path: Path | N
          invocation().format)
 
 
+DATA_FORMATS = ("JSON", "TEXT", "CSV", "TF_RECORD", "TF_RECORD_GZIP")
+
+
+def _format_name(value: str | None) -> str | None:
+    """gcloud's spellings (``tf-record-gzip``) and the API's (``TF_RECORD_GZIP``) alike."""
+    return value.upper().replace("-", "_") if value else value
+
+
+@command(submit_group, "prediction")
+@click.argument("job")
+@click.option("--input-paths", required=True, metavar="URIS",
+              help="store:// URIs of the input files, comma-separated; * matches within one folder.")
+@click.option("--output-path", required=True, metavar="URI",
+              help="The store:// folder the prediction.results-* and prediction.errors_stats-* files go to.")
+@click.option("--data-format", required=True, type=click.Choice(DATA_FORMATS, case_sensitive=False),
+              callback=lambda ctx, param, value: _format_name(value),
+              help="JSON or TEXT (one instance per line), CSV (numbers), TF_RECORD, TF_RECORD_GZIP.")
+@click.option("--output-data-format", type=click.Choice(("JSON", "CSV"), case_sensitive=False),
+              callback=lambda ctx, param, value: _format_name(value), help="JSON (default) or CSV.")
+@click.option("--model", help="A model of the project: its default version predicts.")
+@click.option("--version", help="A version of --model.")
+@click.option("--model-dir", metavar="URI", help="The store:// folder of an exported model, instead of --model.")
+@click.option("--framework", help="With --model-dir: TENSORFLOW, MXNET or PYTORCH (default: told by its files).")
+@click.option("--runtime-version", help="The framework's runtime (default: the version's, or the newest).")
+@click.option("--max-worker-count", type=click.IntRange(min=1), help="Most nodes at once (default 10).")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Instances per model call (default 64).")
+@click.option("--signature-name", help="Accepted as in v1: only serving_default is served.")
+@click.option("--region", help="Kept with the job, as in v1.")
+@click.option("--labels", help="Labels KEY=VALUE,KEY2=VALUE2.")
+@click.option("--stream-logs", is_flag=True, help="Follow every node's log until the job ends; exit 0 if it "
+              "succeeded, 1 otherwise.")
+@click.option("--polling-interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
+              help="Seconds between log reads with --stream-logs.")
+def submit_prediction(job: str, input_paths: str, output_path: str, model: str | None, version: str | None,
+                      model_dir: str | None, labels: str | None, stream_logs: bool, polling_interval: float,
+                      **flags: Any) -> None:
+    """Submit batch prediction job JOB: a model over files in the store (like gcloud's jobs submit prediction).
+
+    \b
+    cloudml jobs submit prediction census_batch --model census --data-format json \\
+        --input-paths store://PROJECT/data/batch-*.json --output-path store://PROJECT/predictions/1
+    """
+    api = invocation().api()
+    api.url("/jobs")  # a missing project is refused first
+    prediction_input = prediction_body(input_paths, output_path, model, version, model_dir, flags, api.project)
+    created = api.create_job({"jobId": job, "predictionInput": prediction_input, "labels": parse_labels(labels)})
+    stderr().print(f"Job [{job}] submitted successfully.")
+    if stream_logs:
+        follow(api, job, polling_interval)
+        return
+    stderr().print(f"Your job is still active. Follow it with\n  cloudml jobs describe {job}\nor\n"
+                   f"  cloudml jobs stream-logs {job}")
+    emit({"jobId": created["jobId"], "state": created["state"]} if invocation().format is None else created,
+         invocation().format)
+
+
+def prediction_body(input_paths: str, output_path: str, model: str | None, version: str | None,
+                    model_dir: str | None, flags: dict[str, Any], project: str) -> dict[str, Any]:
+    """The v1 predictionInput the flags describe. :raises click.UsageError: not exactly one model named."""
+    if bool(model) == bool(model_dir):
+        raise click.UsageError("give exactly one of --model and --model-dir")
+    if version and not model:
+        raise click.UsageError("--version needs --model")
+    if flags.get("framework") and not model_dir:
+        raise click.UsageError("--framework goes with --model-dir (a version's framework is the version's)")
+    body: dict[str, Any] = {"inputPaths": [path.strip() for path in input_paths.split(",") if path.strip()],
+                            "outputPath": output_path}
+    if model_dir:
+        body["uri"] = model_dir
+    elif version:
+        body["versionName"] = f"projects/{project}/models/{model}/versions/{version}"
+    else:
+        body["modelName"] = f"projects/{project}/models/{model}"
+    names = {"data_format": "dataFormat", "output_data_format": "outputDataFormat", "framework": "framework",
+             "runtime_version": "runtimeVersion", "max_worker_count": "maxWorkerCount", "batch_size": "batchSize",
+             "signature_name": "signatureName", "region": "region"}
+    body.update({field: flags[flag] for flag, field in names.items() if flags.get(flag) is not None})
+    return body
+
+
 @command(jobs_group, "describe")
 @click.argument("job")
 def describe(job: str) -> None:
-    """Show job JOB: state, step, errorMessage, trainingOutput (the exported model, trials)…"""
+    """Show job JOB: state, step, errorMessage, trainingOutput (the exported model, trials) or predictionOutput…"""
     emit(invocation().api().job(job), invocation().format, "yaml")
 
 

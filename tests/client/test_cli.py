@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 import pytest
 
-from cloudml_os.client.jobs import training_body
+from cloudml_os.client.jobs import prediction_body, training_body
 from cloudml_os.client.logs import LogFollower
 from cloudml_os.client.main import cli
 from cloudml_os.client.output import emit, field, parse_format
@@ -145,6 +145,24 @@ def test_the_job_body_is_the_config_files_training_input_with_the_flags_over_it(
     assert training_body("j2", {}, {"master_machine_type": "standard"}, [], [], {})["trainingInput"] == {
         "masterType": "standard", "scaleTier": "CUSTOM"}
     assert training_body("j3", document, {}, [], [], {})["trainingInput"]["args"] == ["--from-config"]
+
+
+def test_a_prediction_body_names_the_model_one_way_and_takes_gclouds_spellings(tmp_path):
+    body = prediction_body("store://p/a/*.json, store://p/b.json", "store://p/out", "m", "v2", None,
+                           {"data_format": "TF_RECORD_GZIP", "batch_size": 8, "region": None}, "p")
+    assert body == {"inputPaths": ["store://p/a/*.json", "store://p/b.json"], "outputPath": "store://p/out",
+                    "versionName": "projects/p/models/m/versions/v2", "dataFormat": "TF_RECORD_GZIP", "batchSize": 8}
+    by_model = prediction_body("store://p/x", "store://p/o", "m", None, None, {}, "p")
+    assert by_model["modelName"] == "projects/p/models/m"
+    assert prediction_body("store://p/x", "store://p/o", None, None, "store://p/model", {"framework": "MXNET"},
+                           "p") == {"inputPaths": ["store://p/x"], "outputPath": "store://p/o",
+                                    "uri": "store://p/model", "framework": "MXNET"}
+    env = cli_env(tmp_path / "config.json", endpoint="http://127.0.0.1:9", project="p", token="t")
+    for args in (["--model", "m", "--model-dir", "store://p/model"], [],
+                 ["--model-dir", "store://p/m", "--version", "v"]):
+        result = run(env, "jobs", "submit", "prediction", "j", "--data-format", "tf-record", "--input-paths",
+                     "store://p/x", "--output-path", "store://p/o", *args)
+        assert result.exit_code == 2, result.output
 
 
 class FakeLogs:

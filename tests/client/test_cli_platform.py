@@ -109,6 +109,20 @@ def test_a_new_user_trains_deploys_predicts_and_cleans_up(platform, token, api, 
     request = run(env, "predict", "--model", "cli_regression", "--version", "v1", "--json-request",
                   str(tmp_path / "request.json"), "--format", "value(predictions)")
     assert float(request.stdout.strip()) == pytest.approx(5.0, abs=0.5)
+    # The same model over files in the store, as a batch prediction job.
+    (tmp_path / "batch.json").write_text("".join(f"[{x}.0]\n" for x in range(20)) + "oops\n")
+    assert run(env, "objects", "cp", str(tmp_path / "batch.json"), f"store://{PROJECT}/batch/in.json").exit_code == 0
+    batch = run(env, "jobs", "submit", "prediction", "cli_batch", "--model", "cli_regression", "--data-format",
+                "json", "--input-paths", f"store://{PROJECT}/batch/in.json", "--output-path",
+                f"store://{PROJECT}/batch/out", "--stream-logs", "--polling-interval", "0.3")
+    assert batch.exit_code == 0, batch.output
+    assert "Job cli_batch ended SUCCEEDED." in batch.stderr and "worker-0: " in batch.stdout
+    counts = run(env, "jobs", "describe", "cli_batch", "--format", "value(predictionOutput.predictionCount,"
+                 "predictionOutput.errorCount)")
+    assert counts.stdout == "20\t1\n"
+    results = run(env, "objects", "ls", f"store://{PROJECT}/batch/out/")
+    assert results.stdout.split() == [f"store://{PROJECT}/batch/out/prediction.errors_stats-00000-of-00001",
+                                      f"store://{PROJECT}/batch/out/prediction.results-00000-of-00001"]
     updated = run(env, "versions", "update", "v1", "--model", "cli_regression", "--description", "first",
                   "--format", "value(description)")
     assert updated.exit_code == 0 and updated.stdout == "first\n", updated.output
