@@ -5,8 +5,8 @@ standard library's ``ThreadingHTTPServer``: PUT streams the body to a file, GET 
 1 MiB pieces, no checks) writing to the same disk. Per round, in an order that flips every round:
 
 - upload: ``PUT …/objects/NAME`` (with ``Content-MD5``, which the API verifies) vs. PUT to the plain server,
-  both from the same ``requests`` client streaming the same file, and ``cp`` of the file (the local store's
-  floor: one copy on the same disk);
+  without and with the same MD5 check (``plain+md5``), all from the same ``requests`` client streaming the
+  same file, and ``cp`` of the file (the local store's floor: one copy on the same disk);
 - download: ``GET …/objects/NAME`` vs. GET from the plain server, streamed to a file.
 
 Reported: each side's median MB/s, and the ratio API / plain of each round, median and range over the rounds
@@ -41,19 +41,24 @@ TARGET = 0.8
 
 
 class _PlainHandler(http.server.BaseHTTPRequestHandler):
-    """PUT writes the body to ROOT/NAME; GET streams it back. Nothing else: the baseline."""
+    """PUT writes the body to ROOT/NAME (checking its MD5 when a ``Content-MD5`` came with it, as the API does:
+    the fair floor of a verified upload); GET streams it back. Nothing else: the baseline."""
 
     protocol_version = "HTTP/1.1"
     root: Path
 
     def do_PUT(self) -> None:  # noqa: N802 (http.server's naming)
         left = int(self.headers["Content-Length"])
+        md5 = hashlib.md5() if "Content-MD5" in self.headers else None
         with (self.root / Path(self.path).name).open("wb") as out:
             while left:
                 chunk = self.rfile.read(min(MiB, left))
                 left -= len(chunk)
+                if md5 is not None:
+                    md5.update(chunk)
                 out.write(chunk)
-        self.send_response(200)
+        good = md5 is None or base64.b64encode(md5.digest()).decode() == self.headers["Content-MD5"]
+        self.send_response(200 if good else 400)
         self.send_header("Content-Length", "0")
         self.end_headers()
 
@@ -138,6 +143,7 @@ def main() -> None:
             sides: dict[str, Callable[[], None]] = {
                 "upload api": lambda: put(object_url, {**headers, "Content-MD5": content_md5}),
                 "upload plain": lambda: put(plain_url, {}),
+                "upload plain+md5": lambda: put(plain_url, {"Content-MD5": content_md5}),
                 "upload cp": lambda: subprocess.run(["cp", str(source), str(work / "copy.bin")], check=True),
                 "download api": lambda: get(object_url, headers),
                 "download plain": lambda: get(plain_url, {}),
@@ -163,9 +169,9 @@ def main() -> None:
         print(f"  {name:16s} median {size / statistics.median(values) / 1e6:7.1f} MB/s "
               f"(min {size / max(values) / 1e6:.1f}, max {size / min(values) / 1e6:.1f})")
     for kind in ("upload", "download"):
-        for other in ("plain", "cp") if kind == "upload" else ("plain",):
+        for other in ("plain", "plain+md5", "cp") if kind == "upload" else ("plain",):
             ratios = [b / a for a, b in zip(seconds[f"{kind} api"], seconds[f"{kind} {other}"], strict=True)]
-            print(f"  {kind} api / {other:5s} throughput ratio: median {statistics.median(ratios):.2f} "
+            print(f"  {kind} api / {other:9s} throughput ratio: median {statistics.median(ratios):.2f} "
                   f"(range {min(ratios):.2f}-{max(ratios):.2f}; target >= {TARGET})")
         print(f"  {kind} api: {api_cpu[f'{kind} api'] / args.rounds / (size / (1 << 30)):.2f} CPU s per GiB "
               "in the API process")

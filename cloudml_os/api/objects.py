@@ -16,12 +16,13 @@ import binascii
 import datetime as dt
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable
 from typing import IO, Any
 
 from flask import Response, current_app, request
 from marshmallow import Schema, ValidationError, fields, validate, validates
 from werkzeug.exceptions import ClientDisconnected
+from werkzeug.wsgi import wrap_file
 
 from cloudml_os.api import ApiBlueprint, services
 from cloudml_os.api.schemas import Int64, Timestamp
@@ -150,7 +151,14 @@ def get_object(project: str, name: str) -> Response:
             first, stop = wanted
             length, status = stop - first, 206
             headers["Content-Range"] = f"bytes {first}-{stop - 1}/{info.size}"
-    body: Iterator[bytes] = iter(()) if request.method == "HEAD" else svc.artifacts.read_range(uri, first, length)
+    body: Iterable[bytes] = iter(())
+    if request.method != "HEAD":
+        local = svc.artifacts.open_object(uri)
+        if local is not None:  # gunicorn sends a wrapped file with sendfile from its position, Content-Length bytes
+            local.seek(first)
+            body = wrap_file(request.environ, local)
+        else:
+            body = svc.artifacts.read_range(uri, first, length)
     response = Response(body, status=status, mimetype="application/octet-stream", headers=headers,
                         direct_passthrough=True)
     response.content_length = length

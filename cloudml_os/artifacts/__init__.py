@@ -184,6 +184,10 @@ class ArtifactStore(Protocol):
     def read_range(self, uri: str, first: int, length: int) -> Iterator[bytes]:
         """``length`` bytes from offset ``first``, in chunks; the caller checked the range against ``stat``."""
 
+    def open_object(self, uri: str) -> BinaryIO | None:
+        """The object as an open local file (the caller closes it), which a server can send with ``sendfile``;
+        None when the backend has no local file (Swift streams through :meth:`read_range`) or no such object."""
+
     def list_objects(self, project: str, prefix: str, after: str, limit: int) -> list[ObjectInfo]:
         """Up to ``limit`` objects whose key starts with ``prefix`` and sorts after ``after``, in key order."""
 

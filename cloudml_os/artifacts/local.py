@@ -108,6 +108,12 @@ class LocalArtifactStore:
                 left -= len(chunk)
                 yield chunk
 
+    def open_object(self, uri: str) -> BinaryIO | None:
+        try:
+            return self.path(uri).open("rb")
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return None
+
     def list_objects(self, project: str, prefix: str, after: str, limit: int) -> list[ObjectInfo]:
         root = self.root / project
         # Start in the deepest folder the prefix names whole: "data/2026/tr" lists data/2026.

@@ -205,3 +205,26 @@ def test_many_concurrent_submissions_never_exceed_the_quota(pg_env):
     assert pg_env.jobs_in_db() == 2
     with pg_env.store.session() as session:
         assert session.get(ProjectQuota, "p").jobs == 2
+
+
+def test_a_batch_prediction_job_holds_max_worker_count_nodes_and_is_refused_past_the_quota(tmp_path, store):
+    qenv = QuotaEnv(tmp_path, store, default_quota_nodes=4)
+    export = qenv.artifacts_root / "p" / "models" / "m"
+    export.mkdir(parents=True)
+    (export / "saved_model.pb").write_bytes(b"model")
+
+    def submit(job_id: str, workers: int) -> Any:
+        body = {"jobId": job_id, "predictionInput": {"dataFormat": "JSON", "inputPaths": ["store://p/in/*.json"],
+                                                     "outputPath": "store://p/out", "uri": "store://p/models/m",
+                                                     "maxWorkerCount": workers}}
+        return qenv.client.post("/v1/projects/p/jobs", headers=qenv.admin, json=body)
+
+    response = submit("batch_1", 3)
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json()["predictionOutput"]["modelUri"] == "store://p/models/m"
+    assert response.get_json()["framework"] == "TENSORFLOW"  # told by saved_model.pb
+    assert qenv.quotas().get_json()["usage"] == {"gpus": 0, "nodes": 3, "jobs": 1, "replicas": 0}
+    refused = submit("batch_2", 2)
+    assert_v1_error(refused, 429, "RESOURCE_EXHAUSTED")
+    assert "nodes" in refused.get_json()["error"]["message"]
+    assert qenv.jobs_in_db() == 1
