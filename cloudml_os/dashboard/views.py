@@ -1,10 +1,10 @@
-"""The dashboard's pages: Project panels (Jobs, Models, Packages) and Admin panels (Overview, all Jobs,
+"""The dashboard's pages: Project panels (Jobs, Models, Packages, Objects) and Admin panels (Overview, all Jobs,
 Clusters and Nodes, Projects and Quotas, Tokens, Events), in Horizon's shape.
 
 Each view reads and acts through :class:`~cloudml_os.dashboard.v1client.V1Client` alone. Pages that change
-while one looks at them (job and replica tables, a job's state and logs, events) are refreshed by htmx
-polling small fragments; actions are plain POST forms (CSRF-checked) that redirect back with the API's
-answer as a message.
+while one looks at them (job and replica tables, a job's state, logs and events, a batch prediction job's
+progress) are refreshed by htmx polling small fragments; actions are plain POST forms (CSRF-checked) that
+redirect back with the API's answer as a message.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from flask_wtf.csrf import CSRFError
 from werkzeug.exceptions import HTTPException
 
 from cloudml_os.api import services
+from cloudml_os.artifacts import ArtifactError, parse_uri
 from cloudml_os.dashboard.sessions import DashboardSessionInterface
 from cloudml_os.dashboard.v1client import V1Client, V1Error
 from cloudml_os.states import FINAL_STATES, JobState
@@ -56,6 +57,9 @@ TIMELINE_KINDS = ("STATE", "STEP")
 # A hyperparameter tuning job's log keys: ``trial-N/NODE`` (e.g. ``trial-3/chief-0``), N its trialId.
 TRIAL_LOG_KEY = re.compile(r"trial-(\d+)/(.+)")
 NUMERIC_PARAMETER_TYPES = ("DOUBLE", "INTEGER", "DISCRETE")
+# What a job is, by its v1 input (views.job_kind), as the jobs tables and a job's page name it.
+JOB_KINDS = {"training": "Training", "tuning": "Tuning", "prediction": "Batch prediction"}
+OUTPUT_FILES_PAGE = 200  # a batch prediction job's output files listed on its page (two per shard)
 
 
 # ---- session, credential, current project ----------------------------------------------------------------
@@ -114,6 +118,7 @@ def _template_globals() -> dict[str, Any]:
             "badge": badge_class, "age": age, "when": when, "POLL_SECONDS": POLL_SECONDS,
             "FINAL_JOB_STATES": FINAL_JOB_STATES, "UNCANCELLABLE_JOB_STATES": UNCANCELLABLE_JOB_STATES,
             "topology": topology, "quota_text": quota_text, "resource_label": RESOURCE_LABELS.get,
+            "job_kind": job_kind, "JOB_KINDS": JOB_KINDS, "prediction_progress": prediction_progress,
             "switcher_projects": _switcher_projects()}
 
 
@@ -290,6 +295,39 @@ def topology(training_input: dict[str, Any]) -> str:
     return "CUSTOM: " + " + ".join(parts)
 
 
+def job_kind(job: dict[str, Any]) -> str:
+    """``prediction`` (a batch prediction job: ``predictionInput``), ``tuning`` (a training job with
+    ``trainingInput.hyperparameters``) or ``training``: the key of :data:`JOB_KINDS`."""
+    if job.get("predictionInput"):
+        return "prediction"
+    if ((job.get("trainingInput") or {}).get("hyperparameters")
+            or (job.get("trainingOutput") or {}).get("isHyperparameterTuningJob")):
+        return "tuning"
+    return "training"
+
+
+def _whole(value: Any) -> int | None:
+    """A count from a v1 value (int64 fields arrive as strings), else None."""
+    number = _number(value)
+    return int(number) if number is not None else None
+
+
+def prediction_progress(job: dict[str, Any]) -> dict[str, Any] | None:
+    """How far a batch prediction job is, from its ``predictionOutput``: records done of all records once every
+    shard has been counted (``recordsTotal``), shards done of all shards before that; None before its shards
+    are planned (or for a job of another kind)."""
+    output = job.get("predictionOutput") or {}
+    records_total, shards_total = _whole(output.get("recordsTotal")), _whole(output.get("shardsTotal"))
+    if records_total:
+        done, total, unit = _whole(output.get("recordsDone")) or 0, records_total, "records"
+    elif shards_total:
+        done, total, unit = _whole(output.get("shardsDone")) or 0, shards_total, "shards"
+    else:
+        return None
+    done = min(done, total)
+    return {"done": done, "total": total, "unit": unit, "percent": 100 * done // total}
+
+
 def quota_text(value: int) -> str:
     return "unlimited" if value is None or value < 0 else str(value)
 
@@ -343,13 +381,48 @@ def job_detail(job_id: str) -> str:
     nodes = _nodes_of(events, logs)
     tuning = tuning_view(job)
     tab = request.args.get("tab") or ("trials" if tuning else "overview")
-    metrics = _job_metrics(job_id)
+    # A batch prediction job trains nothing: no Metrics or Exported model tab, its predictions instead.
+    prediction = job_kind(job) == "prediction"
+    if prediction and tab in ("metrics", "model"):
+        tab = "overview"
+    metrics = {"series": {}, "source": ""} if prediction else _job_metrics(job_id)
     log_trial, log_nodes, log_node = _log_choice(nodes, request.args.get("trial", ""), request.args.get("node", ""))
     return render_template("dashboard/project/job_detail.html", job=job, events=events, nodes=nodes, tab=tab,
                            timeline=[e for e in events if e.get("kind") in TIMELINE_KINDS],
                            metrics=metrics["series"], metrics_source=metrics["source"], tuning=tuning,
                            log_trials=_log_trials(nodes, tuning), log_trial=log_trial, log_nodes=log_nodes,
-                           log_node=log_node)
+                           log_node=log_node, **(_prediction_context(job) if prediction else {}))
+
+
+@blp.route("/project/jobs/<job_id>/predictions")
+def job_predictions(job_id: str) -> str:
+    """A batch prediction job's progress, counts and output files, polled (the fragment replaces itself and
+    stops polling once the job has ended)."""
+    job = _job_view(job_id)
+    if job_kind(job) != "prediction":
+        abort(404)
+    return render_template("dashboard/project/_job_predictions.html", job=job, **_prediction_context(job))
+
+
+def _prediction_context(job: dict[str, Any]) -> dict[str, Any]:
+    """What a batch prediction job's page shows beyond its v1 resource: its output folder (the Objects
+    browser's prefix) and the ``prediction.results-*`` and ``prediction.errors_stats-*`` files in it so far
+    (a shard's two appear once the shard is done)."""
+    output_path = (job.get("predictionInput") or {}).get("outputPath", "")
+    try:
+        project, folder = parse_uri(output_path)
+    except ArtifactError:
+        project, folder = "", ""
+    if project != g.project:  # not a folder of this project (the API refuses such a job): nothing to list
+        return {"output_folder": None, "output_files": [], "more_output_files": False}
+    listed = api().get(f"/projects/{g.project}/objects", prefix=f"{folder}/prediction.", pageSize=OUTPUT_FILES_PAGE)
+    files = []
+    for item in listed.get("objects", []):
+        file = item["name"][len(folder) + 1:]
+        files.append({**item, "file": file,
+                      "kind": "errors" if file.startswith("prediction.errors_stats") else "results"})
+    return {"output_folder": f"{folder}/", "output_files": files,
+            "more_output_files": bool(listed.get("nextPageToken"))}
 
 
 @blp.route("/project/jobs/<job_id>/metrics")
