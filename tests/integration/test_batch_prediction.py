@@ -160,7 +160,7 @@ def test_tensorflow_tf_records_written_by_tensorflow(client, versions, tf_runtim
 
 
 def test_mxnet_csv_by_version_name(client, versions):
-    files = instances_of(2, 500, seed=3)
+    files = instances_of(2, 1000, seed=3)
     for index, rows in enumerate(files):
         put(client, f"batch/mx/part-{index}.csv", "".join(f"{row[0]}\n" for row in rows).encode())
     submit(client, "batch_mxnet_csv", dataFormat="CSV", inputPaths=["store://team-serving/batch/mx/part-*.csv"],
@@ -169,7 +169,7 @@ def test_mxnet_csv_by_version_name(client, versions):
            maxWorkerCount=2, batchSize=32)
     job = client.wait("batch_mxnet_csv")
     assert job["state"] == "SUCCEEDED", job.get("errorMessage")
-    assert job["framework"] == "MXNET" and job["predictionOutput"]["predictionCount"] == "1000"
+    assert job["framework"] == "MXNET" and job["predictionOutput"]["predictionCount"] == "2000"
     lines, errors = outputs(client, "batch/mx/out", job)
     instances = [row for rows in files for row in rows]
     assert errors == [] and [json.loads(line)["instance"] for line in lines] == instances
@@ -177,7 +177,7 @@ def test_mxnet_csv_by_version_name(client, versions):
 
 
 def test_pytorch_json_from_the_exported_model_uri_with_csv_output(client, versions):
-    files = instances_of(2, 500, seed=7)
+    files = instances_of(2, 1000, seed=7)
     for index, rows in enumerate(files):
         put(client, f"batch/pt/in-{index}.json", "".join(json.dumps(row) + "\n" for row in rows).encode())
     submit(client, "batch_pytorch", dataFormat="JSON", outputDataFormat="CSV",
