@@ -1,4 +1,5 @@
 """OpenStack mode: a job's VMs see their project's Swift container under /store, with a credential of that job.
+A batch prediction job reads its input the same way and writes every prediction to Swift once.
 
 The platform runs against the test cloud (real Keystone, Heat, Swift; Nova's servers are sshd nodes in
 namespaces of their own, which reach Keystone and Swift through the tenant network's gateway). A CSV data set
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import subprocess
 
 import pytest
 import requests
@@ -79,3 +81,39 @@ def test_jobs_read_a_csv_from_swift_given_as_a_store_uri_and_their_credential_en
     assert login.status_code in (401, 404), login.text  # Keystone: no such application credential
     assert not [c.name for c in conn.identity.application_credentials(conn.current_user_id)
                 if c.name.startswith("cloudml-os-")]
+
+
+MODEL = """
+import sys, torch
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1)).eval()
+torch.jit.save(torch.jit.script(net), sys.argv[1])
+print(net(torch.tensor([[float(i)] for i in range(400)])).detach().ravel().tolist())
+"""
+
+
+def test_a_batch_job_on_vms_reads_swift_through_the_mount_and_writes_every_prediction_once(
+        alice, test_cloud, pytorch_runtime, tmp_path):  # noqa: F811
+    made = subprocess.run([str(pytorch_runtime / "bin" / "python"), "-c", MODEL, str(tmp_path / "model.pt")],
+                          check=True, capture_output=True, text=True)
+    expected = json.loads(made.stdout.strip().splitlines()[-1])
+    assert alice.request("PUT", "/objects/batch/model/model.pt",
+                         data=(tmp_path / "model.pt").read_bytes()).status_code == 200
+    for index in range(4):
+        lines = "".join(f"[{float(i)}]\n" for i in range(index * 100, (index + 1) * 100)) + ("bad\n" if index else "")
+        assert alice.request("PUT", f"/objects/batch/in/part-{index}.json", data=lines.encode()).status_code == 200
+    response = alice.request("POST", "/jobs", json={"jobId": "os_batch", "predictionInput": {
+        "dataFormat": "JSON", "inputPaths": [f"store://{PROJECT}/batch/in/part-*.json"],
+        "outputPath": f"store://{PROJECT}/batch/out", "uri": f"store://{PROJECT}/batch/model", "maxWorkerCount": 2,
+        "batchSize": 16}})
+    assert response.status_code == 200, response.text
+    job = alice.wait("os_batch", timeout=900)
+    assert job["state"] == "SUCCEEDED", job.get("errorMessage")
+    output = job["predictionOutput"]
+    assert (output["predictionCount"], output["errorCount"], output["shardsTotal"]) == ("400", "3", 4), output
+    assert any(e["message"].endswith("ready with 2 node(s)") for e in alice.events("os_batch"))
+    listed = alice.request("GET", "/objects", params={"prefix": "batch/out/"}).json()["objects"]
+    names = sorted(item["name"] for item in listed if "/prediction.results-" in item["name"])
+    lines = [json.loads(line) for name in names for line in alice.request("GET", f"/objects/{name}").text.splitlines()]
+    assert [line["instance"] for line in lines] == [[float(i)] for i in range(400)]
+    assert [line["prediction"][0] for line in lines] == pytest.approx(expected, rel=1e-5, abs=1e-5)
