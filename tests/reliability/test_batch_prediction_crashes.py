@@ -1,7 +1,7 @@
 """A batch prediction job survives a node powered off and its worker SIGKILLed mid-job: every record once.
 
 The model is a TorchScript network made here and uploaded through the objects API, large enough that a shard
-of 2,000 instances at batchSize 1 runs for seconds. While shards run on all three nodes, one node is powered
+of 1,500 instances at batchSize 1 runs for seconds. While shards run on all three nodes, one node is powered
 off (its shard goes back to the queue and runs on another node), then the worker is killed inside PREDICTING
 (see faults.py) and a new one started. The job succeeds, every input record is in the results exactly once,
 in input order, and no node is left.
@@ -27,14 +27,14 @@ from tests.reliability.faults import (
 pytestmark = pytest.mark.integration
 
 PROJECT = "team-batch-crash"
-FILES, PER_FILE = 10, 2000
+FILES, PER_FILE = 9, 1500
 MODEL = """
 import sys, torch
 torch.manual_seed(0)
-layers = [torch.nn.Linear(1, 1024), torch.nn.ReLU()]
+layers = [torch.nn.Linear(1, 768), torch.nn.ReLU()]
 for _ in range(3):
-    layers += [torch.nn.Linear(1024, 1024), torch.nn.ReLU()]
-layers.append(torch.nn.Linear(1024, 1))
+    layers += [torch.nn.Linear(768, 768), torch.nn.ReLU()]
+layers.append(torch.nn.Linear(768, 1))
 torch.jit.save(torch.jit.script(torch.nn.Sequential(*layers).eval()), sys.argv[1])
 """
 
