@@ -312,6 +312,11 @@ def _look_at(ctx: TrainingContext, job: Job, node: Node, session: NodeSession, s
         if status.lost:
             _launch(ctx, job, node, session, shard, total)
             status = session.process_status(proc_dir)
+        if status.lost:  # its run folder holds a runner that vanished without an exit code: run the shard afresh
+            _hand_back(ctx, shard)
+            ctx.store.add_event(job.id, "SHARD", f"Shard {shard.index + 1}/{total}: its runner vanished; "
+                                                 "it runs again", node=node.name)
+            return
     else:
         status = session.exit_status(proc_dir)
     if read_progress or not status.running:
@@ -325,16 +330,21 @@ def _look_at(ctx: TrainingContext, job: Job, node: Node, session: NodeSession, s
         _collect(ctx, job, node, session, shard, total)
         return
     failures = shard.failures + 1
-    with ctx.store.session() as db:
-        db.execute(update(PredictionShard).where(PredictionShard.id == shard.id, PredictionShard.state == "RUNNING",
-                                                 PredictionShard.run == shard.run)
-                   .values(state="PENDING", node=None, failures=failures, records_done=0))
+    _hand_back(ctx, shard, failures=failures)
     message = f"Shard {shard.index + 1}/{total}: the runner exited with code {status.exit_code}"
     ctx.store.add_event(job.id, "SHARD", message, node=node.name)
     if failures >= MAX_SHARD_FAILURES:
         text, _ = ctx.store.read_log(job.id, node.name, node.log_base or 0, 1 << 20)
         tail = "\n".join(text.decode("utf-8", "replace").rstrip().splitlines()[-train.ERROR_LOG_LINES:])
         raise StepError(f"{message}, {failures} times; last log lines of {node.name}:\n{tail}")
+
+
+def _hand_back(ctx: TrainingContext, shard: PredictionShard, **fields: int) -> None:
+    """The running ``shard`` back to PENDING (unless it moved on meanwhile); its next run starts from scratch."""
+    with ctx.store.session() as db:
+        db.execute(update(PredictionShard).where(PredictionShard.id == shard.id, PredictionShard.state == "RUNNING",
+                                                 PredictionShard.run == shard.run)
+                   .values(state="PENDING", node=None, records_done=0, **fields))
 
 
 def _collect(ctx: TrainingContext, job: Job, node: Node, session: NodeSession, shard: PredictionShard,

@@ -8,6 +8,7 @@ import random
 import struct
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -123,3 +124,58 @@ def test_csv_in_and_out(tmp_path):
     results, errors, _ = run(tmp_path, ["1,2", "3,x", "0.5,1.5"], data_format="CSV", output_format="CSV")
     assert results == ["2.0,4.0", "1.0,3.0"]
     assert [e["line"] for e in errors] == ["3,x"]
+
+
+class VanishedRunner:
+    """A node whose shard runner is gone without an exit code (the node rebooted) and cannot be started again
+    in the same run folder (start_process does nothing where the folder exists)."""
+
+    def __init__(self):
+        self.starts = 0
+
+    def process_status(self, proc_dir):
+        from cloudml_os.remote import ProcessStatus
+
+        return ProcessStatus(running=False, exit_code=None, lost=True)
+
+    def run(self, argv, **kwargs):
+        return None
+
+    def start_process(self, proc_dir, argv, *, env, cwd):
+        self.starts += 1
+
+
+def test_a_shard_whose_runner_vanished_goes_back_to_the_queue_instead_of_waiting_forever(tmp_path):
+    from cloudml_os.artifacts.local import LocalArtifactStore
+    from cloudml_os.config import load_settings
+    from cloudml_os.frameworks.pytorch import PyTorch
+    from cloudml_os.store import Cluster, Job, Node, Store, migrate
+    from cloudml_os.store.models import PredictionShard
+    from cloudml_os.workflows import batch_predict as workflow
+    from cloudml_os.workflows.train import TrainingContext
+
+    url = f"sqlite:///{tmp_path}/db.sqlite"
+    migrate(url)
+    store = Store(url)
+    ctx = TrainingContext(settings=load_settings(environ={}, data_dir=tmp_path), store=store,
+                          driver=SimpleNamespace(store_mount=lambda settings: "/store"),
+                          artifacts=LocalArtifactStore(tmp_path / "artifacts"), frameworks={"PYTORCH": PyTorch()},
+                          connect=None)
+    job = store.create_job(Job(project="p", job_id="b", state="RUNNING", step="PREDICTING", framework="PYTORCH",
+                               training_input={}, prediction_input={"dataFormat": "JSON", "outputDataFormat": "JSON",
+                                                                    "batchSize": 64}))
+    cluster = store.create_cluster(Cluster(job_id=job.id, name="c", driver="local", state="READY", private_key="k",
+                                           public_key="p"))
+    store.record_nodes(cluster.id, [Node(name="worker-0", task_type="worker", task_index=0, address="127.0.0.1",
+                                         ssh_port=22, username="root", host_keys=[], port_first=1, port_last=2,
+                                         workdir="/w", runtime_root="/r", attempt=1)])
+    node = store.cluster_of(job.id).nodes[0]
+    store.add(PredictionShard(job_id=job.id, index=0, input_uri="store://p/in.json", start=0, end=10,
+                              state="RUNNING", node="worker-0", run=1))
+    shard = workflow._shards(ctx, job)[0]
+    session = VanishedRunner()
+    workflow._look_at(ctx, job, node, session, shard, 1, first_look=True, read_progress=False)
+    after = workflow._shards(ctx, job)[0]
+    assert (after.state, after.node, after.failures) == ("PENDING", None, 0)
+    assert session.starts == 1
+    assert "its runner vanished" in store.events(job.id)[-1].message
