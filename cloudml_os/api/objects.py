@@ -156,7 +156,7 @@ def get_object(project: str, name: str) -> Response:
         local = svc.artifacts.open_object(uri)
         if local is not None:  # gunicorn sends a wrapped file with sendfile from its position, Content-Length bytes
             local.seek(first)
-            body = wrap_file(request.environ, local)
+            body = wrap_file(request.environ, local, buffer_size=1 << 20)  # pieces where it is iterated instead
         else:
             body = svc.artifacts.read_range(uri, first, length)
     response = Response(body, status=status, mimetype="application/octet-stream", headers=headers,
