@@ -36,7 +36,7 @@ from cloudml_os.api.schemas import (
     LogsQuerySchema,
     MetricsQuerySchema,
 )
-from cloudml_os.artifacts import ArtifactError, job_dir_uri, parse_uri
+from cloudml_os.artifacts import ArtifactError, job_dir_uri, matching_objects, parse_uri
 from cloudml_os.artifacts.trainer_args import StoreArgError, check_store_args, store_uri_in
 from cloudml_os.cloud.base import node_store_root
 from cloudml_os.config import DEFAULT_MACHINE_TYPE
@@ -142,6 +142,9 @@ def _prediction_job(project: str, job_id: str, prediction_input: dict[str, Any],
     does not change what a submitted job predicts with), named in ``predictionOutput.modelUri``."""
     for index, uri in enumerate(prediction_input["inputPaths"]):
         _own_uri(project, f"predictionInput.inputPaths[{index}]", uri)
+        if next(matching_objects(services().artifacts, uri, page=100), None) is None:
+            raise InvalidArgument(f"predictionInput.inputPaths[{index}]: {uri!r} names no object of project "
+                                  f"{project}; upload the input first (PUT /v1/projects/{project}/objects/NAME)")
     _own_uri(project, "predictionInput.outputPath", prediction_input["outputPath"])
     model_uri, framework, runtime_version, machine_type = _prediction_model(project, prediction_input)
     svc = services()

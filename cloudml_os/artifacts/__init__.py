@@ -213,6 +213,26 @@ class ArtifactStore(Protocol):
         """Drop a resumable upload's bytes (no-op for an unknown one)."""
 
 
+def pattern_regex(key: str) -> re.Pattern[str]:
+    """A key pattern (batch prediction's ``inputPaths``): ``*`` matches any characters but ``/``, the rest itself."""
+    return re.compile("[^/]*".join(re.escape(part) for part in key.split("*")) + r"\Z")
+
+
+def matching_objects(store: ArtifactStore, uri: str, page: int = 1000) -> Iterator[ObjectInfo]:
+    """The objects a ``store://PROJECT/KEY`` pattern names (``*`` within one folder), in key order.
+
+    :raises ArtifactError: a malformed URI.
+    """
+    project, key = parse_uri(uri)
+    matcher, prefix, after = pattern_regex(key), key.split("*", 1)[0], ""
+    while True:
+        found = store.list_objects(project, prefix, after, page)
+        yield from (info for info in found if matcher.match(info.key))
+        if len(found) < page:
+            return
+        after = found[-1].key
+
+
 def files_of(tree: Path) -> Iterator[tuple[str, Path]]:
     """(relative POSIX name, path) of every file under a local directory, in a stable order."""
     for path in sorted(tree.rglob("*")):

@@ -19,14 +19,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 import tempfile
 import time
 from pathlib import Path
 
 from sqlalchemy import func, select, update
 
-from cloudml_os.artifacts import ArtifactStore, ObjectInfo, files_of, make_uri, parse_uri
+from cloudml_os.artifacts import ArtifactStore, ObjectInfo, files_of, make_uri, matching_objects, parse_uri
 from cloudml_os.cloud.base import ClusterSpec, NodeSpec
 from cloudml_os.keys import generate_keypair
 from cloudml_os.remote import NodeSession, RemoteError, fan_out
@@ -45,7 +44,6 @@ TEXT_FORMATS = ("JSON", "TEXT", "CSV")  # split at any byte; TFRecord files are 
 SHARD_MIN_BYTES, SHARD_MAX_BYTES = 1 << 20, 64 << 20
 SHARDS_PER_NODE = 4  # shards planned per node at most, so a slow node holds back little of the job
 MAX_SHARD_FAILURES = 3  # runs of one shard that may fail before the job fails
-LIST_PAGE = 1000
 PROGRESS_INTERVAL = 1.0  # seconds between reads of the running shards' progress and logs
 
 
@@ -63,31 +61,18 @@ def errors_name(index: int, total: int) -> str:
 
 # ---- planning ------------------------------------------------------------------------------------------
 
-def pattern_regex(key: str) -> re.Pattern[str]:
-    """A key pattern of ``inputPaths``: ``*`` matches any characters but ``/``, everything else itself."""
-    return re.compile("[^/]*".join(re.escape(part) for part in key.split("*")) + r"\Z")
-
-
 def expand_inputs(artifacts: ArtifactStore, patterns: list[str]) -> list[ObjectInfo]:
     """The objects ``patterns`` name, each once, in key order.
 
-    :raises StepError: a pattern naming nothing (as Cloud ML Engine fails such a job).
+    :raises StepError: a pattern naming nothing (checked at submission too; objects may go meanwhile).
     """
     found: dict[str, ObjectInfo] = {}
     for index, uri in enumerate(patterns):
-        project, key = parse_uri(uri)
-        matcher, prefix, after, matched = pattern_regex(key), key.split("*", 1)[0], "", False
-        while True:
-            page = artifacts.list_objects(project, prefix, after, LIST_PAGE)
-            for info in page:
-                if matcher.match(info.key):
-                    found.setdefault(make_uri(project, info.key), info)
-                    matched = True
-            if len(page) < LIST_PAGE or "*" not in key:
-                break
-            after = page[-1].key
+        project = parse_uri(uri)[0]
+        matched = {make_uri(project, info.key): info for info in matching_objects(artifacts, uri)}
         if not matched:
             raise StepError(f"predictionInput.inputPaths[{index}]: {uri} names no object")
+        found.update(matched)
     return [found[uri] for uri in sorted(found)]
 
 

@@ -13,7 +13,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from cloudml_os.workflows.batch_predict import SHARD_MIN_BYTES, errors_name, pattern_regex, plan_shards, results_name
+from cloudml_os.artifacts import pattern_regex
+from cloudml_os.workflows.batch_predict import SHARD_MIN_BYTES, errors_name, plan_shards, results_name
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "cloudml_os" / "serving" / "runtime"))
 import batch_predict  # noqa: E402  (the runner, as the node imports it: beside model_server.py)

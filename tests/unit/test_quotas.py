@@ -212,6 +212,8 @@ def test_a_batch_prediction_job_holds_max_worker_count_nodes_and_is_refused_past
     export = qenv.artifacts_root / "p" / "models" / "m"
     export.mkdir(parents=True)
     (export / "saved_model.pb").write_bytes(b"model")
+    (qenv.artifacts_root / "p" / "in").mkdir(parents=True)
+    (qenv.artifacts_root / "p" / "in" / "a.json").write_bytes(b"[1.0]\n")
 
     def submit(job_id: str, workers: int) -> Any:
         body = {"jobId": job_id, "predictionInput": {"dataFormat": "JSON", "inputPaths": ["store://p/in/*.json"],
