@@ -40,6 +40,8 @@ import model_server  # beside this file on the node
 LOG = logging.getLogger("batch_predict")
 MAX_ERROR_LINE = 1000  # characters of a bad record kept in the errors file
 TEXT_FORMATS = ("JSON", "TEXT", "CSV")
+# One encoder for every line: json.dumps with options builds a new one per call.
+ENCODER = json.JSONEncoder(separators=(",", ":"), default=model_server.json_default)
 
 
 class BadRecord(Exception):
@@ -134,8 +136,7 @@ class Shard:
         if self.args.output_format == "CSV":
             self._csv.writerow(flatten(prediction))
         else:
-            self._results.write(json.dumps({"instance": instance, "prediction": prediction},
-                                           separators=(",", ":"), default=model_server.json_default) + "\n")
+            self._results.write(ENCODER.encode({"instance": instance, "prediction": prediction}) + "\n")
         self.predictions += 1
         self.done += 1
 
