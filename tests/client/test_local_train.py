@@ -231,17 +231,23 @@ def test_ctrl_c_stops_every_process_killing_those_that_ignore_sigterm(tmp_path):
         env={**os.environ, "DEAF_RANK": "2"})
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in command.stdout], daemon=True).start()
-    pids = []
+    errors: list[str] = []  # read as it comes: a full stderr pipe would block the command
+    threading.Thread(target=lambda: errors.extend(command.stderr), daemon=True).start()
+    pids, exit_code = [], None
     try:
         while len(pids) < 3:
             line = lines.get(timeout=30)
             if ": pid " in line:
                 pids.append(int(line.rsplit(" ", 1)[1]))
         command.send_signal(signal.SIGINT)
-        exit_code = command.wait(timeout=30)
+        exit_code = command.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pass
     finally:
         command.kill()
-    stderr = command.stderr.read()
+        command.wait()
+    time.sleep(0.2)  # the reader threads' last lines
+    stderr = "".join(errors)
     assert exit_code == 130, stderr
     assert "stopping master-0, worker-0, worker-1" in stderr
     assert "killing worker-1 (still running 5s after SIGTERM)" in stderr
