@@ -21,7 +21,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -77,30 +76,16 @@ def cmd_runtime_build(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from celery.signals import worker_shutting_down
-
     from cloudml_os.platform import worker_celery
 
     settings = _settings(args)
     app = worker_celery(settings)
-    worker_shutting_down.connect(_wake_event_loop, weak=False)
     app.worker_main([
         "worker", "--pool=threads", f"--concurrency={args.concurrency}", f"--queues={settings.task_queue}",
         f"--loglevel={args.loglevel}", "--without-gossip", "--without-mingle", "--without-heartbeat",
         f"--hostname=cloudml-os-{os.getpid()}@%h",
     ])
     return 0
-
-
-def _wake_event_loop(**_: object) -> None:
-    """Celery notices a warm shutdown only when its event loop's poll returns, up to 10 s later when idle: wake
-    it so that SIGTERM stops an idle worker at once. From another thread, as kombu's call_soon wakes the loop
-    only from one; this handler runs on the loop's thread, inside the poll it interrupts."""
-    from kombu.asynchronous import get_event_loop
-
-    hub = get_event_loop()
-    if hub is not None:
-        threading.Thread(target=hub.call_soon, args=(lambda: None,), name="wake-on-shutdown", daemon=True).start()
 
 
 def cmd_beat(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ whose message was lost (see workflows/reconcile.py), so a message that cannot be
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 
 from celery import Celery
@@ -70,10 +71,12 @@ def make_celery(settings: Settings, context_factory: Callable[[], object] | None
 
     @worker_shutting_down.connect(weak=False)
     def stop_polling(**_: object) -> None:
-        """A warm shutdown waits for running tasks: let polling steps hand over now, not at their window's end."""
+        """A warm shutdown waits for running tasks: let polling steps hand over now, not at their window's end;
+        and wake the idle event loop, which notices the shutdown only when its poll returns (up to 10 s)."""
         training = state.get("training")
         if training is not None:
             training.stopping.set()
+        _wake_event_loop()
 
     @app.task(name=TRAIN_STEP, bind=True)
     def train_step(self, job_pk: int, step: str, seq: int) -> None:
@@ -104,6 +107,16 @@ def make_celery(settings: Settings, context_factory: Callable[[], object] | None
         replace(built("serving", serving_context_factory), replica_id)
 
     return app
+
+
+def _wake_event_loop() -> None:
+    """Wake the worker's event loop so that SIGTERM stops an idle worker at once. From another thread, as kombu's
+    call_soon wakes the loop only from one; the shutdown signal runs on the loop's thread, inside its poll."""
+    from kombu.asynchronous import get_event_loop
+
+    hub = get_event_loop()
+    if hub is not None:
+        threading.Thread(target=hub.call_soon, args=(lambda: None,), name="wake-on-shutdown", daemon=True).start()
 
 
 def operation_starter(app: Celery) -> Callable[[int], None]:
