@@ -1,17 +1,20 @@
 """Batch prediction jobs (v1 ``predictionInput``): the project's model over files in the store, on a cluster.
 
 PROVISIONING (plan the shards, create ``min(maxWorkerCount, shards)`` nodes) → BOOTSTRAPPING (the model, the
-model server's code and the shard runner on every node) → PREDICTING (each node runs one shard at a time,
-:mod:`cloudml_os.serving.runtime.batch_predict`) → TEARING_DOWN → DONE, delivered by the training workflow's
-task machinery (:func:`cloudml_os.workflows.train.run_step`: leases, compare-and-set hand-overs, cancel).
+model server's code and the shard runner on every node) → PREDICTING (one runner per node,
+:mod:`cloudml_os.serving.runtime.batch_predict`, loads the model once and runs the shards put in its inbox, one
+at a time) → TEARING_DOWN → DONE, delivered by the training workflow's task machinery
+(:func:`cloudml_os.workflows.train.run_step`: leases, compare-and-set hand-overs, cancel).
 
 Nodes read their input through the store view every node of a project's cluster has (``/store/PROJECT``).
 A shard's progress lives in its database row (:class:`cloudml_os.store.models.PredictionShard`): a shard is
 DONE only once its two files are in the store under their final names, ``prediction.results-NNNNN-of-NNNNN``
 and ``prediction.errors_stats-NNNNN-of-NNNNN`` (one pair per shard). A shard whose node died or whose runner
-failed runs again on another node and replaces them, so each input record is in the output exactly once
-however often a worker or node dies; a worker that dies mid-step leaves its running shards' processes, which
-the next delivery finds by their rows (node, run) and follows on.
+failed runs again (on another node, or under a new run number) and replaces them, so each input record is in
+the output exactly once however often a worker or node dies. A node's runner is its process (``node.attempt``
+numbers its starts, as a trainer's restarts); a shard's ``run`` (unique in the job) names its folder on the
+node. A worker that dies mid-step leaves the runners working; the next delivery finds each running shard by
+its row (node, run) and follows on.
 """
 
 from __future__ import annotations
@@ -144,7 +147,7 @@ def bootstrap(ctx: TrainingContext, job: Job) -> Handover:
             session.put(local, f"{root}/model/{relative}")
         for name in RUNNER_FILES:
             session.put(RUNTIME / name, f"{root}/{name}")
-        session.run(["mkdir", "-p", f"{root}/shards"])
+        session.run(["mkdir", "-p", _inbox(node)])
         session.run(["touch", f"{root}/bootstrap.done"])
 
     with ctx.artifacts.local_tree(job.prediction_output["modelUri"]) as model, \
@@ -158,9 +161,10 @@ def predict(ctx: TrainingContext, job: Job) -> Handover:
     """Run the shards on the nodes, one per node at a time, for one window of ``watch_window`` seconds.
 
     Each look: a node whose shard ended has its files copied to the store (DONE) or the shard handed back
-    (its runner failed: again, up to MAX_SHARD_FAILURES runs); an idle node takes the next PENDING shard.
-    A node that cannot be reached is lost to the job and its shard goes back to PENDING; with every node
-    lost the job fails. When every shard is DONE the job has succeeded.
+    (the input could not be read, or the runner died: again, up to MAX_SHARD_FAILURES failed runs); an idle
+    node is given the next PENDING shard (its runner started first if it has none). A node that cannot be
+    reached is lost to the job and its shard goes back to PENDING; with every node lost the job fails. When
+    every shard is DONE the job has succeeded.
     """
     ctx.store.transition(job.id, [JobState.PREPARING], JobState.RUNNING)
     cluster = train._cluster(ctx, job)
@@ -178,11 +182,9 @@ def predict(ctx: TrainingContext, job: Job) -> Handover:
             if read_progress:
                 progress_due = now + PROGRESS_INTERVAL
             for node in live.nodes():
-                shard = running.get(node.name)
                 try:
-                    if shard is not None:
-                        _look_at(ctx, job, node, live.sessions[node.name], shard, len(shards), first_look,
-                                 read_progress)
+                    _look_at(ctx, job, node, live.sessions[node.name], running.get(node.name), len(shards),
+                             first_look, read_progress)
                 except (RemoteError, OSError) as exc:
                     live.lose(node, str(exc))
             for node in live.nodes():
@@ -235,89 +237,136 @@ STEPS = {
 }
 
 
-# ---- one node, one shard -------------------------------------------------------------------------------
+# ---- one node, its runner, one shard at a time ---------------------------------------------------------
 
-def _shard_dir(node: Node) -> str:
-    return f"{train.job_root(node)}/shards/run-{node.attempt}"
+def _inbox(node: Node) -> str:
+    return f"{train.job_root(node)}/shards/inbox"
+
+
+def _shard_dir(node: Node, shard: PredictionShard) -> str:
+    return f"{train.job_root(node)}/shards/run-{shard.run}"
+
+
+def _assignment_name(node: Node, shard: PredictionShard) -> str:
+    return f"{_inbox(node)}/{shard.run:08d}.json"
 
 
 def _start_next(ctx: TrainingContext, job: Job, node: Node, session: NodeSession, total: int) -> bool:
-    """Give the idle ``node`` the next PENDING shard and start its runner; False when none is left."""
+    """Give the idle ``node`` the next PENDING shard (starting its runner if it has none); False when none is
+    left."""
     with ctx.store.session() as db:
         shard = db.scalar(select(PredictionShard).where(PredictionShard.job_id == job.id,
                                                         PredictionShard.state == "PENDING")
                           .order_by(PredictionShard.index).limit(1))
+        run = db.scalar(select(func.coalesce(func.max(PredictionShard.run), 0))
+                        .where(PredictionShard.job_id == job.id)) + 1
     if shard is None:
         return False
-    run = node.attempt + 1
-    # The node's run counter first: a crash between the two writes leaves an unused number, never a shard
-    # pointing at a run folder that another shard's runner uses.
-    ctx.store.update_node(node.id, attempt=run, log_base=node.log_offset, process_state="RUNNING")
-    node.attempt, node.log_base = run, node.log_offset
+    if node.process_state != "RUNNING":
+        _start_runner(ctx, job, node, session)
     with ctx.store.session() as db:
         taken = db.execute(update(PredictionShard).where(PredictionShard.id == shard.id,
                                                          PredictionShard.state == "PENDING")
                            .values(state="RUNNING", node=node.name, run=run)).rowcount
     if not taken:
         return True
-    _launch(ctx, job, node, session, shard, total)
+    shard.run, shard.node = run, node.name
+    _assign(ctx, job, node, session, shard)
     ctx.store.add_event(job.id, "SHARD", f"Shard {shard.index + 1}/{total} ({_describe(shard)}) started",
                         node=node.name)
     return True
 
 
-def _launch(ctx: TrainingContext, job: Job, node: Node, session: NodeSession, shard: PredictionShard,
-            total: int) -> None:
-    """Start the runner of ``shard`` in the node's run folder (idempotent: a started run is left alone)."""
-    prediction_input = job.prediction_input
-    root, out = train.job_root(node), _shard_dir(node)
-    project, key = parse_uri(shard.input_uri)
+def _start_runner(ctx: TrainingContext, job: Job, node: Node, session: NodeSession) -> None:
+    """Start the node's runner under a new process number (its log goes on where the last one's ended)."""
+    attempt = node.attempt + 1
+    # The node's row first: a crash before the start leaves a process folder that never appears, which the
+    # next delivery's first look finds lost (and starts another).
+    ctx.store.update_node(node.id, attempt=attempt, log_base=node.log_offset, process_state="RUNNING",
+                          exit_code=None)
+    node.attempt, node.log_base, node.process_state = attempt, node.log_offset, "RUNNING"
+    root = train.job_root(node)
     argv = [_python(ctx, job)(node), f"{root}/batch_predict.py", "--framework", job.framework,
-            "--model-dir", f"{root}/model", "--input", f"{ctx.driver.store_mount(ctx.settings)}/{project}/{key}",
-            "--input-name", shard.input_uri, "--start", str(shard.start),
-            "--data-format", prediction_input["dataFormat"], "--output-format", prediction_input["outputDataFormat"],
-            "--batch-size", str(prediction_input["batchSize"]), "--results", f"{out}/out/results",
-            "--errors", f"{out}/out/errors", "--progress", f"{out}/progress.json"]
-    if shard.end is not None:
-        argv += ["--end", str(shard.end)]
-    session.run(["mkdir", "-p", f"{out}/out"])
+            "--model-dir", f"{root}/model", "--inbox", _inbox(node)]
     session.start_process(train.process_dir(node), argv, env={**node.environment, "PYTHONUNBUFFERED": "1"},
                           cwd=root)
 
 
-def _look_at(ctx: TrainingContext, job: Job, node: Node, session: NodeSession, shard: PredictionShard,
+def _assign(ctx: TrainingContext, job: Job, node: Node, session: NodeSession, shard: PredictionShard) -> None:
+    """Put the shard's assignment in the node's inbox (whole or not at all); the runner takes it from there."""
+    prediction_input = job.prediction_input
+    project, key = parse_uri(shard.input_uri)
+    assignment = {"input": f"{ctx.driver.store_mount(ctx.settings)}/{project}/{key}", "inputName": shard.input_uri,
+                  "start": shard.start, "end": shard.end, "dataFormat": prediction_input["dataFormat"],
+                  "outputFormat": prediction_input["outputDataFormat"],
+                  "batchSize": int(prediction_input["batchSize"]), "out": _shard_dir(node, shard)}
+    session.put(json.dumps(assignment).encode(), _assignment_name(node, shard))
+
+
+def _look_at(ctx: TrainingContext, job: Job, node: Node, session: NodeSession, shard: PredictionShard | None,
              total: int, first_look: bool, read_progress: bool) -> None:
-    """Follow the running ``shard`` on ``node``: its log and progress, and what follows its runner's end."""
-    if node.attempt != shard.run:  # the node row was read before this shard started on it
-        node.attempt = shard.run
-    proc_dir = train.process_dir(node)
-    if first_look:
-        # A delivery after a crash: the runner may never have started (or died with its node's reboot).
-        status = session.process_status(proc_dir)
-        if status.lost:
-            _launch(ctx, job, node, session, shard, total)
-            status = session.process_status(proc_dir)
-        if status.lost:  # its run folder holds a runner that vanished without an exit code: run the shard afresh
-            _hand_back(ctx, shard)
-            ctx.store.add_event(job.id, "SHARD", f"Shard {shard.index + 1}/{total}: its runner vanished; "
-                                                 "it runs again", node=node.name)
-            return
-    else:
-        status = session.exit_status(proc_dir)
-    if read_progress or not status.running:
+    """Follow ``node``: its runner, its log, and the ``shard`` it runs (if any) and what follows its end.
+
+    The first look of a delivery asks whether the runner lives (a node's reboot or a crash between the
+    runner's row and its start leave none); later looks only whether it recorded an exit code.
+    """
+    if node.process_state != "RUNNING":
+        return  # no runner yet (or its end is handled): the node is idle until it is given a shard
+    out = _shard_dir(node, shard) if shard is not None else None
+    status = session.read_file(f"{out}/status.json", 0, 65536) if out else b""
+    if status:
         _fetch_log(ctx, job, node, session)
-    if status.running:
-        if read_progress:
-            _record_progress(ctx, shard, session.read_file(f"{_shard_dir(node)}/progress.json", 0, 4096))
+        _shard_ended(ctx, job, node, session, shard, total, _status(status))
         return
-    ctx.store.update_node(node.id, process_state="EXITED", exit_code=status.exit_code)
-    if status.exit_code == 0:
+    runner = session.process_status(train.process_dir(node)) if first_look else \
+        session.exit_status(train.process_dir(node))
+    if runner.running:
+        if shard is not None and first_look and not session.read_file(f"{out}/assignment.json", 0, 1) and \
+                not session.read_file(_assignment_name(node, shard), 0, 1):
+            _assign(ctx, job, node, session, shard)  # the last delivery died between taking the shard and this
+        if read_progress:
+            _fetch_log(ctx, job, node, session)
+            if shard is not None:
+                _record_progress(ctx, shard, session.read_file(f"{out}/progress.json", 0, 4096))
+        return
+    _fetch_log(ctx, job, node, session)
+    ctx.store.update_node(node.id, process_state="EXITED", exit_code=runner.exit_code)
+    node.process_state = "EXITED"
+    if runner.lost:
+        message = "the runner vanished"
+    else:
+        message = f"the runner exited with code {runner.exit_code}"
+    ctx.store.add_event(job.id, "NODE", f"Shard runner ended: {message}", node=node.name)
+    if shard is not None:
+        # Not taken yet, the assignment would be run by the next runner as well: take it back.
+        session.run(["rm", "-f", _assignment_name(node, shard)])
+        # A runner gone without an exit code (its node rebooted) is not the shard's fault.
+        _shard_ended(ctx, job, node, session, shard, total,
+                     {"ok": False, "error": message, "counts": not runner.lost})
+
+
+def _status(data: bytes) -> dict:
+    """The runner's status file; a node is not trusted, so anything but ``{"ok": true}`` is a failure."""
+    try:
+        status = json.loads(data)
+    except ValueError:
+        status = None
+    if not isinstance(status, dict):
+        return {"ok": False, "error": "the runner's status file is unreadable"}
+    return {"ok": status.get("ok") is True, "error": str(status.get("error", "no reason given"))[:2000]}
+
+
+def _shard_ended(ctx: TrainingContext, job: Job, node: Node, session: NodeSession, shard: PredictionShard,
+                 total: int, status: dict) -> None:
+    """A shard's run ended: its files to the store (DONE), or the shard back in the queue."""
+    if status["ok"]:
         _collect(ctx, job, node, session, shard, total)
         return
-    failures = shard.failures + 1
+    failures = shard.failures + (1 if status.get("counts", True) else 0)
     _hand_back(ctx, shard, failures=failures)
-    message = f"Shard {shard.index + 1}/{total}: the runner exited with code {status.exit_code}"
-    ctx.store.add_event(job.id, "SHARD", message, node=node.name)
+    message = f"Shard {shard.index + 1}/{total}: {status['error']}"
+    ctx.store.add_event(job.id, "SHARD", message + ("; it runs again" if failures < MAX_SHARD_FAILURES else ""),
+                        node=node.name)
     if failures >= MAX_SHARD_FAILURES:
         text, _ = ctx.store.read_log(job.id, node.name, node.log_base or 0, 1 << 20)
         tail = "\n".join(text.decode("utf-8", "replace").rstrip().splitlines()[-train.ERROR_LOG_LINES:])
@@ -337,8 +386,9 @@ def _collect(ctx: TrainingContext, job: Job, node: Node, session: NodeSession, s
     """Copy a finished shard's two files to the store under their final names, then mark it DONE."""
     project, folder = parse_uri(job.prediction_input["outputPath"].rstrip("/"))
     with tempfile.TemporaryDirectory() as tmp:
-        session.get_tree(f"{_shard_dir(node)}/out", Path(tmp))
-        counts = _counts(session.read_file(f"{_shard_dir(node)}/progress.json", 0, 4096))
+        session.get_tree(_shard_dir(node, shard), Path(tmp))
+        counts = _counts((Path(tmp) / "progress.json").read_bytes() if (Path(tmp) / "progress.json").is_file()
+                         else b"")
         for local, name in (("results", results_name(shard.index, total)), ("errors", errors_name(shard.index, total))):
             path = Path(tmp) / local
             if not path.is_file():

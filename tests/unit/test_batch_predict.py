@@ -84,27 +84,19 @@ class Doubler:
 
 
 def run(tmp_path: Path, lines: list[str], data_format: str = "JSON", output_format: str = "JSON") -> tuple:
+    """One shard through the runner's inbox, as the platform gives it."""
     source = tmp_path / "in.txt"
     source.write_text("".join(line + "\n" for line in lines))
-    args = batch_predict.parse_args([
-        "--framework", "PYTORCH", "--model-dir", str(tmp_path), "--input", str(source), "--input-name",
-        "store://p/in.txt", "--data-format", data_format, "--output-format", output_format, "--batch-size", "4",
-        "--results", str(tmp_path / "results"), "--errors", str(tmp_path / "errors"),
-        "--progress", str(tmp_path / "progress.json")])
-    shard = batch_predict.Shard(args, total=len(lines))
-    batch = []
-    for position, raw in batch_predict.records(args):
-        try:
-            batch.append((position, raw, batch_predict.instance_of(data_format, raw)))
-        except batch_predict.BadRecord as error:
-            shard.error(position, raw, str(error))
-        if len(batch) == args.batch_size:
-            batch_predict.run_batch(Doubler(), shard, batch)
-            batch = []
-    batch_predict.run_batch(Doubler(), shard, batch)
-    shard.close()
-    errors = [json.loads(line) for line in (tmp_path / "errors").read_text().splitlines()]
-    return (tmp_path / "results").read_text().splitlines(), errors, json.loads((tmp_path / "progress.json").read_text())
+    inbox, out = tmp_path / "inbox", tmp_path / "run-1"
+    inbox.mkdir()
+    (inbox / "00000001.json").write_text(json.dumps({
+        "input": str(source), "inputName": "store://p/in.txt", "start": 0, "end": None, "dataFormat": data_format,
+        "outputFormat": output_format, "batchSize": 4, "out": str(out)}))
+    batch_predict.serve(Doubler(), str(inbox), poll_interval=0, stop=lambda: (out / "status.json").exists())
+    assert json.loads((out / "status.json").read_text()) == {"ok": True}
+    assert not list(inbox.iterdir()) and (out / "assignment.json").is_file()
+    errors = [json.loads(line) for line in (out / "errors").read_text().splitlines()]
+    return (out / "results").read_text().splitlines(), errors, json.loads((out / "progress.json").read_text())
 
 
 def test_bad_records_cost_only_themselves_and_are_reported_with_their_line(tmp_path):
@@ -117,8 +109,8 @@ def test_bad_records_cost_only_themselves_and_are_reported_with_their_line(tmp_p
     assert [(e["line"], e["byteOffset"]) for e in errors] == [("not json", 12), ("[13.0]", 21)]
     assert errors[0]["error"].startswith("not JSON") and errors[1]["error"] == "13 is unlucky"
     assert errors[0]["inputPath"] == "store://p/in.txt"
-    assert progress == {"total": 8, "done": 7, "errors": 2}  # the blank line is no record
-    assert not list(tmp_path.glob("*.partial"))
+    assert progress == {"total": 7, "done": 7, "errors": 2}  # the blank line is no record
+    assert not list(tmp_path.glob("**/*.partial"))
 
 
 def test_csv_in_and_out(tmp_path):
@@ -127,26 +119,52 @@ def test_csv_in_and_out(tmp_path):
     assert [e["line"] for e in errors] == ["3,x"]
 
 
-class VanishedRunner:
-    """A node whose shard runner is gone without an exit code (the node rebooted) and cannot be started again
-    in the same run folder (start_process does nothing where the folder exists)."""
+def test_the_runner_goes_on_after_an_unreadable_input_and_sets_aside_what_is_no_assignment(tmp_path):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "00000001.json").write_text("{not an assignment")
+    (inbox / ".00000002.json.1234.part").write_text("an upload in progress")
+    (inbox / "00000003.json").write_text(json.dumps({
+        "input": str(tmp_path / "missing.json"), "inputName": "store://p/missing.json", "dataFormat": "JSON",
+        "outputFormat": "JSON", "batchSize": 4, "out": str(tmp_path / "run-3")}))
+    source = tmp_path / "in.json"
+    source.write_text("[1.0]\n")
+    (inbox / "00000004.json").write_text(json.dumps({
+        "input": str(source), "inputName": "store://p/in.json", "dataFormat": "JSON", "outputFormat": "JSON",
+        "batchSize": 4, "out": str(tmp_path / "run-4")}))
+    batch_predict.serve(Doubler(), str(inbox), poll_interval=0,
+                        stop=lambda: (tmp_path / "run-4" / "status.json").exists())
+    failed = json.loads((tmp_path / "run-3" / "status.json").read_text())
+    assert failed["ok"] is False and "cannot read store://p/missing.json" in failed["error"]
+    assert json.loads((tmp_path / "run-4" / "status.json").read_text()) == {"ok": True}
+    assert sorted(path.name for path in inbox.iterdir()) == [".00000002.json.1234.part", "00000001.json.invalid"]
+
+
+class NodeWithoutRunner:
+    """A node whose shard runner is gone without an exit code (the node rebooted); records what is asked of it."""
 
     def __init__(self):
-        self.starts = 0
+        self.commands, self.starts, self.files = [], [], {}
 
     def process_status(self, proc_dir):
         from cloudml_os.remote import ProcessStatus
 
         return ProcessStatus(running=False, exit_code=None, lost=True)
 
+    def read_file(self, path, offset=0, limit=1 << 20):
+        return self.files.get(path, b"")[offset:offset + limit]
+
     def run(self, argv, **kwargs):
-        return None
+        self.commands.append(list(argv))
 
     def start_process(self, proc_dir, argv, *, env, cwd):
-        self.starts += 1
+        self.starts.append(proc_dir)
+
+    def put(self, data, path, mode=0o644):
+        self.files[path] = data
 
 
-def test_a_shard_whose_runner_vanished_goes_back_to_the_queue_instead_of_waiting_forever(tmp_path):
+def test_a_shard_whose_runner_vanished_goes_back_to_the_queue_and_the_next_runs_under_a_new_runner(tmp_path):
     from cloudml_os.artifacts.local import LocalArtifactStore
     from cloudml_os.config import load_settings
     from cloudml_os.frameworks.pytorch import PyTorch
@@ -169,14 +187,19 @@ def test_a_shard_whose_runner_vanished_goes_back_to_the_queue_instead_of_waiting
                                            public_key="p"))
     store.record_nodes(cluster.id, [Node(name="worker-0", task_type="worker", task_index=0, address="127.0.0.1",
                                          ssh_port=22, username="root", host_keys=[], port_first=1, port_last=2,
-                                         workdir="/w", runtime_root="/r", attempt=1)])
+                                         workdir="/w", runtime_root="/r", attempt=1, process_state="RUNNING")])
     node = store.cluster_of(job.id).nodes[0]
     store.add(PredictionShard(job_id=job.id, index=0, input_uri="store://p/in.json", start=0, end=10,
-                              state="RUNNING", node="worker-0", run=1))
+                              state="RUNNING", node="worker-0", run=7))
     shard = workflow._shards(ctx, job)[0]
-    session = VanishedRunner()
+    session = NodeWithoutRunner()
     workflow._look_at(ctx, job, node, session, shard, 1, first_look=True, read_progress=False)
     after = workflow._shards(ctx, job)[0]
-    assert (after.state, after.node, after.failures) == ("PENDING", None, 0)
-    assert session.starts == 1
-    assert "its runner vanished" in store.events(job.id)[-1].message
+    assert (after.state, after.node, after.failures) == ("PENDING", None, 0)  # a reboot is not the shard's fault
+    assert ["rm", "-f", "/w/job/shards/inbox/00000007.json"] in session.commands
+    assert "runs again" in store.events(job.id)[-1].message
+    assert workflow._start_next(ctx, job, node, session, 1)
+    assert session.starts == ["/w/job/process-2"]  # a new runner, in a new process folder
+    assignment = json.loads(session.files["/w/job/shards/inbox/00000008.json"])
+    assert assignment["out"] == "/w/job/shards/run-8" and assignment["input"] == "/store/p/in.json"
+    assert (workflow._shards(ctx, job)[0].state, store.cluster_of(job.id).nodes[0].attempt) == ("RUNNING", 2)
