@@ -5,9 +5,10 @@ with a TorchScript model made here; beside it, one process of the same PyTorch r
 and predicts the same files with the same batch size, reading JSON and writing JSON lines as the runner does.
 Per round, in an order that flips every round:
 
-- platform, 1 node: records / seconds from the first shard's start to the job's outcome (node creation and
-  the model's upload to the node excluded, each shard's runner start and model load included);
-- one process: records / its wall time;
+- platform, 1 node: records / seconds from the first shard's assignment to the job's outcome (node creation
+  and the model's upload to the node excluded; the node's runner start, ``import torch`` and the model's load
+  included);
+- one process: records / its wall time, its start, ``import torch`` and the model's load included as well;
 
 then the same job on 2 nodes, whose ratio to 1 node is bounded by this machine's 2 cores. Beside each figure,
 the machine's busy CPU seconds while it ran (``/proc/stat``), which other load hardly changes per record.
@@ -40,9 +41,8 @@ net = torch.nn.Sequential(torch.nn.Linear(4, 64), torch.nn.ReLU(), torch.nn.Line
 torch.jit.save(torch.jit.script(net), sys.argv[1])
 """
 IN_PROCESS = """
-import json, sys, time, torch
+import json, sys, torch
 model_path, out_path, batch_size, files = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
-started = time.perf_counter()
 model = torch.jit.load(model_path, map_location="cpu").eval()
 count = 0
 with open(out_path, "w") as out:
@@ -63,7 +63,7 @@ with open(out_path, "w") as out:
                     batch = []
         if batch:
             flush(batch)
-print(json.dumps({"records": count, "seconds": time.perf_counter() - started}))
+print(json.dumps({"records": count}))
 """
 
 
@@ -122,11 +122,11 @@ def main() -> None:
                 client.request("PUT", f"/objects/in/{path.name}", data=path.read_bytes()).raise_for_status()
 
             def in_process() -> tuple[float, float]:
-                cpu = busy_cpu_seconds()
+                cpu, started = busy_cpu_seconds(), time.perf_counter()
                 out = subprocess.run([str(python), "-c", IN_PROCESS, str(work / "model.pt"), str(work / "out.json"),
                                       str(BATCH), *map(str, files)], check=True, capture_output=True, text=True)
-                result = json.loads(out.stdout)
-                return result["records"] / result["seconds"], busy_cpu_seconds() - cpu
+                seconds = time.perf_counter() - started
+                return json.loads(out.stdout)["records"] / seconds, busy_cpu_seconds() - cpu
 
             rates: dict[str, list[float]] = {"platform 1 node": [], "one process": [], "platform 2 nodes": []}
             cpus: dict[str, list[float]] = {name: [] for name in rates}

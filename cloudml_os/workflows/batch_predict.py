@@ -47,6 +47,7 @@ TEXT_FORMATS = ("JSON", "TEXT", "CSV")  # split at any byte; TFRecord files are 
 SHARD_MIN_BYTES, SHARD_MAX_BYTES = 1 << 20, 64 << 20
 SHARDS_PER_NODE = 4  # shards planned per node at most, so a slow node holds back little of the job
 MAX_SHARD_FAILURES = 3  # runs of one shard that may fail before the job fails
+RUNNER_QUEUE = 2  # shards a node holds at once: the one it runs and the next, so it never waits between them
 PROGRESS_INTERVAL = 1.0  # seconds between reads of the running shards' progress and logs
 
 
@@ -161,8 +162,9 @@ def predict(ctx: TrainingContext, job: Job) -> Handover:
     """Run the shards on the nodes, one per node at a time, for one window of ``watch_window`` seconds.
 
     Each look: a node whose shard ended has its files copied to the store (DONE) or the shard handed back
-    (the input could not be read, or the runner died: again, up to MAX_SHARD_FAILURES failed runs); an idle
-    node is given the next PENDING shard (its runner started first if it has none). A node that cannot be
+    (the input could not be read, or the runner died: again, up to MAX_SHARD_FAILURES failed runs); every node
+    is given PENDING shards until it holds RUNNER_QUEUE (idle nodes first; its runner started first if it has
+    none). A node that cannot be
     reached is lost to the job and its shard goes back to PENDING; with every node lost the job fails. When
     every shard is DONE the job has succeeded.
     """
@@ -176,25 +178,20 @@ def predict(ctx: TrainingContext, job: Job) -> Handover:
             shards = _shards(ctx, job)
             if all(shard.state == "DONE" for shard in shards):
                 return _succeeded(ctx, job, cluster, shards)
-            running = {shard.node: shard for shard in shards if shard.state == "RUNNING"}
+            held: dict[str, list[PredictionShard]] = {}
+            for shard in sorted((shard for shard in shards if shard.state == "RUNNING"), key=lambda s: s.run):
+                held.setdefault(shard.node, []).append(shard)
             now = time.monotonic()
             read_progress = now >= progress_due
             if read_progress:
                 progress_due = now + PROGRESS_INTERVAL
             for node in live.nodes():
                 try:
-                    _look_at(ctx, job, node, live.sessions[node.name], running.get(node.name), len(shards),
+                    _look_at(ctx, job, node, live.sessions[node.name], held.get(node.name, []), len(shards),
                              first_look, read_progress)
                 except (RemoteError, OSError) as exc:
                     live.lose(node, str(exc))
-            for node in live.nodes():
-                if node.name in running and _shard(ctx, running[node.name].id).state == "RUNNING":
-                    continue
-                try:
-                    if not _start_next(ctx, job, node, live.sessions[node.name], len(shards)):
-                        break  # nothing left to start
-                except (RemoteError, OSError) as exc:
-                    live.lose(node, str(exc))
+            _fill_queues(ctx, job, live, len(shards))
             if not live.nodes():
                 raise StepError("every node of the job was lost; see the events")
             if read_progress:
@@ -251,9 +248,28 @@ def _assignment_name(node: Node, shard: PredictionShard) -> str:
     return f"{_inbox(node)}/{shard.run:08d}.json"
 
 
+def _fill_queues(ctx: TrainingContext, job: Job, live: _LiveSessions, total: int) -> None:
+    """Give every node PENDING shards until it holds RUNNER_QUEUE of them: first one to each idle node, then
+    the next to each, so that the last shards do not queue behind a busy node while another has nothing."""
+    held = {node.name: 0 for node in live.nodes()}
+    for shard in _shards(ctx, job):
+        if shard.state == "RUNNING" and shard.node in held:
+            held[shard.node] += 1
+    for depth in range(RUNNER_QUEUE):
+        for node in live.nodes():
+            if held[node.name] > depth:
+                continue
+            try:
+                if not _start_next(ctx, job, node, live.sessions[node.name], total):
+                    return  # nothing left to start
+            except (RemoteError, OSError) as exc:
+                live.lose(node, str(exc))
+                continue
+            held[node.name] += 1
+
+
 def _start_next(ctx: TrainingContext, job: Job, node: Node, session: NodeSession, total: int) -> bool:
-    """Give the idle ``node`` the next PENDING shard (starting its runner if it has none); False when none is
-    left."""
+    """Give ``node`` the next PENDING shard (starting its runner if it has none); False when none is left."""
     with ctx.store.session() as db:
         shard = db.scalar(select(PredictionShard).where(PredictionShard.job_id == job.id,
                                                         PredictionShard.state == "PENDING")
@@ -272,7 +288,7 @@ def _start_next(ctx: TrainingContext, job: Job, node: Node, session: NodeSession
         return True
     shard.run, shard.node = run, node.name
     _assign(ctx, job, node, session, shard)
-    ctx.store.add_event(job.id, "SHARD", f"Shard {shard.index + 1}/{total} ({_describe(shard)}) started",
+    ctx.store.add_event(job.id, "SHARD", f"Shard {shard.index + 1}/{total} ({_describe(shard)}) given to the node",
                         node=node.name)
     return True
 
@@ -303,46 +319,50 @@ def _assign(ctx: TrainingContext, job: Job, node: Node, session: NodeSession, sh
     session.put(json.dumps(assignment).encode(), _assignment_name(node, shard))
 
 
-def _look_at(ctx: TrainingContext, job: Job, node: Node, session: NodeSession, shard: PredictionShard | None,
+def _look_at(ctx: TrainingContext, job: Job, node: Node, session: NodeSession, shards: list[PredictionShard],
              total: int, first_look: bool, read_progress: bool) -> None:
-    """Follow ``node``: its runner, its log, and the ``shard`` it runs (if any) and what follows its end.
+    """Follow ``node``: its runner, its log, and the ``shards`` it holds (in the order it runs them): what
+    follows the end of each.
 
     The first look of a delivery asks whether the runner lives (a node's reboot or a crash between the
     runner's row and its start leave none); later looks only whether it recorded an exit code.
     """
     if node.process_state != "RUNNING":
         return  # no runner yet (or its end is handled): the node is idle until it is given a shard
-    out = _shard_dir(node, shard) if shard is not None else None
-    status = session.read_file(f"{out}/status.json", 0, 65536) if out else b""
-    if status:
-        _fetch_log(ctx, job, node, session)
-        _shard_ended(ctx, job, node, session, shard, total, _status(status))
+    unfinished = []
+    for shard in shards:
+        status = session.read_file(f"{_shard_dir(node, shard)}/status.json", 0, 65536)
+        if status:
+            _fetch_log(ctx, job, node, session)
+            _shard_ended(ctx, job, node, session, shard, total, _status(status))
+        else:
+            unfinished.append(shard)
+    if not unfinished and not first_look:
         return
     runner = session.process_status(train.process_dir(node)) if first_look else \
         session.exit_status(train.process_dir(node))
     if runner.running:
-        if shard is not None and first_look and not session.read_file(f"{out}/assignment.json", 0, 1) and \
-                not session.read_file(_assignment_name(node, shard), 0, 1):
-            _assign(ctx, job, node, session, shard)  # the last delivery died between taking the shard and this
+        for shard in unfinished if first_look else ():
+            if not session.read_file(f"{_shard_dir(node, shard)}/assignment.json", 0, 1) and \
+                    not session.read_file(_assignment_name(node, shard), 0, 1):
+                _assign(ctx, job, node, session, shard)  # the last delivery died between taking it and this
         if read_progress:
             _fetch_log(ctx, job, node, session)
-            if shard is not None:
-                _record_progress(ctx, shard, session.read_file(f"{out}/progress.json", 0, 4096))
+            for shard in unfinished:
+                _record_progress(ctx, shard, session.read_file(f"{_shard_dir(node, shard)}/progress.json", 0, 4096))
         return
     _fetch_log(ctx, job, node, session)
     ctx.store.update_node(node.id, process_state="EXITED", exit_code=runner.exit_code)
     node.process_state = "EXITED"
-    if runner.lost:
-        message = "the runner vanished"
-    else:
-        message = f"the runner exited with code {runner.exit_code}"
+    message = "the runner vanished" if runner.lost else f"the runner exited with code {runner.exit_code}"
     ctx.store.add_event(job.id, "NODE", f"Shard runner ended: {message}", node=node.name)
-    if shard is not None:
+    for position, shard in enumerate(unfinished):
         # Not taken yet, the assignment would be run by the next runner as well: take it back.
         session.run(["rm", "-f", _assignment_name(node, shard)])
-        # A runner gone without an exit code (its node rebooted) is not the shard's fault.
+        # The runner was running the first; a runner gone without an exit code (its node rebooted) is not the
+        # shard's fault.
         _shard_ended(ctx, job, node, session, shard, total,
-                     {"ok": False, "error": message, "counts": not runner.lost})
+                     {"ok": False, "error": message, "counts": position == 0 and not runner.lost})
 
 
 def _status(data: bytes) -> dict:

@@ -193,7 +193,7 @@ def test_a_shard_whose_runner_vanished_goes_back_to_the_queue_and_the_next_runs_
                               state="RUNNING", node="worker-0", run=7))
     shard = workflow._shards(ctx, job)[0]
     session = NodeWithoutRunner()
-    workflow._look_at(ctx, job, node, session, shard, 1, first_look=True, read_progress=False)
+    workflow._look_at(ctx, job, node, session, [shard], 1, first_look=True, read_progress=False)
     after = workflow._shards(ctx, job)[0]
     assert (after.state, after.node, after.failures) == ("PENDING", None, 0)  # a reboot is not the shard's fault
     assert ["rm", "-f", "/w/job/shards/inbox/00000007.json"] in session.commands
