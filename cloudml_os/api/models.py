@@ -7,15 +7,18 @@ does the work and marks the operation done); no view waits on a node. Changes th
 (descriptions, labels, the default version) are made at once and answered with an operation that is
 already done, as v1 does. Prediction is the one view on the serving path: it checks that the version can
 serve and forwards the body unchanged through ``predict``. Added to v1: a version's ``healthCheck``,
-``replicas`` and events.
+``replicas`` and events, and a model's ``trafficSplit`` (the share of its ``:predict`` calls each version
+answers, as Vertex AI endpoints have it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import json
 import logging
+import random
 import re
 import uuid
 from collections.abc import Callable, Collection, Mapping
@@ -299,7 +302,7 @@ def _set_default(session: Session, model_pk: int, version: str | None, *, expect
     if check:
         query = query.where(Model.default_version.is_(None) if expected is None else
                             Model.default_version == expected)
-    session.execute(query.values(default_version=version, etag=Model.etag + 1)
+    session.execute(query.values(default_version=version, traffic_split=None, etag=Model.etag + 1)
                     .execution_options(synchronize_session=False))
 
 
@@ -351,22 +354,49 @@ def list_models(args: dict[str, Any], project: str) -> dict[str, Any]:
 @blp.arguments(UpdateMaskQuerySchema, location="query")
 @blp.response(200, OperationSchema)
 def patch_model(body: dict[str, Any], args: dict[str, Any], project: str, model: str) -> OperationView:
-    """Change a model's description, labels or default version (v1 ``models.patch``); the operation
-    returned is already done."""
-    paths = update_mask(args["updateMask"], ("description", "labels", "defaultVersion.name"))
+    """Change a model's description, labels, default version or traffic split (v1 ``models.patch``; the split
+    is added); the operation returned is already done."""
+    paths = update_mask(args["updateMask"], ("description", "labels", "defaultVersion.name", "trafficSplit"))
     _masked(body, paths)
+    if "defaultVersion.name" in paths and "trafficSplit" in paths:
+        raise InvalidArgument("updateMask: give defaultVersion.name or trafficSplit, not both (a default version "
+                              "is a split of 100 % to it)")
     with services().store.session() as session:
         row = _model_or_404(session, project, model)
         values: dict[str, Any] = {key: body[key] for key in ("description", "labels") if key in paths}
         if "defaultVersion.name" in paths:
             version = _version_or_404(session, row, body["defaultVersion"]["name"].rsplit("/", 1)[-1])
             _check_can_be_default(row, version)
-            values["default_version"] = version.name
+            values.update(default_version=version.name, traffic_split=None)
+        if "trafficSplit" in paths:
+            values.update(_split_values(session, row, body["trafficSplit"]))
         session.execute(update(Model).where(Model.id == row.id).values(etag=Model.etag + 1, **values)
                         .execution_options(synchronize_session=False))
         operation = _new_operation(project, "UPDATE_MODEL", resource_name(project, "models", model), done=True)
         session.add(operation)
     return _operation_view(operation.id)
+
+
+def _split_values(session: Session, model: Model, split: dict[str, int]) -> dict[str, Any]:
+    """The model's columns for ``split``: the versions with a share (each must be able to serve as a default),
+    None for one version's 100 %, and the default version, the one with the largest share (the current
+    default among equals, else the first by name).
+
+    :raises InvalidArgument: a version named is not one of the model's.
+    :raises FailedPrecondition: a version with a share has failed or is being deleted.
+    """
+    shares = {name: percent for name, percent in sorted(split.items()) if percent > 0}
+    for name in split:
+        version = session.scalar(select(Version).where(Version.model_id == model.id, Version.name == name, _LIVE))
+        if version is None:
+            raise InvalidArgument(f"trafficSplit: {name!r} is not a version of "
+                                  f"{resource_name(model.project, 'models', model.name)}")
+        if name in shares:
+            _check_can_be_default(model, version)
+    largest = max(shares.values())
+    leaders = [name for name, percent in shares.items() if percent == largest]
+    default = model.default_version if model.default_version in leaders else leaders[0]
+    return {"default_version": default, "traffic_split": shares if len(shares) > 1 else None}
 
 
 @blp.route("/models/<resource_id:model>", methods=["DELETE"])
@@ -524,6 +554,10 @@ def delete_version(project: str, model: str, version: str) -> OperationView:
             raise FailedPrecondition(f"{name} cannot be deleted in state {row.state}; wait for its operation to "
                                      f"finish (or cancel it)")
         is_default = parent.default_version == row.name
+        if parent.traffic_split and row.name in parent.traffic_split:
+            raise FailedPrecondition(f"{name} answers {parent.traffic_split[row.name]} % of "
+                                     f"{resource_name(project, 'models', model)}'s traffic; shift it to other "
+                                     f"versions first (models.patch trafficSplit)")
         if is_default and session.scalar(select(func.count()).select_from(Version).where(
                 Version.model_id == parent.id, Version.id != row.id, _LIVE)):
             raise FailedPrecondition(f"{name} is the default version of {resource_name(project, 'models', model)}; "
@@ -649,28 +683,47 @@ def replica_stats(args: dict[str, Any], project: str, model: str, version: str) 
 # ---- online prediction -----------------------------------------------------------------------------------
 
 
-def _serving_version(project: str, model: str, version: str | None) -> int:
-    """The primary key of the version to predict with (the model's default when ``version`` is
-    None), checked to be serving.
+def _serving_version(project: str, model: str, version: str | None) -> tuple[int, str]:
+    """The primary key and name of the version to predict with, checked to be serving: ``version``, or when
+    it is None the model's traffic split's pick (:func:`_pick`), or its default version.
 
     :raises NotFound: no such model or version.
     :raises FailedPrecondition: the model has no default version, or the version is not serving.
     """
-    query = (select(Version.id, Version.name, Version.state).join(Model, Model.id == Version.model_id)
-             .where(Model.project == project, Model.name == model, _LIVE)
-             .where(Version.name == (version if version is not None else Model.default_version)))
     with services().store.session() as session:
-        row = session.execute(query).first()
-        if row is None:  # the rare path: say which part is missing
-            parent = _model_or_404(session, project, model)
-            if version is None:
+        if version is None:
+            found = session.execute(select(Model.default_version, Model.traffic_split).where(
+                Model.project == project, Model.name == model)).first()
+            if found is None:
+                raise NotFound(f"{resource_name(project, 'models', model)} not found")
+            if found.default_version is None:
                 raise FailedPrecondition(f"{resource_name(project, 'models', model)} has no default version; "
                                          f"create a version or predict with versions/VERSION:predict")
-            _version_or_404(session, parent, version)
+            version = _pick(found.traffic_split) if found.traffic_split else found.default_version
+        row = session.execute(select(Version.id, Version.name, Version.state).join(Model, Model.id == Version.model_id)
+                              .where(Model.project == project, Model.name == model, Version.name == version,
+                                     _LIVE)).first()
+        if row is None:  # the rare path: say which part is missing
+            _version_or_404(session, _model_or_404(session, project, model), version)
     if row.state not in SERVING_STATES:
         name = resource_name(project, "models", model, "versions", row.name)
         raise FailedPrecondition(f"{name} is not ready (state {row.state})")
-    return row.id
+    return row.id, row.name
+
+
+def _pick(split: dict[str, int]) -> str:
+    """A version drawn by its share of ``split``: by the request's ``X-Request-Id`` when it has one (the same
+    id always goes to the same version while the split stands), else at random."""
+    request_id = request.headers.get("X-Request-Id")
+    if request_id:
+        point = int.from_bytes(hashlib.sha256(request_id.encode()).digest()[:8], "big") % 100
+    else:
+        point = random.randrange(100)  # noqa: S311 - a load balancer's draw, not a secret
+    for name, percent in sorted(split.items()):
+        if point < percent:
+            return name
+        point -= percent
+    return max(split, key=split.get)  # not reached while the shares sum to 100
 
 
 def _model_message(body: bytes, status: int) -> str:
@@ -689,9 +742,11 @@ def _model_message(body: bytes, status: int) -> str:
 
 def _predict(project: str, model: str, version: str | None) -> Response:
     svc = services()
-    status, body = svc.predict(_serving_version(project, model, version), model, request.get_data())
+    version_pk, version_name = _serving_version(project, model, version)
+    status, body = svc.predict(version_pk, model, request.get_data())
     if 200 <= status < 300:
-        return Response(body, status=200, mimetype="application/json")
+        # Added: which version answered (the traffic split's pick when the model's default was asked).
+        return Response(body, status=200, mimetype="application/json", headers={"X-Model-Version": version_name})
     if 400 <= status < 500:
         raise InvalidArgument(_model_message(body, status))
     log.warning("a replica of %s answered HTTP %s: %r", resource_name(project, "models", model), status, body[:500])

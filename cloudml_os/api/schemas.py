@@ -720,6 +720,17 @@ class ModelPatchSchema(Schema):
     description = fields.String()
     labels = _labels_field()
     defaultVersion = fields.Nested(VersionNameSchema)
+    trafficSplit = fields.Dict(keys=fields.String(validate=_RESOURCE_ID),
+                               values=fields.Integer(strict=True, validate=validate.Range(0, 100)),
+                               metadata={"description": "added (as Vertex AI endpoints): version id → percent of "
+                                                        "the model's :predict calls, summing to 100"})
+
+    @validates("trafficSplit")
+    def _sums_to_100(self, value: dict[str, int], **_: Any) -> None:
+        if not value:
+            raise ValidationError("give at least one version and its percent")
+        if sum(value.values()) != 100:
+            raise ValidationError(f"the percents sum to {sum(value.values())}, not 100")
 
 
 class UpdateMaskQuerySchema(Schema):
@@ -851,10 +862,17 @@ class ModelSchema(_OmitEmpty):
     description = fields.String(attribute="model.description")
     labels = fields.Dict(attribute="model.labels", keys=fields.String(), values=fields.String())
     defaultVersion = fields.Nested(VersionSchema, attribute="default_version")
+    trafficSplit = fields.Method("_split", metadata={
+        "description": "added: version id → percent of the model's :predict calls it answers"})
     etag = fields.Method("_etag", metadata={"format": "byte"})
 
     def _etag(self, view: Any) -> str:
         return _etag_of(view.model)
+
+    def _split(self, view: Any) -> dict[str, int] | None:
+        if view.model.traffic_split:
+            return view.model.traffic_split
+        return {view.model.default_version: 100} if view.default_version is not None else None
 
 
 class _ListQuerySchema(Schema):

@@ -222,7 +222,12 @@ class LogChunk(Base):
 
 
 class Model(Base):
-    """A Cloud ML Engine v1 model: a name grouping versions, one of them the default."""
+    """A Cloud ML Engine v1 model: a name grouping versions, one of them the default.
+
+    ``traffic_split`` (added, as Vertex AI endpoints have it): the percent of the model's ``:predict`` calls
+    each version answers, summing to 100; None is the default version's 100 %. The default version is the
+    one with the largest share.
+    """
 
     __tablename__ = "models"
     __table_args__ = (UniqueConstraint("project", "name"),)
@@ -232,6 +237,7 @@ class Model(Base):
     description: Mapped[str] = mapped_column(Text, default="")
     labels: Mapped[dict[str, Any]] = mapped_column(default=dict)
     default_version: Mapped[str | None] = mapped_column(String(128))
+    traffic_split: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     create_time: Mapped[dt.datetime] = mapped_column(default=utcnow)
     etag: Mapped[int] = mapped_column(default=1)
 

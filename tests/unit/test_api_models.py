@@ -612,6 +612,66 @@ def test_set_default(env):
     assert_v1_error(env.post("models/census/versions/v9:setDefault", json={}), 404, "NOT_FOUND")
 
 
+def test_a_traffic_split_names_the_default_by_its_largest_share_and_set_default_is_its_100_case(env):
+    env.deployed("v1")
+    env.deployed("v2")
+    assert env.get("models/census").get_json()["trafficSplit"] == {"v1": 100}
+    response = env.patch("models/census", "trafficSplit", {"trafficSplit": {"v1": 30, "v2": 70}})
+    assert response.status_code == 200, response.get_json()
+    model = env.get("models/census").get_json()
+    assert model["trafficSplit"] == {"v1": 30, "v2": 70} and model["defaultVersion"]["name"].endswith("/v2")
+    assert env.patch("models/census", "trafficSplit", {"trafficSplit": {"v1": 0, "v2": 100}}).status_code == 200
+    assert env.get("models/census").get_json()["trafficSplit"] == {"v2": 100}
+    assert env.patch("models/census", "trafficSplit", {"trafficSplit": {"v1": 50, "v2": 50}}).status_code == 200
+    assert env.get("models/census").get_json()["defaultVersion"]["name"].endswith("/v2")  # the default stays
+    assert env.post("models/census/versions/v1:setDefault", json={}).status_code == 200
+    assert env.get("models/census").get_json()["trafficSplit"] == {"v1": 100}
+
+
+@pytest.mark.parametrize("split, status, message", [
+    ({"v1": 90, "v2": 20}, "INVALID_ARGUMENT", "trafficSplit: the percents sum to 110, not 100"),
+    ({}, "INVALID_ARGUMENT", "trafficSplit: give at least one version and its percent"),
+    ({"v1": -10, "v2": 110}, "INVALID_ARGUMENT", "trafficSplit.v1.value: Must be greater than or equal to 0"),
+    ({"v1": 50.5, "v2": 49.5}, "INVALID_ARGUMENT", "trafficSplit.v1.value: Not a valid integer."),
+    ({"v1": 50, "v9": 50}, "INVALID_ARGUMENT", "trafficSplit: 'v9' is not a version of projects/p/models/census"),
+    ({"v1": 50, "broken": 50}, "FAILED_PRECONDITION",
+     "projects/p/models/census/versions/broken cannot be the default version in state FAILED"),
+])
+def test_a_bad_traffic_split_is_a_400_naming_it_and_changes_nothing(env, split, status, message):
+    env.deployed("v1")
+    env.deployed("broken", state="FAILED")
+    response = env.patch("models/census", "trafficSplit", {"trafficSplit": split})
+    assert message in assert_v1_error(response, 400, status)
+    assert env.get("models/census").get_json()["trafficSplit"] == {"v1": 100}
+    both = env.patch("models/census", "trafficSplit,defaultVersion.name",
+                     {"trafficSplit": {"v1": 100}, "defaultVersion": {"name": "v1"}})
+    assert assert_v1_error(both, 400, "INVALID_ARGUMENT").startswith("updateMask: give defaultVersion.name or")
+
+
+def test_a_version_with_a_share_cannot_be_deleted_and_one_without_can(env):
+    env.deployed("v1")
+    env.deployed("v2")
+    env.deployed("v3")
+    assert env.patch("models/census", "trafficSplit", {"trafficSplit": {"v1": 80, "v2": 20, "v3": 0}}).status_code == 200
+    message = assert_v1_error(env.delete("models/census/versions/v2"), 400, "FAILED_PRECONDITION")
+    assert message.startswith("projects/p/models/census/versions/v2 answers 20 % of projects/p/models/census's")
+    assert env.delete("models/census/versions/v3").status_code == 200
+
+
+def test_predict_on_the_model_follows_the_split_and_a_request_id_sticks_to_one_version(env):
+    env.deployed("v1")
+    env.deployed("v2")
+    env.patch("models/census", "trafficSplit", {"trafficSplit": {"v1": 90, "v2": 10}})
+    answered = [env.post("models/census:predict", json={"instances": [1]}).headers["X-Model-Version"]
+                for _ in range(1000)]
+    # 10 % of 1000: 100 expected, standard deviation 9.5; 5 of them either way is one chance in a million.
+    assert 52 <= answered.count("v2") <= 148 and answered.count("v1") + answered.count("v2") == 1000
+    sticky = {env.post("models/census:predict", json={"instances": [1]},
+                       headers={**env.admin, "X-Request-Id": "user-42"}).headers["X-Model-Version"] for _ in range(50)}
+    assert len(sticky) == 1
+    assert env.post("models/census/versions/v2:predict", json={"instances": [1]}).headers["X-Model-Version"] == "v2"
+
+
 # ---- prediction ------------------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,23 @@
+"""traffic split: a model's share of :predict traffic per version
+
+Revision ID: 0014
+Revises: 0013
+Create Date: 2026-12-07 21:30:00.000000
+"""
+import sqlalchemy as sa
+from alembic import op
+
+revision = '0014'
+down_revision = '0013'
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table('models') as batch:
+        batch.add_column(sa.Column('traffic_split', sa.JSON(), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table('models') as batch:
+        batch.drop_column('traffic_split')
