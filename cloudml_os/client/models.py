@@ -19,6 +19,7 @@ from cloudml_os.client.output import Column, basename, emit, scalar, stderr
 from cloudml_os.client.rest import ApiClient, CliError
 
 MODEL_COLUMNS = [Column("NAME", "name", basename), Column("DEFAULT_VERSION", "defaultVersion.name", basename),
+                 Column("TRAFFIC", "trafficSplit", lambda split: ",".join(f"{v}={p}" for v, p in (split or {}).items())),
                  Column("DESCRIPTION", "description")]
 VERSION_COLUMNS = [Column("NAME", "name", basename), Column("STATE", "state"),
                    Column("DEPLOYMENT_URI", "deploymentUri"), Column("FRAMEWORK", "framework"),
@@ -113,6 +114,46 @@ def list_models(filter_: str | None, limit: int | None) -> None:
 def describe_model(model: str) -> None:
     """Show model MODEL and its default version."""
     emit(invocation().api().call("GET", f"/models/{model}"), invocation().format, "yaml")
+
+
+@command(models_group, "update")
+@click.argument("model")
+@click.option("--traffic-split", metavar="VERSION=PERCENT,…",
+              help="Share the model's predictions between versions, e.g. v1=90,v2=10 (percents summing to 100).")
+@click.option("--description", help="A new description.")
+@click.option("--labels", help="Replace the labels: KEY=VALUE,KEY2=VALUE2 ('' removes them all).")
+def update_model(model: str, traffic_split: str | None, description: str | None, labels: str | None) -> None:
+    """Change model MODEL's traffic split, description or labels.
+
+    \b
+    cloudml models update census --traffic-split v1=90,v2=10
+    """
+    body: dict[str, Any] = {}
+    if traffic_split is not None:
+        body["trafficSplit"] = _split(traffic_split)
+    if description is not None:
+        body["description"] = description
+    if labels is not None:
+        body["labels"] = parse_labels(labels)
+    if not body:
+        raise click.UsageError("give --traffic-split, --description or --labels")
+    api = invocation().api()
+    operation = api.call("PATCH", f"/models/{model}", params={"updateMask": ",".join(body)}, json=body)
+    stderr().print(f"Updated model [{model}].")
+    emit(_result(operation), invocation().format, "yaml")
+
+
+def _split(text: str) -> dict[str, int]:
+    """``v1=90,v2=10`` as ``{"v1": 90, "v2": 10}`` (the API checks the versions and the sum)."""
+    split: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        version, equals, percent = item.partition("=")
+        if not equals or not version.strip() or not percent.strip().isdigit():
+            raise click.BadParameter(f"{item!r} is not VERSION=PERCENT", param_hint="--traffic-split")
+        split[version.strip()] = int(percent)
+    if not split:
+        raise click.BadParameter("give VERSION=PERCENT,…", param_hint="--traffic-split")
+    return split
 
 
 @command(models_group, "delete")

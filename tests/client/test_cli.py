@@ -165,6 +165,17 @@ def test_a_prediction_body_names_the_model_one_way_and_takes_gclouds_spellings(t
         assert result.exit_code == 2, result.output
 
 
+def test_a_traffic_split_is_version_equals_percent_and_anything_else_is_a_usage_error(tmp_path):
+    from cloudml_os.client.models import _split
+
+    assert _split("v1=90, v2=10") == {"v1": 90, "v2": 10}
+    env = cli_env(tmp_path / "config.json", endpoint="http://127.0.0.1:9", project="p", token="t")
+    for split in ("v1", "v1=ninety", "=10", "v1=-5", ","):
+        result = run(env, "models", "update", "census", "--traffic-split", split)
+        assert result.exit_code == 2 and "--traffic-split" in result.output, result.output
+    assert run(env, "models", "update", "census").exit_code == 2
+
+
 class FakeLogs:
     """A job's state and logs as the API serves them, changed by the test between polls."""
 
