@@ -19,7 +19,8 @@ from cloudml_os.client.output import Column, basename, emit, scalar, stderr
 from cloudml_os.client.rest import ApiClient, CliError
 
 MODEL_COLUMNS = [Column("NAME", "name", basename), Column("DEFAULT_VERSION", "defaultVersion.name", basename),
-                 Column("TRAFFIC", "trafficSplit", lambda split: ",".join(f"{v}={p}" for v, p in (split or {}).items())),
+                 Column("TRAFFIC", "trafficSplit", lambda split: ",".join(f"{v}={p}" for v, p in (split or {}).items())
+                        ),
                  Column("DESCRIPTION", "description")]
 VERSION_COLUMNS = [Column("NAME", "name", basename), Column("STATE", "state"),
                    Column("DEPLOYMENT_URI", "deploymentUri"), Column("FRAMEWORK", "framework"),

@@ -700,7 +700,22 @@ def _versions(model: str) -> list[dict[str, Any]]:
 
 @blp.route("/project/models/<model>/versions/rows")
 def versions_rows(model: str) -> str:
-    return render_template("dashboard/project/_versions_rows.html", name=model, versions=_versions(model))
+    found = api().get(f"/projects/{g.project}/models/{model}")
+    return render_template("dashboard/project/_versions_rows.html", name=model, model=found,
+                           versions=_versions(model))
+
+
+@blp.route("/project/models/<model>/traffic", methods=["POST"])
+def split_traffic(model: str) -> Response:
+    """The traffic form: one percent per version (empty is 0)."""
+    prefix = "share-"
+    split = {key[len(prefix):]: _int_field(key) if request.form[key].strip() else 0
+             for key in request.form if key.startswith(prefix)}
+    shown = ", ".join(f"{version} {percent} %" for version, percent in split.items() if percent)
+    _act(lambda: api().call("PATCH", f"/projects/{g.project}/models/{model}", body={"trafficSplit": split},
+                            query={"updateMask": "trafficSplit"}),
+         f"Traffic of {model}: {shown}.")
+    return _back(url_for("dashboard.model_detail", model=model))
 
 
 def _int_field(name: str) -> int | str:

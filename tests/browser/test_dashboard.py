@@ -269,6 +269,11 @@ def test_forms_reject_bad_input_with_the_apis_messages(member_page, admin_page):
     page.fill("#version-nodes", "many")
     page.click("#create-version button[type=submit]")
     expect(page.locator(".alert-danger")).to_contain_text("manualScaling.nodes")
+    page.goto("/dashboard/project/models/regression")
+    open_modal(page, "#open-split-traffic", "#split-traffic")
+    page.fill("#share-v1", "50")
+    page.click("#split-traffic button[type=submit]")
+    expect(page.locator(".alert-danger")).to_contain_text("trafficSplit: the percents sum to 50, not 100")
     page.goto("/dashboard/project/packages")
     open_modal(page, "#open-upload", "#upload-package")
     page.click("#upload-package button[type=submit]")
@@ -363,6 +368,12 @@ def test_a_version_is_scaled_and_deleted_from_its_models_table(member_page, team
     ready = [r for r in team_a.request("GET", "/models/regression/versions/v1").json()["replicas"]
              if r["state"] == "READY"]
     assert len(ready) == 1
+    expect(row.locator(".traffic")).to_have_text("100 %")
+    open_modal(page, "#open-split-traffic", "#split-traffic")
+    page.fill("#share-v1", "100")
+    page.click("#split-traffic button[type=submit]")
+    expect(page.locator(".alert-success")).to_contain_text("Traffic of regression: v1 100 %.")
+    row = page.locator("#versions-table tr[data-version='v1']")
     row.locator("button", has_text="Delete").click()
     expect(page.locator(".alert-success")).to_contain_text("Version v1 is being deleted")
     expect(page.locator("#versions-table tr[data-version='v1']")).to_have_count(0, timeout=LONG)

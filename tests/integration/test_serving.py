@@ -293,6 +293,49 @@ def test_mxnet_and_pytorch_versions_serve_what_they_trained(platform, client, mo
     assert flatten(response.json()["predictions"]) == pytest.approx(direct, abs=1e-5)
 
 
+def test_a_traffic_split_shares_the_models_predictions_and_shifting_it_under_load_fails_none(client, model):
+    """tf_v1 and mxnet_v1 (deployed above) share the model's traffic 90/10; then all of it moves to mxnet_v1
+    while four clients predict without a pause."""
+    def split(shares: dict[str, int]) -> None:
+        response = client.request("PATCH", f"/models/{model}?updateMask=trafficSplit", json={"trafficSplit": shares})
+        assert response.status_code == 200, response.text
+
+    split({"tf_v1": 90, "mxnet_v1": 10})
+    answered = []
+    for _ in range(2000):
+        response = predict_via_api(client, f"/models/{model}:predict")
+        assert response.status_code == 200, response.text
+        answered.append(response.headers["X-Model-Version"])
+    # Binomial(2000, 0.1): 200 expected, standard deviation 13.4; 5 of them either way.
+    assert 133 <= answered.count("mxnet_v1") <= 267 and answered.count("tf_v1") == 2000 - answered.count("mxnet_v1")
+
+    failures, after_shift, stop, shifted = [], [], threading.Event(), threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            sent_after_shift = shifted.is_set()
+            response = predict_via_api(client, f"/models/{model}:predict")
+            if response.status_code != 200:
+                failures.append((response.status_code, response.text))
+            elif sent_after_shift:
+                after_shift.append(response.headers["X-Model-Version"])
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(2)
+    split({"tf_v1": 0, "mxnet_v1": 100})
+    shifted.set()
+    time.sleep(2)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert after_shift and set(after_shift) == {"mxnet_v1"}
+    assert client.request("GET", f"/models/{model}").json()["trafficSplit"] == {"mxnet_v1": 100}
+    assert client.request("POST", f"/models/{model}/versions/tf_v1:setDefault", json={}).status_code == 200
+
+
 def test_deleting_a_version_leaves_no_node_process(platform, client, model):
     name = serving_cluster(platform, "pytorch_v1")
     assert cluster_nodes(platform, "pytorch_v1") == (["replica-0"], ["replica-0"])

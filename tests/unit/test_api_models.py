@@ -652,7 +652,8 @@ def test_a_version_with_a_share_cannot_be_deleted_and_one_without_can(env):
     env.deployed("v1")
     env.deployed("v2")
     env.deployed("v3")
-    assert env.patch("models/census", "trafficSplit", {"trafficSplit": {"v1": 80, "v2": 20, "v3": 0}}).status_code == 200
+    shares = {"v1": 80, "v2": 20, "v3": 0}
+    assert env.patch("models/census", "trafficSplit", {"trafficSplit": shares}).status_code == 200
     message = assert_v1_error(env.delete("models/census/versions/v2"), 400, "FAILED_PRECONDITION")
     assert message.startswith("projects/p/models/census/versions/v2 answers 20 % of projects/p/models/census's")
     assert env.delete("models/census/versions/v3").status_code == 200
