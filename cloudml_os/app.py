@@ -45,6 +45,7 @@ from cloudml_os.config import Settings
 from cloudml_os.dashboard import register_dashboard
 from cloudml_os.errors import register_error_handlers
 from cloudml_os.frameworks.base import Framework
+from cloudml_os.serving.request_log import RequestLog
 from cloudml_os.store import Store
 
 # Requests that need no token: the API description and the load balancer's health probe.
@@ -94,7 +95,7 @@ def create_app(settings: Settings, *, store: Store, artifacts: ArtifactStore,
                frameworks: Mapping[str, Framework], start_job: Callable[[int], None],
                start_operation: Callable[[int], None] = no_operation_queue,
                predict: Callable[[int, str, bytes], tuple[int, bytes]] = no_prediction,
-               replace_replica: Callable[[int], None] = no_replacement) -> Flask:
+               replace_replica: Callable[[int], None] = no_replacement, request_log: RequestLog | None = None) -> Flask:
     """Build the API application.
 
     :param settings: the installation's settings (machine types among them).
@@ -109,6 +110,8 @@ def create_app(settings: Settings, *, store: Store, artifacts: ArtifactStore,
         Without it, predictions answer 503.
     :param replace_replica: called with an ejected replica's primary key; enqueues its replacement (a
         platform admin's "replace node"). Without it, that request answers 503.
+    :param request_log: a :class:`~cloudml_os.serving.request_log.RequestLog` that sampled predictions go to
+        (its shipper starts in the process that serves the first request); without it none is logged.
     """
     app = Flask("cloudml_os")
     app.config.update(
@@ -129,7 +132,7 @@ def create_app(settings: Settings, *, store: Store, artifacts: ArtifactStore,
     app.extensions[EXTENSION] = Services(settings=settings, store=store, artifacts=artifacts,
                                          frameworks=dict(frameworks), start_job=start_job,
                                          start_operation=start_operation, predict=predict,
-                                         replace_replica=replace_replica)
+                                         replace_replica=replace_replica, request_log=request_log)
     for name, (converter, _) in CONVERTERS.items():
         app.url_map.converters[name] = converter
 
@@ -151,6 +154,8 @@ def create_app(settings: Settings, *, store: Store, artifacts: ArtifactStore,
     api.register_blueprint(quotas.blp)
     api.register_blueprint(admin.blp)
 
+    if request_log is not None:
+        app.before_request(request_log.start)  # the serving process's shipper (gunicorn forks after this)
     app.before_request(_require_length)
     app.before_request(_authenticate)
     app.after_request(admin.record_audit)

@@ -172,6 +172,12 @@ class Settings:
     # replica_sample_seconds, and deletes samples older than replica_sample_retention_hours.
     replica_sample_seconds: float = 10.0
     replica_sample_retention_hours: float = 24.0
+    # Request logging (a version's requestLoggingConfig): each API host spools sampled predictions on its own
+    # disk (empty: data_dir/request-log-spool) and ships them to the store every request_log_segment_seconds;
+    # past request_log_max_bytes of spool, records are dropped and counted (a version event says how many).
+    request_log_spool_dir: Path | None = None
+    request_log_max_bytes: int = 1 << 30
+    request_log_segment_seconds: float = 2.0
     machine_types: dict[str, MachineType] = dataclasses.field(
         default_factory=lambda: dict(DEFAULT_MACHINE_TYPES)
     )
@@ -179,6 +185,10 @@ class Settings:
     @property
     def artifacts_root(self) -> Path:
         return self.artifacts_dir or self.data_dir / "artifacts"
+
+    @property
+    def request_log_spool(self) -> Path:
+        return self.request_log_spool_dir or self.data_dir / "request-log-spool"
 
 
 _FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(Settings)}

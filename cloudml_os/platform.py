@@ -6,6 +6,7 @@ The only place where concrete implementations are chosen; everything else receiv
 from __future__ import annotations
 
 import datetime as dt
+import io
 import threading
 import time
 from collections.abc import Callable
@@ -14,13 +15,14 @@ from typing import Any
 from flask import Flask
 from sqlalchemy import select
 
-from cloudml_os.artifacts import open_artifact_store
+from cloudml_os.artifacts import ArtifactStore, open_artifact_store
 from cloudml_os.cloud.base import load_driver
 from cloudml_os.config import Settings, load_settings
 from cloudml_os.frameworks.base import load_frameworks
 from cloudml_os.serving.monitor import ProbeSample
+from cloudml_os.serving.request_log import RequestLog
 from cloudml_os.store import Node, Store
-from cloudml_os.store.models import Replica, Version
+from cloudml_os.store.models import Model, Replica, Version, VersionEvent
 from cloudml_os.tasks import job_starter, make_celery, operation_starter, replica_replacer, step_sender
 from cloudml_os.workflows.reconcile import ReconcileContext
 from cloudml_os.workflows.serve import ServingContext, eject
@@ -139,16 +141,37 @@ def wsgi_app(settings: Settings | None = None) -> Flask:
     settings = settings or load_settings()
     store = Store.from_settings(settings)
     celery = make_celery(settings)
+    artifacts = open_artifact_store(settings)
     return create_app(
         settings,
         store=store,
-        artifacts=open_artifact_store(settings),
+        artifacts=artifacts,
         frameworks=load_frameworks(),
         start_job=job_starter(celery),
         start_operation=operation_starter(celery),
         predict=predictor(settings, store, replica_replacer(celery)),
         replace_replica=replica_replacer(celery),
+        request_log=request_log(settings, store, artifacts),
     )
+
+
+def request_log(settings: Settings, store: Store, artifacts: ArtifactStore) -> RequestLog:
+    """The API host's request log spool, shipping to ``artifacts``; dropped records become version events."""
+
+    def put(project: str, key: str, data: bytes) -> None:
+        artifacts.put_file(project, key, io.BytesIO(data))
+
+    def dropped(project: str, model: str, version: str, count: int) -> None:
+        with store.session() as session:
+            version_id = session.scalar(select(Version.id).join(Model, Model.id == Version.model_id).where(
+                Model.project == project, Model.name == model, Version.name == version))
+            if version_id is not None:
+                session.add(VersionEvent(version_id=version_id, kind="REQUEST_LOG",
+                                         message=f"{count} request log record(s) dropped: the spool is full"))
+
+    settings.request_log_spool.mkdir(parents=True, exist_ok=True)
+    return RequestLog(settings.request_log_spool, put, max_bytes=settings.request_log_max_bytes,
+                      segment_seconds=settings.request_log_segment_seconds, on_dropped=dropped)
 
 
 def run_monitor(settings: Settings) -> None:

@@ -23,6 +23,7 @@ from cloudml_os.artifacts import PROJECT_ID_PATTERN, ArtifactStore
 from cloudml_os.config import Settings
 from cloudml_os.errors import InvalidArgument, Unavailable, flatten_messages
 from cloudml_os.frameworks.base import Framework
+from cloudml_os.serving.request_log import RequestLog
 from cloudml_os.store import Store
 
 EXTENSION = "cloudml_os"
@@ -61,6 +62,8 @@ class Services:
     predict: Callable[[int, str, bytes], tuple[int, bytes]] = no_prediction
     # Enqueues the replacement of an ejected replica (a platform admin's "replace node").
     replace_replica: Callable[[int], None] = no_replacement
+    # Where sampled online predictions go (cloudml_os.serving.request_log.RequestLog); None: nowhere.
+    request_log: RequestLog | None = None
 
 
 def services() -> Services:

@@ -75,6 +75,7 @@ DELETABLE_STATES = ("READY", "FAILED")
 EVENT_LIMIT = 1000
 SAMPLE_LIMIT = 20000  # a day of 10 s samples of 2 replicas or so; the chart needs no more
 MODEL_MESSAGE_LIMIT = 2000  # a model's error message is passed on, but not a whole traceback
+REQUEST_ID_LIMIT = 128  # characters of a client's X-Request-Id kept
 # google.rpc.Code, which operation errors carry (v1's google.rpc.Status).
 RPC_CODES = {"OK": 0, "CANCELLED": 1, "UNKNOWN": 2, "INVALID_ARGUMENT": 3, "DEADLINE_EXCEEDED": 4, "NOT_FOUND": 5,
              "ALREADY_EXISTS": 6, "PERMISSION_DENIED": 7, "RESOURCE_EXHAUSTED": 8, "FAILED_PRECONDITION": 9,
@@ -485,7 +486,8 @@ def create_version(body: dict[str, Any], project: str, model: str) -> OperationV
             version = Version(model_id=parent.id, name=body["name"], state="CREATING",
                               deployment_uri=body["deploymentUri"], framework=body["framework"],
                               runtime_version=runtime_version, machine_type=machine_type, replicas=body["nodes"],
-                              health=body["healthCheck"], description=body["description"], labels=body["labels"])
+                              health=body["healthCheck"], description=body["description"], labels=body["labels"],
+                              request_logging=body["requestLoggingConfig"])
             session.add(version)
             session.flush()
             becomes_default = not _has_live_default(session, parent)
@@ -591,15 +593,18 @@ def delete_version(project: str, model: str, version: str) -> OperationView:
 @blp.response(200, OperationSchema)
 def patch_version(body: dict[str, Any], args: dict[str, Any], project: str, model: str,
                   version: str) -> OperationView:
-    """Change a version's description or labels (done at once) or its number of replicas (v1
-    ``versions.patch``; ``manualScaling.nodes``, or ``autoScaling.minNodes`` as a fixed count)."""
-    paths = update_mask(args["updateMask"], ("description", "labels", "manualScaling.nodes", "autoScaling.minNodes"))
+    """Change a version's description, labels or request logging (done at once) or its number of replicas
+    (v1 ``versions.patch``; ``manualScaling.nodes``, or ``autoScaling.minNodes`` as a fixed count)."""
+    paths = update_mask(args["updateMask"], ("description", "labels", "requestLoggingConfig", "manualScaling.nodes",
+                                             "autoScaling.minNodes"))
     _masked(body, paths)
     if "manualScaling.nodes" in paths and "autoScaling.minNodes" in paths:
         raise InvalidArgument("updateMask: give manualScaling.nodes or autoScaling.minNodes, not both")
     nodes = (body["manualScaling"]["nodes"] if "manualScaling.nodes" in paths else
              body["autoScaling"]["minNodes"] if "autoScaling.minNodes" in paths else None)
     values: dict[str, Any] = {key: body[key] for key in ("description", "labels") if key in paths}
+    if "requestLoggingConfig" in paths:
+        values["request_logging"] = body["requestLoggingConfig"]
     name = resource_name(project, "models", model, "versions", version)
     if nodes is None:
         with services().store.session() as session:
@@ -627,7 +632,8 @@ def patch_version(body: dict[str, Any], args: dict[str, Any], project: str, mode
         event = VersionEvent(version_id=row.id, kind="STATE",
                              message=f"Scaling requested: {row.replicas} → {nodes} replicas")
         session.add_all([operation, event])
-    previous = {"state": "READY", "replicas": row.replicas, "description": row.description, "labels": row.labels}
+    previous = {"state": "READY", "replicas": row.replicas, "description": row.description, "labels": row.labels,
+                "request_logging": row.request_logging}
 
     def undo(session: Session) -> None:
         session.execute(delete(VersionEvent).where(VersionEvent.id == event.id))
@@ -683,9 +689,18 @@ def replica_stats(args: dict[str, Any], project: str, model: str, version: str) 
 # ---- online prediction -----------------------------------------------------------------------------------
 
 
-def _serving_version(project: str, model: str, version: str | None) -> tuple[int, str]:
-    """The primary key and name of the version to predict with, checked to be serving: ``version``, or when
-    it is None the model's traffic split's pick (:func:`_pick`), or its default version.
+@dataclasses.dataclass(frozen=True)
+class _Serving:
+    """The version a prediction goes to."""
+
+    pk: int
+    name: str
+    sampling: float  # the fraction of its requests logged
+
+
+def _serving_version(project: str, model: str, version: str | None) -> _Serving:
+    """The version to predict with, checked to be serving: ``version``, or when it is None the model's traffic
+    split's pick (:func:`_pick`), or its default version.
 
     :raises NotFound: no such model or version.
     :raises FailedPrecondition: the model has no default version, or the version is not serving.
@@ -700,7 +715,8 @@ def _serving_version(project: str, model: str, version: str | None) -> tuple[int
                 raise FailedPrecondition(f"{resource_name(project, 'models', model)} has no default version; "
                                          f"create a version or predict with versions/VERSION:predict")
             version = _pick(found.traffic_split) if found.traffic_split else found.default_version
-        row = session.execute(select(Version.id, Version.name, Version.state).join(Model, Model.id == Version.model_id)
+        row = session.execute(select(Version.id, Version.name, Version.state, Version.request_logging)
+                              .join(Model, Model.id == Version.model_id)
                               .where(Model.project == project, Model.name == model, Version.name == version,
                                      _LIVE)).first()
         if row is None:  # the rare path: say which part is missing
@@ -708,7 +724,7 @@ def _serving_version(project: str, model: str, version: str | None) -> tuple[int
     if row.state not in SERVING_STATES:
         name = resource_name(project, "models", model, "versions", row.name)
         raise FailedPrecondition(f"{name} is not ready (state {row.state})")
-    return row.id, row.name
+    return _Serving(row.id, row.name, float((row.request_logging or {}).get("samplingPercentage", 0)))
 
 
 def _pick(split: dict[str, int]) -> str:
@@ -742,11 +758,16 @@ def _model_message(body: bytes, status: int) -> str:
 
 def _predict(project: str, model: str, version: str | None) -> Response:
     svc = services()
-    version_pk, version_name = _serving_version(project, model, version)
-    status, body = svc.predict(version_pk, model, request.get_data())
+    serving = _serving_version(project, model, version)
+    status, body = svc.predict(serving.pk, model, request.get_data())
     if 200 <= status < 300:
-        # Added: which version answered (the traffic split's pick when the model's default was asked).
-        return Response(body, status=200, mimetype="application/json", headers={"X-Model-Version": version_name})
+        # Added: the request's id (the client's X-Request-Id, else a new one: the request log's key, to which
+        # ground truth can be attached later) and which version answered (the split's pick, if any).
+        request_id = request.headers.get("X-Request-Id", "")[:REQUEST_ID_LIMIT] or uuid.uuid4().hex
+        if svc.request_log is not None and serving.sampling > 0 and random.random() < serving.sampling:  # noqa: S311
+            svc.request_log.record(project, model, serving.name, request_id, request.get_data(), body)
+        return Response(body, status=200, mimetype="application/json",
+                        headers={"X-Model-Version": serving.name, "X-Request-Id": request_id})
     if 400 <= status < 500:
         raise InvalidArgument(_model_message(body, status))
     log.warning("a replica of %s answered HTTP %s: %r", resource_name(project, "models", model), status, body[:500])

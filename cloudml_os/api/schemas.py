@@ -738,6 +738,20 @@ class UpdateMaskQuerySchema(Schema):
         "description": "comma-separated fields to change, e.g. description,labels"})
 
 
+class RequestLoggingConfigSchema(Schema):
+    """v1's RequestLoggingConfig: the share of online predictions logged; the log goes to the project's store
+    (``store://PROJECT/request-logs/MODEL/VERSION/…``), not to BigQuery."""
+
+    samplingPercentage = fields.Float(required=True, allow_nan=False, validate=validate.Range(0, 1), metadata={
+        "description": "the fraction of requests logged, from 0 to 1 (as v1)"})
+    bigqueryTableName = fields.Raw(metadata={"description": "not supported: request logs go to the store"})
+
+    @validates("bigqueryTableName")
+    def _no_bigquery(self, value: Any, **kwargs: Any) -> None:
+        raise ValidationError("not supported: request logs are JSON lines in the project's store, under "
+                              "store://PROJECT/request-logs/MODEL/VERSION/")
+
+
 class VersionCreateSchema(Schema):
     """The v1 Version body of ``versions.create`` plus our ``healthCheck``; output-only fields are ignored."""
 
@@ -762,7 +776,7 @@ class VersionCreateSchema(Schema):
     acceleratorConfig = fields.Raw(metadata=_UNSUPPORTED)
     explanationConfig = fields.Raw(metadata=_UNSUPPORTED)
     serviceAccount = fields.Raw(metadata=_UNSUPPORTED)
-    requestLoggingConfig = fields.Raw(metadata=_UNSUPPORTED)
+    requestLoggingConfig = fields.Nested(RequestLoggingConfigSchema)
     createTime = fields.Raw(metadata=_OUTPUT_ONLY)
     lastUseTime = fields.Raw(metadata=_OUTPUT_ONLY)
     lastMigrationTime = fields.Raw(metadata=_OUTPUT_ONLY)
@@ -774,7 +788,7 @@ class VersionCreateSchema(Schema):
     replicas = fields.Raw(metadata=_OUTPUT_ONLY)
 
     @validates("packageUris", "predictionClass", "container", "routes", "acceleratorConfig", "explanationConfig",
-               "serviceAccount", "requestLoggingConfig")
+               "serviceAccount")
     def _unsupported(self, value: Any, **kwargs: Any) -> None:
         raise ValidationError("not supported: custom prediction routines, containers and accelerators are not "
                               "available; the framework's model server serves deploymentUri")
@@ -791,7 +805,7 @@ class VersionCreateSchema(Schema):
         kept = {key: data[key] for key in ("name", "description", "deploymentUri", "framework", "labels",
                                            "healthCheck")}
         return {**kept, "runtimeVersion": data.get("runtimeVersion"), "machineType": data.get("machineType"),
-                "nodes": nodes}
+                "nodes": nodes, "requestLoggingConfig": data.get("requestLoggingConfig")}
 
 
 class VersionPatchSchema(Schema):
@@ -804,6 +818,7 @@ class VersionPatchSchema(Schema):
     labels = _labels_field()
     manualScaling = fields.Nested(ManualScalingSchema)
     autoScaling = fields.Nested(AutoScalingSchema)
+    requestLoggingConfig = fields.Nested(RequestLoggingConfigSchema)
 
 
 class SetDefaultVersionRequestSchema(Schema):
@@ -846,6 +861,8 @@ class VersionSchema(_OmitEmpty):
     labels = fields.Dict(attribute="version.labels", keys=fields.String(), values=fields.String())
     etag = fields.Method("_etag", metadata={"format": "byte"})
     healthCheck = fields.Nested(HealthCheckSchema, attribute="version.health", metadata={"description": "added"})
+    requestLoggingConfig = fields.Dict(attribute="version.request_logging", metadata={
+        "description": "samplingPercentage: the fraction of online predictions logged to the store"})
     replicas = fields.List(fields.Nested(ReplicaSchema), metadata={"description": "added: the serving nodes"})
 
     def _scaling(self, view: Any) -> dict[str, int]:

@@ -261,6 +261,8 @@ class Version(Base):
     health: Mapped[dict[str, Any]] = mapped_column(default=dict)
     description: Mapped[str] = mapped_column(Text, default="")
     labels: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # v1 requestLoggingConfig ({"samplingPercentage": fraction}); None: no request is logged.
+    request_logging: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error_message: Mapped[str] = mapped_column(Text, default="")
     create_time: Mapped[dt.datetime] = mapped_column(default=utcnow)
     etag: Mapped[int] = mapped_column(default=1)

@@ -695,6 +695,58 @@ def test_predict_uses_the_default_version(env):
     assert env.predictions[-1][0] == env.version("v2").id
 
 
+class RecordedLog:
+    """A request log that keeps what it is given."""
+
+    def __init__(self):
+        self.records = []
+
+    def start(self):
+        pass
+
+    def record(self, *fields):
+        self.records.append(fields)
+        return True
+
+
+def test_sampled_predictions_go_to_the_request_log_with_the_id_their_answer_carries(env):
+    import dataclasses
+
+    from cloudml_os.api import EXTENSION
+
+    log = RecordedLog()
+    env.app.extensions[EXTENSION] = dataclasses.replace(env.app.extensions[EXTENSION], request_log=log)
+    env.deployed("v1", requestLoggingConfig={"samplingPercentage": 1})
+    assert env.get("models/census/versions/v1").get_json()["requestLoggingConfig"] == {"samplingPercentage": 1.0}
+    body = b'{"instances": [[1]]}'
+    response = env.post("models/census:predict", data=body, content_type="application/json",
+                        headers={**env.admin, "X-Request-Id": "order-7"})
+    assert response.headers["X-Request-Id"] == "order-7"
+    generated = env.post("models/census:predict", json={"instances": [[2]]}).headers["X-Request-Id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", generated)
+    assert log.records[0] == ("p", "census", "v1", "order-7", body, b'{"predictions": [[0.25, 0.75]]}')
+    assert [r[3] for r in log.records] == ["order-7", generated]
+    response = env.patch("models/census/versions/v1", "requestLoggingConfig",
+                         {"requestLoggingConfig": {"samplingPercentage": 0}})
+    assert response.status_code == 200, response.get_json()
+    env.post("models/census:predict", json={"instances": [[3]]})
+    assert len(log.records) == 2
+    env.answer = (400, b'{"error": "bad"}')
+    env.patch("models/census/versions/v1", "requestLoggingConfig", {"requestLoggingConfig": {"samplingPercentage": 1}})
+    env.post("models/census:predict", json={"instances": [[4]]})
+    assert len(log.records) == 2  # only answered predictions are logged
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"samplingPercentage": 1.5}, "requestLoggingConfig.samplingPercentage: Must be greater than or equal to 0"),
+    ({}, "requestLoggingConfig.samplingPercentage: Missing data for required field."),
+    ({"samplingPercentage": 0.5, "bigqueryTableName": "p.d.t"},
+     "requestLoggingConfig.bigqueryTableName: not supported: request logs are JSON lines in the project's store"),
+])
+def test_a_bad_request_logging_config_is_a_400_naming_it(env, config, message):
+    assert message in assert_v1_error(env.create_version(requestLoggingConfig=config), 400, "INVALID_ARGUMENT")
+
+
 def test_a_model_error_is_a_v1_400_with_its_message(env):
     env.deployed("v1")
     env.answer = (400, json.dumps({"error": "Prediction failed: expected 4 features, got 2"}).encode())

@@ -1,4 +1,4 @@
-"""traffic split: a model's share of :predict traffic per version
+"""traffic split (a model's share of :predict traffic per version) and request logging (a version's sampling)
 
 Revision ID: 0014
 Revises: 0013
@@ -16,8 +16,12 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table('models') as batch:
         batch.add_column(sa.Column('traffic_split', sa.JSON(), nullable=True))
+    with op.batch_alter_table('versions') as batch:
+        batch.add_column(sa.Column('request_logging', sa.JSON(), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table('versions') as batch:
+        batch.drop_column('request_logging')
     with op.batch_alter_table('models') as batch:
         batch.drop_column('traffic_split')
