@@ -6,6 +6,7 @@ API's router and the monitor process keep the pool healthy while the tests kill 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -334,6 +335,64 @@ def test_a_traffic_split_shares_the_models_predictions_and_shifting_it_under_loa
     assert after_shift and set(after_shift) == {"mxnet_v1"}
     assert client.request("GET", f"/models/{model}").json()["trafficSplit"] == {"mxnet_v1": 100}
     assert client.request("POST", f"/models/{model}/versions/tf_v1:setDefault", json={}).status_code == 200
+
+
+def logged_request_ids(client, model: str, version: str) -> list[str]:
+    """Every request id in the version's request log objects in the store, as often as it is there."""
+    ids, token = [], ""
+    while True:
+        listing = client.request("GET", "/objects", params={"prefix": f"request-logs/{model}/{version}/",
+                                                             "pageToken": token}).json()
+        for item in listing["objects"]:
+            text = client.request("GET", f"/objects/{item['name']}").text
+            ids += [json.loads(line)["request_id"] for line in text.splitlines()]
+        token = listing.get("nextPageToken")
+        if not token:
+            return ids
+
+
+def test_request_logging_keeps_every_answered_request_once_across_an_api_kill(platform, client, model):
+    """At 100 %, a client predicts without a pause while the API is SIGKILLed and started again: every request
+    that was answered is in the store once (one the API logged but could not answer may be there too)."""
+    response = client.request("PATCH", f"/models/{model}/versions/tf_v1?updateMask=requestLoggingConfig",
+                              json={"requestLoggingConfig": {"samplingPercentage": 1}})
+    assert response.status_code == 200, response.text
+    answered, sent, stop = [], [], threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            request_id = f"rl-{len(sent)}"
+            sent.append(request_id)
+            try:
+                response = client.request("POST", f"/models/{model}/versions/tf_v1:predict",
+                                          json={"instances": INSTANCES}, headers={"X-Request-Id": request_id})
+            except requests.ConnectionError:
+                time.sleep(0.05)
+                continue
+            if response.status_code == 200:
+                assert response.headers["X-Request-Id"] == request_id
+                answered.append(request_id)
+
+    thread = threading.Thread(target=load)
+    thread.start()
+    try:
+        wait_for(lambda: len(answered) >= 100, timeout=60, interval=0.05)
+        api = platform.processes["api"]
+        os.killpg(api.pid, signal.SIGKILL)
+        api.wait()
+        before_kill = len(answered)
+        platform.start("api")
+        wait_for(lambda: len(answered) >= before_kill + 100, timeout=120, interval=0.1)
+    finally:
+        stop.set()
+        thread.join()
+    assert len(answered) > 200
+    logged = wait_for(lambda: (lambda ids: ids if set(answered) <= set(ids) else None)(
+        logged_request_ids(client, model, "tf_v1")), timeout=60, interval=1)
+    assert len(logged) == len(set(logged)), "a request logged twice"
+    assert set(logged) <= set(sent)
+    client.request("PATCH", f"/models/{model}/versions/tf_v1?updateMask=requestLoggingConfig",
+                   json={"requestLoggingConfig": {"samplingPercentage": 0}})
 
 
 def test_deleting_a_version_leaves_no_node_process(platform, client, model):
