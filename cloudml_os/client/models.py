@@ -69,6 +69,9 @@ def _finish(api: ApiClient, operation: dict[str, Any], what: str, asynchronous: 
 ASYNC = click.option("--async", "asynchronous", is_flag=True,
                      help="Print the operation and return at once instead of waiting for it.")
 MODEL = click.option("--model", required=True, help="The model.")
+REQUEST_LOGGING = click.option(
+    "--request-logging", type=click.FloatRange(0, 1), metavar="FRACTION",
+    help="Log this fraction of the version's predictions to store://PROJECT/request-logs/MODEL/VERSION/ (0 stops).")
 
 
 # ---- models ------------------------------------------------------------------------------------------
@@ -197,10 +200,12 @@ def _origin(api: ApiClient, origin: str | None, origin_job: str | None) -> str:
 @click.option("--nodes", type=click.IntRange(1, 32), help="How many replicas serve it (default 1).")
 @click.option("--description", help="What the version is.")
 @click.option("--labels", help="Labels KEY=VALUE,KEY2=VALUE2.")
+@REQUEST_LOGGING
 @ASYNC
 def create_version(version: str, model: str, origin: str | None, origin_job: str | None, framework: str | None,
                    runtime_version: str | None, machine_type: str | None, nodes: int | None,
-                   description: str | None, labels: str | None, asynchronous: bool) -> None:
+                   description: str | None, labels: str | None, request_logging: float | None,
+                   asynchronous: bool) -> None:
     """Deploy version VERSION of model --model and wait until it serves.
 
     \b
@@ -218,6 +223,8 @@ def create_version(version: str, model: str, origin: str | None, origin_job: str
         body["manualScaling"] = {"nodes": nodes}
     if label_values:
         body["labels"] = label_values
+    if request_logging is not None:
+        body["requestLoggingConfig"] = {"samplingPercentage": request_logging}
     operation = api.call("POST", f"/models/{model}/versions", json=body)
     _finish(api, operation, f"Creating version [{version}] of model [{model}]", asynchronous, "yaml")
 
@@ -268,9 +275,10 @@ def set_default(version: str, model: str) -> None:
 @click.option("--nodes", type=click.IntRange(1, 32), help="Scale to this many replicas.")
 @click.option("--description", help="A new description.")
 @click.option("--labels", help="Replace the labels: KEY=VALUE,KEY2=VALUE2 ('' removes them all).")
+@REQUEST_LOGGING
 @ASYNC
 def update_version(version: str, model: str, nodes: int | None, description: str | None, labels: str | None,
-                   asynchronous: bool) -> None:
+                   request_logging: float | None, asynchronous: bool) -> None:
     """Scale version VERSION or change its description or labels.
 
     \b
@@ -283,8 +291,10 @@ def update_version(version: str, model: str, nodes: int | None, description: str
         body["description"] = description
     if labels is not None:
         body["labels"] = parse_labels(labels)
+    if request_logging is not None:
+        body["requestLoggingConfig"] = {"samplingPercentage": request_logging}
     if not body:
-        raise click.UsageError("give --nodes, --description or --labels")
+        raise click.UsageError("give --nodes, --description, --labels or --request-logging")
     mask = ",".join({"manualScaling": "manualScaling.nodes"}.get(key, key) for key in body)
     api = invocation().api()
     operation = api.call("PATCH", f"/models/{model}/versions/{version}", params={"updateMask": mask}, json=body)

@@ -172,6 +172,7 @@ def test_a_version_deployed_from_the_ui_shows_a_replicas_failure_and_its_replace
     before = {r["name"] for r in team_a.request("GET", "/models/regression/versions/v1").json()["replicas"]}
     # The monitor's samples (every 10 s per replica) draw each replica's probe latency and health.
     expect(page.locator("#latency-chart")).to_be_visible(timeout=LONG)
+    expect(page.locator("#request-logging")).to_have_text("off")
     stats = team_a.request("GET", "/models/regression/versions/v1/replicaStats").json()["samples"]
     assert stats and {s["replica"] for s in stats} <= before
     assert all(s["probes"] >= 1 and s["failures"] <= s["probes"] for s in stats)
