@@ -94,7 +94,7 @@ def _healthz() -> dict[str, str]:
 def create_app(settings: Settings, *, store: Store, artifacts: ArtifactStore,
                frameworks: Mapping[str, Framework], start_job: Callable[[int], None],
                start_operation: Callable[[int], None] = no_operation_queue,
-               predict: Callable[[int, str, bytes], tuple[int, bytes]] = no_prediction,
+               predict: Callable[[int, str, bytes, float], tuple[int, bytes]] = no_prediction,
                replace_replica: Callable[[int], None] = no_replacement, request_log: RequestLog | None = None) -> Flask:
     """Build the API application.
 
@@ -105,8 +105,9 @@ def create_app(settings: Settings, *, store: Store, artifacts: ArtifactStore,
     :param start_job: called with a new job's primary key once its row exists; enqueues the workflow.
     :param start_operation: called with a new Operation's primary key (version create, delete, scale)
         once its rows exist; enqueues the serving workflow. Without it, those requests answer 503.
-    :param predict: ``(version primary key, model name, request body) -> (HTTP status, body)`` from one
-        of the version's replicas; raises :class:`~cloudml_os.errors.Unavailable` when none can answer.
+    :param predict: ``(version primary key, model name, request body, deadline) -> (HTTP status, body)``
+        from one of the version's replicas; raises :class:`~cloudml_os.errors.Unavailable` when none can
+        answer within the deadline (seconds).
         Without it, predictions answer 503.
     :param replace_replica: called with an ejected replica's primary key; enqueues its replacement (a
         platform admin's "replace node"). Without it, that request answers 503.

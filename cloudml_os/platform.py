@@ -123,10 +123,10 @@ def predictor(settings: Settings, store: Store, replace: Callable[[int], None]):
 
     router = Router(pool, on_failure)
 
-    def predict(version_id: int, model_name: str, body: bytes) -> tuple[int, bytes]:
+    def predict(version_id: int, model_name: str, body: bytes, deadline: float) -> tuple[int, bytes]:
         try:
             response = router.forward(version_id, f"/v1/models/{model_name}:predict", body,
-                                      {"Content-Type": "application/json"})
+                                      {"Content-Type": "application/json"}, deadline)
         except NoReplicaAvailable as exc:
             raise Unavailable(f"No replica of this version can answer now: {exc}") from None
         return response.status, response.body

@@ -41,7 +41,7 @@ def no_replacement(replica_pk: int) -> None:
     raise Unavailable("Replica replacement is not configured on this server.")
 
 
-def no_prediction(version_pk: int, model: str, body: bytes) -> tuple[int, bytes]:
+def no_prediction(version_pk: int, model: str, body: bytes, deadline: float) -> tuple[int, bytes]:
     """``predict`` of an app built without a router."""
     raise Unavailable("Online prediction is not configured on this server.")
 
@@ -57,9 +57,9 @@ class Services:
     start_job: Callable[[int], None]
     # Enqueues the serving workflow for an Operation row (version create, delete, scale).
     start_operation: Callable[[int], None] = no_operation_queue
-    # (version row id, model name, request body) -> (HTTP status, body) from one of the version's replicas;
-    # raises cloudml_os.errors.Unavailable when no replica can answer.
-    predict: Callable[[int, str, bytes], tuple[int, bytes]] = no_prediction
+    # (version row id, model name, request body, deadline in seconds) -> (HTTP status, body) from one of the
+    # version's replicas; raises cloudml_os.errors.Unavailable when no replica can answer in time.
+    predict: Callable[[int, str, bytes, float], tuple[int, bytes]] = no_prediction
     # Enqueues the replacement of an ejected replica (a platform admin's "replace node").
     replace_replica: Callable[[int], None] = no_replacement
     # Where sampled online predictions go (cloudml_os.serving.request_log.RequestLog); None: nowhere.

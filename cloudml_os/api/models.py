@@ -18,6 +18,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import math
 import random
 import re
 import uuid
@@ -34,6 +35,7 @@ from cloudml_os.api import ApiBlueprint, resource_name, services
 from cloudml_os.api.filters import compare, parse_list_filter
 from cloudml_os.api.jobs import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, decode_page_token, encode_page_token
 from cloudml_os.api.schemas import (
+    MAX_PREDICTION_DEADLINE,
     VERSION_STATES,
     EventsQuerySchema,
     ListModelsQuerySchema,
@@ -487,7 +489,8 @@ def create_version(body: dict[str, Any], project: str, model: str) -> OperationV
                               deployment_uri=body["deploymentUri"], framework=body["framework"],
                               runtime_version=runtime_version, machine_type=machine_type, replicas=body["nodes"],
                               health=body["healthCheck"], description=body["description"], labels=body["labels"],
-                              request_logging=body["requestLoggingConfig"])
+                              request_logging=body["requestLoggingConfig"],
+                              prediction_deadline=body["predictionDeadline"])
             session.add(version)
             session.flush()
             becomes_default = not _has_live_default(session, parent)
@@ -595,8 +598,8 @@ def patch_version(body: dict[str, Any], args: dict[str, Any], project: str, mode
                   version: str) -> OperationView:
     """Change a version's description, labels or request logging (done at once) or its number of replicas
     (v1 ``versions.patch``; ``manualScaling.nodes``, or ``autoScaling.minNodes`` as a fixed count)."""
-    paths = update_mask(args["updateMask"], ("description", "labels", "requestLoggingConfig", "manualScaling.nodes",
-                                             "autoScaling.minNodes"))
+    paths = update_mask(args["updateMask"], ("description", "labels", "requestLoggingConfig", "predictionDeadline",
+                                             "manualScaling.nodes", "autoScaling.minNodes"))
     _masked(body, paths)
     if "manualScaling.nodes" in paths and "autoScaling.minNodes" in paths:
         raise InvalidArgument("updateMask: give manualScaling.nodes or autoScaling.minNodes, not both")
@@ -605,6 +608,8 @@ def patch_version(body: dict[str, Any], args: dict[str, Any], project: str, mode
     values: dict[str, Any] = {key: body[key] for key in ("description", "labels") if key in paths}
     if "requestLoggingConfig" in paths:
         values["request_logging"] = body["requestLoggingConfig"]
+    if "predictionDeadline" in paths:
+        values["prediction_deadline"] = body["predictionDeadline"]
     name = resource_name(project, "models", model, "versions", version)
     if nodes is None:
         with services().store.session() as session:
@@ -633,7 +638,7 @@ def patch_version(body: dict[str, Any], args: dict[str, Any], project: str, mode
                              message=f"Scaling requested: {row.replicas} → {nodes} replicas")
         session.add_all([operation, event])
     previous = {"state": "READY", "replicas": row.replicas, "description": row.description, "labels": row.labels,
-                "request_logging": row.request_logging}
+                "request_logging": row.request_logging, "prediction_deadline": row.prediction_deadline}
 
     def undo(session: Session) -> None:
         session.execute(delete(VersionEvent).where(VersionEvent.id == event.id))
@@ -696,6 +701,7 @@ class _Serving:
     pk: int
     name: str
     sampling: float  # the fraction of its requests logged
+    deadline: float  # seconds a prediction may take
 
 
 def _serving_version(project: str, model: str, version: str | None) -> _Serving:
@@ -715,7 +721,8 @@ def _serving_version(project: str, model: str, version: str | None) -> _Serving:
                 raise FailedPrecondition(f"{resource_name(project, 'models', model)} has no default version; "
                                          f"create a version or predict with versions/VERSION:predict")
             version = _pick(found.traffic_split) if found.traffic_split else found.default_version
-        row = session.execute(select(Version.id, Version.name, Version.state, Version.request_logging)
+        row = session.execute(select(Version.id, Version.name, Version.state, Version.request_logging,
+                                     Version.prediction_deadline)
                               .join(Model, Model.id == Version.model_id)
                               .where(Model.project == project, Model.name == model, Version.name == version,
                                      _LIVE)).first()
@@ -724,7 +731,8 @@ def _serving_version(project: str, model: str, version: str | None) -> _Serving:
     if row.state not in SERVING_STATES:
         name = resource_name(project, "models", model, "versions", row.name)
         raise FailedPrecondition(f"{name} is not ready (state {row.state})")
-    return _Serving(row.id, row.name, float((row.request_logging or {}).get("samplingPercentage", 0)))
+    return _Serving(row.id, row.name, float((row.request_logging or {}).get("samplingPercentage", 0)),
+                    row.prediction_deadline)
 
 
 def _pick(split: dict[str, int]) -> str:
@@ -758,8 +766,9 @@ def _model_message(body: bytes, status: int) -> str:
 
 def _predict(project: str, model: str, version: str | None) -> Response:
     svc = services()
+    deadline = _requested_deadline()
     serving = _serving_version(project, model, version)
-    status, body = svc.predict(serving.pk, model, request.get_data())
+    status, body = svc.predict(serving.pk, model, request.get_data(), deadline or serving.deadline)
     if 200 <= status < 300:
         # Added: the request's id (the client's X-Request-Id, else a new one: the request log's key, to which
         # ground truth can be attached later) and which version answered (the split's pick, if any).
@@ -772,6 +781,24 @@ def _predict(project: str, model: str, version: str | None) -> Response:
         raise InvalidArgument(_model_message(body, status))
     log.warning("a replica of %s answered HTTP %s: %r", resource_name(project, "models", model), status, body[:500])
     raise Unavailable("The model version could not answer this prediction; retry later.")
+
+
+def _requested_deadline() -> float | None:
+    """The request's own deadline (``X-Prediction-Deadline``, seconds), if it asks for one.
+
+    :raises InvalidArgument: not a number of seconds from 0.1 to MAX_PREDICTION_DEADLINE.
+    """
+    text = request.headers.get("X-Prediction-Deadline")
+    if text is None:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0.1 <= seconds <= MAX_PREDICTION_DEADLINE:
+        raise InvalidArgument(f"X-Prediction-Deadline: {text[:40]!r} is not a number of seconds from 0.1 to "
+                              f"{MAX_PREDICTION_DEADLINE:g}")
+    return seconds
 
 
 @blp.route("/models/<resource_id:model>:predict", methods=["POST"])

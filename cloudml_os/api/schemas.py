@@ -31,7 +31,9 @@ from marshmallow import (
 from cloudml_os import tuning
 from cloudml_os.api import RESOURCE_ID_PATTERN
 from cloudml_os.states import DEFAULT_BACKOFF_LIMIT, MAX_BACKOFF_LIMIT, RESTART_POLICIES, JobState
+from cloudml_os.store.models import DEFAULT_PREDICTION_DEADLINE
 
+MAX_PREDICTION_DEADLINE = 600.0
 SCALE_TIERS = ("BASIC", "STANDARD_1", "PREMIUM_1", "BASIC_GPU", "CUSTOM")
 PYTHON_MODULE_PATTERN = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
 DURATION_PATTERN = r"\d{1,12}(\.\d{1,9})?s"
@@ -769,6 +771,11 @@ class VersionCreateSchema(Schema):
     labels = _labels_field(load_default=dict)
     healthCheck = fields.Nested(HealthCheckSchema, load_default=lambda: dict(HEALTH_CHECK_DEFAULTS),
                                 metadata={"description": "added field"})
+    predictionDeadline = fields.Float(allow_nan=False, validate=validate.Range(
+        min=0.1, max=MAX_PREDICTION_DEADLINE, error=f"must be from 0.1 to {MAX_PREDICTION_DEADLINE:g} seconds"),
+        metadata={"description": "added: seconds a prediction may take (default 5); a replica that has not "
+                                 "answered by then is ejected. A request may ask for another with the "
+                                 "X-Prediction-Deadline header"})
     packageUris = fields.Raw(metadata=_UNSUPPORTED)
     predictionClass = fields.Raw(metadata=_UNSUPPORTED)
     container = fields.Raw(metadata=_UNSUPPORTED)
@@ -805,7 +812,8 @@ class VersionCreateSchema(Schema):
         kept = {key: data[key] for key in ("name", "description", "deploymentUri", "framework", "labels",
                                            "healthCheck")}
         return {**kept, "runtimeVersion": data.get("runtimeVersion"), "machineType": data.get("machineType"),
-                "nodes": nodes, "requestLoggingConfig": data.get("requestLoggingConfig")}
+                "nodes": nodes, "requestLoggingConfig": data.get("requestLoggingConfig"),
+                "predictionDeadline": data.get("predictionDeadline", DEFAULT_PREDICTION_DEADLINE)}
 
 
 class VersionPatchSchema(Schema):
@@ -819,6 +827,11 @@ class VersionPatchSchema(Schema):
     manualScaling = fields.Nested(ManualScalingSchema)
     autoScaling = fields.Nested(AutoScalingSchema)
     requestLoggingConfig = fields.Nested(RequestLoggingConfigSchema)
+    predictionDeadline = fields.Float(allow_nan=False, validate=validate.Range(
+        min=0.1, max=MAX_PREDICTION_DEADLINE, error=f"must be from 0.1 to {MAX_PREDICTION_DEADLINE:g} seconds"),
+        metadata={"description": "added: seconds a prediction may take (default 5); a replica that has not "
+                                 "answered by then is ejected. A request may ask for another with the "
+                                 "X-Prediction-Deadline header"})
 
 
 class SetDefaultVersionRequestSchema(Schema):
@@ -861,6 +874,7 @@ class VersionSchema(_OmitEmpty):
     labels = fields.Dict(attribute="version.labels", keys=fields.String(), values=fields.String())
     etag = fields.Method("_etag", metadata={"format": "byte"})
     healthCheck = fields.Nested(HealthCheckSchema, attribute="version.health", metadata={"description": "added"})
+    predictionDeadline = fields.Float(attribute="version.prediction_deadline", metadata={"description": "added"})
     requestLoggingConfig = fields.Dict(attribute="version.request_logging", metadata={
         "description": "samplingPercentage: the fraction of online predictions logged to the store"})
     replicas = fields.List(fields.Nested(ReplicaSchema), metadata={"description": "added: the serving nodes"})

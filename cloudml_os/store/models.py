@@ -242,6 +242,9 @@ class Model(Base):
     etag: Mapped[int] = mapped_column(default=1)
 
 
+DEFAULT_PREDICTION_DEADLINE = 5.0
+
+
 class Version(Base):
     """A deployed model version: ``replicas`` serving nodes behind the router."""
 
@@ -263,6 +266,8 @@ class Version(Base):
     labels: Mapped[dict[str, Any]] = mapped_column(default=dict)
     # v1 requestLoggingConfig ({"samplingPercentage": fraction}); None: no request is logged.
     request_logging: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # Seconds a prediction may take (a request may ask for another); past it the replica is reported.
+    prediction_deadline: Mapped[float] = mapped_column(default=DEFAULT_PREDICTION_DEADLINE)
     error_message: Mapped[str] = mapped_column(Text, default="")
     create_time: Mapped[dt.datetime] = mapped_column(default=utcnow)
     etag: Mapped[int] = mapped_column(default=1)

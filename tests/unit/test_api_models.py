@@ -42,6 +42,7 @@ class ServingEnv(Env):
         self.operations: list[int] = []
         self.operation_queue_down = False
         self.predictions: list[tuple[int, str, bytes]] = []
+        self.deadlines: list[float] = []
         self.answer: tuple[int, bytes] | Exception = (200, b'{"predictions": [[0.25, 0.75]]}')
         settings = load_settings(environ={}, data_dir=str(tmp_path))
         self.app = create_app(settings, store=store, artifacts=LocalArtifactStore(self.artifacts_root),
@@ -57,8 +58,9 @@ class ServingEnv(Env):
             raise ConnectionError("broker down")
         self.operations.append(operation_pk)
 
-    def predict(self, version_pk: int, model: str, body: bytes) -> tuple[int, bytes]:
+    def predict(self, version_pk: int, model: str, body: bytes, deadline: float) -> tuple[int, bytes]:
         self.predictions.append((version_pk, model, body))
+        self.deadlines.append(deadline)
         if isinstance(self.answer, Exception):
             raise self.answer
         return self.answer
@@ -693,6 +695,24 @@ def test_predict_uses_the_default_version(env):
     env.post("models/census/versions/v2:setDefault", json={})
     env.post("models/census:predict", json={"instances": [1]})
     assert env.predictions[-1][0] == env.version("v2").id
+
+
+def test_a_prediction_has_the_versions_deadline_unless_the_request_asks_for_its_own(env):
+    env.deployed("v1")
+    assert env.get("models/census/versions/v1").get_json()["predictionDeadline"] == 5.0
+    env.post("models/census:predict", json={"instances": [1]})
+    response = env.patch("models/census/versions/v1", "predictionDeadline", {"predictionDeadline": 12.5})
+    assert response.status_code == 200, response.get_json()
+    env.post("models/census:predict", json={"instances": [1]})
+    env.post("models/census:predict", json={"instances": [1]}, headers={**env.admin, "X-Prediction-Deadline": "0.5"})
+    assert env.deadlines == [5.0, 12.5, 0.5]
+    for bad in ("0", "601", "soon", "nan"):
+        response = env.post("models/census:predict", json={"instances": [1]},
+                            headers={**env.admin, "X-Prediction-Deadline": bad})
+        assert assert_v1_error(response, 400, "INVALID_ARGUMENT").startswith("X-Prediction-Deadline:")
+    assert len(env.deadlines) == 3
+    message = assert_v1_error(env.create_version("v2", predictionDeadline=0), 400, "INVALID_ARGUMENT")
+    assert message.startswith("predictionDeadline: must be from 0.1 to 600 seconds")
 
 
 class RecordedLog:

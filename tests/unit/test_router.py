@@ -192,7 +192,7 @@ def test_a_dead_replica_is_reported_once_and_requests_are_served_by_another(repl
 def test_a_frozen_replica_is_reported_after_the_read_timeout_and_another_answers(replica, frozen_endpoint):
     alive = replica(2)
     failures = Failures()
-    router = make_router([frozen_endpoint, alive.endpoint], failures, read_timeout=0.3)
+    router = make_router([frozen_endpoint, alive.endpoint], failures, deadline=0.3)
     answers = [predict(router, n) for n in range(4)]
     assert [replica_name for _, _, replica_name in answers] == ["replica-2"] * 4
     # One read timeout, then the frozen replica is skipped: it is reported once, not per request.
@@ -203,7 +203,7 @@ def test_a_frozen_replica_is_reported_after_the_read_timeout_and_another_answers
 def test_every_replica_failing_raises_no_replica_available(frozen_endpoint):
     first, second = dead_endpoint(1), dead_endpoint(2)
     failures = Failures()
-    router = make_router([first, frozen_endpoint, second], failures, read_timeout=0.2)
+    router = make_router([first, frozen_endpoint, second], failures, deadline=0.2)
     with pytest.raises(NoReplicaAvailable, match="no replica answered"):
         predict(router, 1)
     assert len(failures) == 2  # the chosen replica and one retry, no more
@@ -260,4 +260,32 @@ def test_parallel_requests_each_get_their_own_answer(replica):
     assert failures == []
     # Keep-alive under concurrency: connections stay near the thread count, not one per request.
     assert first.connections + second.connections <= 40
+    router.close()
+
+
+def test_a_request_stuck_on_a_frozen_replica_is_hedged_to_another_which_gets_the_next_ones(replica):
+    fast, freezing = replica(1), replica(2)
+    failures = Failures()
+    router = make_router([fast.endpoint, freezing.endpoint], failures, deadline=10)
+    for n in range(30):  # latencies to hedge by: about a millisecond each
+        assert predict(router, n)[0] == 200
+    freezing.gate.clear()  # it accepts requests and holds them
+    before = freezing.requests
+    answers = [predict(router, n) for n in range(10)]
+    assert [name for _, _, name in answers] == ["replica-1"] * 10
+    # One request went to the frozen replica, was answered by the other, and made the router skip it since.
+    assert freezing.requests - before == 1
+    assert failures == []  # not reported before the deadline: a hedge answered
+    freezing.gate.set()
+    router.close()
+
+
+def test_a_model_whose_usual_latency_is_near_the_deadline_is_not_hedged_nor_reported(replica):
+    slow = [replica(1, delay=0.1), replica(2, delay=0.1)]
+    failures = Failures()
+    router = make_router([stub.endpoint for stub in slow], failures, deadline=0.5)
+    for n in range(25):
+        assert predict(router, n)[0] == 200
+    assert sum(stub.requests for stub in slow) == 25  # three times its latency is over half the deadline
+    assert failures == []
     router.close()

@@ -1,4 +1,4 @@
-"""traffic split (a model's share of :predict traffic per version) and request logging (a version's sampling)
+"""serving: a model's traffic split; a version's request logging and prediction deadline
 
 Revision ID: 0014
 Revises: 0013
@@ -18,10 +18,14 @@ def upgrade() -> None:
         batch.add_column(sa.Column('traffic_split', sa.JSON(), nullable=True))
     with op.batch_alter_table('versions') as batch:
         batch.add_column(sa.Column('request_logging', sa.JSON(), nullable=True))
+        batch.add_column(sa.Column('prediction_deadline', sa.Float(), nullable=False, server_default='5'))
+    with op.batch_alter_table('versions') as batch:
+        batch.alter_column('prediction_deadline', server_default=None)
 
 
 def downgrade() -> None:
     with op.batch_alter_table('versions') as batch:
+        batch.drop_column('prediction_deadline')
         batch.drop_column('request_logging')
     with op.batch_alter_table('models') as batch:
         batch.drop_column('traffic_split')
