@@ -238,15 +238,36 @@ def test_a_frozen_replica_is_ejected_and_replaced_and_does_not_come_back(platfor
               if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"python")
               and b"model_server.py" in Path(f"/proc/{pid}/cmdline").read_bytes()]
     assert len(server) == 1
+    deadline = client.request("GET", f"/models/{model}/versions/tf_v1").json()["predictionDeadline"]
+    failures, latencies, stop = [], [], threading.Event()
+
+    def load() -> None:  # a steady client: the freeze costs no request, and none waits past the deadline + retry
+        session = requests.Session()
+        url = f"{client.base_url}/v1/projects/{client.project}/models/{model}/versions/tf_v1:predict"
+        while not stop.is_set():
+            started = time.monotonic()
+            response = session.post(url, json={"instances": INSTANCES}, timeout=60,
+                                    headers={"Authorization": f"Bearer {client.token}"})
+            latencies.append(time.monotonic() - started)
+            if response.status_code != 200:
+                failures.append((response.status_code, response.text))
+
+    thread = threading.Thread(target=load)
+    thread.start()
+    time.sleep(1.0)
     os.kill(server[0], signal.SIGSTOP)
     try:
         wait_for(lambda: any(victim in m and "ejected" in m for m in version_events(client, model, "tf_v1")))
         wait_for(lambda: any(victim in m and "replaced by" in m for m in version_events(client, model, "tf_v1")))
     finally:
+        stop.set()
+        thread.join(timeout=60)
         try:
             os.kill(server[0], signal.SIGCONT)
         except ProcessLookupError:
             pass  # deleted with its node, as it should be
+    assert failures == []
+    assert len(latencies) > 10 and max(latencies) < 2 * deadline + 1, max(latencies)
     time.sleep(2)
     now = {r["name"]: r for r in replicas(client, model, "tf_v1")}
     assert victim not in now or now[victim]["state"] in ("DELETED", "DELETING")
