@@ -209,6 +209,42 @@ def test_v2_infer_gives_the_same_numbers(server):
     assert output["data"] == pytest.approx([value for (value,) in expected], abs=1e-5)
 
 
+def test_tritonclient_infers_unchanged_with_its_binary_tensors(server):
+    """The v2 client as users have it: tritonclient's HTTP client sends and asks for tensors as binary data
+    (Inference-Header-Content-Length) by default; the numbers are those of the JSON form."""
+    import numpy as np
+    import tritonclient.http as triton
+
+    client = triton.InferenceServerClient(server.url.removeprefix("http://"))
+    assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
+    metadata = client.get_model_metadata(NAME)
+    (model_input,), (model_output,) = metadata["inputs"], metadata["outputs"]
+    tensor = triton.InferInput(model_input["name"], [len(INSTANCES), 1], "FP32")
+    tensor.set_data_from_numpy(np.array(INSTANCES, dtype=np.float32))  # binary_data=True: the default
+    result = client.infer(NAME, [tensor], outputs=[triton.InferRequestedOutput(model_output["name"])])
+    assert result.get_output(model_output["name"])["parameters"]["binary_data_size"] == 4 * len(INSTANCES)
+    expected = predict_directly(server, INSTANCES)
+    assert_close(result.as_numpy(model_output["name"]).ravel().tolist(), [value for (value,) in expected])
+    as_json = client.infer(NAME, [tensor], outputs=[triton.InferRequestedOutput(model_output["name"],
+                                                                                 binary_data=False)])
+    assert_close(as_json.as_numpy(model_output["name"]).ravel().tolist(), [value for (value,) in expected])
+    client.close()
+
+
+def test_bad_binary_tensors_are_400(server):
+    name = server.get(f"/v2/models/{NAME}").json()["inputs"][0]["name"]
+    header = json.dumps({"inputs": [{"name": name, "shape": [2, 1], "datatype": "FP32",
+                                     "parameters": {"binary_data_size": 8}}]}).encode()
+    for tail, length in ((b"\0" * 4, len(header)), (b"\0" * 12, len(header)), (b"\0" * 8, len(header) + 100),
+                         (b"\0" * 7 + b"", len(header))):
+        response = server.post(f"/v2/models/{NAME}/infer", data=header + tail,
+                               headers={"Inference-Header-Content-Length": str(length)})
+        assert response.status_code == 400, response.text
+    good = server.post(f"/v2/models/{NAME}/infer", data=header + b"\0" * 8,
+                       headers={"Inference-Header-Content-Length": str(len(header))})
+    assert good.status_code == 200 and good.json()["outputs"][0]["data"] is not None
+
+
 BAD_PREDICT_BODIES = {
     "wrong shape": json.dumps({"instances": [[1.0, 2.0]]}),
     "not numbers": json.dumps({"instances": [["one"]]}),

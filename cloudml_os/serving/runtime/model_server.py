@@ -18,9 +18,11 @@ Endpoints (``NAME`` is ``--model-name``; ``/versions/1`` may follow it, the only
   ``{"instances": [...]}`` → ``{"predictions": [...]}``. An instance is a value (nested lists) or, as TF
   Serving's row format allows, an object ``{input_name: value}``. One output gives one value per
   instance, several give one object per instance.
-- Open Inference Protocol (KServe v2): ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``,
+- Open Inference Protocol (KServe v2, with Triton's binary tensor data extension, which tritonclient uses by
+  default): ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``,
   ``GET /v2/models/NAME`` (metadata), ``GET /v2/models/NAME/ready``, ``POST /v2/models/NAME/infer``
-  (JSON tensors, no binary extension).
+  (tensors as JSON, or as bytes after the JSON with ``Inference-Header-Content-Length``; BYTES tensors only as
+  JSON).
 
 Errors are ``{"error": message}``: 400 for a request the model cannot take (the framework's message when
 it is the one that refused), 404 for another model or path, 405 for a wrong method, 503 while not ready,
@@ -310,9 +312,12 @@ def outputs_to_predictions(outputs: dict[str, np.ndarray], batch: int) -> list:
     return [{name: values[index] for name, values in rows.items()} for index in range(batch)]
 
 
-def v2_inputs(request: dict, tensors: list[Tensor]) -> dict[str, np.ndarray]:
-    """``{"inputs": [{"name", "shape", "datatype", "data"}]}`` as arrays of the model's inputs."""
+def v2_inputs(request: dict, tensors: list[Tensor], binary: bytes = b"") -> dict[str, np.ndarray]:
+    """``{"inputs": [{"name", "shape", "datatype", "data"}]}`` as arrays of the model's inputs; an input with
+    ``parameters.binary_data_size`` instead of ``data`` takes its bytes from ``binary`` (the binary tensor
+    data extension: the tensors' bytes after the JSON, in the inputs' order)."""
     items = request.get("inputs")
+    offset = 0
     if not isinstance(items, list) or not items:
         raise bad_request("'inputs' must be a non-empty list of {name, shape, datatype, data}")
     by_name = {tensor.name: tensor for tensor in tensors}
@@ -333,9 +338,18 @@ def v2_inputs(request: dict, tensors: list[Tensor]) -> dict[str, np.ndarray]:
         if datatype not in V2_DATATYPES:
             raise bad_request(f"input '{name}': datatype {datatype!r} is not supported; "
                               f"use one of {sorted(V2_DATATYPES)}")
-        if "data" not in item:
-            raise bad_request(f"input '{name}' has no 'data' (the binary data extension is not supported)")
-        array = to_array(item["data"], by_name[name], f"data of input '{name}'")
+        size = (item.get("parameters") or {}).get("binary_data_size") if isinstance(item.get("parameters"), dict) \
+            else None
+        if size is not None:
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
+                raise bad_request(f"input '{name}': binary_data_size {size!r} does not fit the "
+                                  f"{len(binary) - offset} bytes of binary data left")
+            array = from_binary(binary[offset:offset + size], datatype, by_name[name], name)
+            offset += size
+        elif "data" in item:
+            array = to_array(item["data"], by_name[name], f"data of input '{name}'")
+        else:
+            raise bad_request(f"input '{name}' has neither 'data' nor parameters.binary_data_size")
         if array.size != math.prod(shape):
             raise bad_request(f"input '{name}': shape {shape} holds {math.prod(shape)} values, "
                               f"data has {array.size}")
@@ -343,21 +357,48 @@ def v2_inputs(request: dict, tensors: list[Tensor]) -> dict[str, np.ndarray]:
     missing = [name for name in by_name if name not in inputs]
     if missing:
         raise bad_request(f"missing inputs {missing}")
+    if offset != len(binary):
+        raise bad_request(f"{len(binary) - offset} bytes of binary data are not any input's")
     return inputs
 
 
-def v2_outputs(request: dict, outputs: dict[str, np.ndarray]) -> list[dict]:
+def from_binary(data: bytes, datatype: str, tensor: Tensor, name: str) -> np.ndarray:
+    """A tensor's binary data (little-endian, row major) as an array of the model input's dtype."""
+    if datatype == "BYTES":
+        raise bad_request(f"input '{name}': BYTES tensors are not supported; this server takes numbers only")
+    element = np.dtype(V2_DATATYPES[datatype]).newbyteorder("<")
+    if len(data) % element.itemsize:
+        raise bad_request(f"input '{name}': {len(data)} bytes are not whole {datatype} values")
+    return to_array(np.frombuffer(data, dtype=element), tensor, f"data of input '{name}'")
+
+
+def v2_outputs(request: dict, outputs: dict[str, np.ndarray]) -> tuple[list[dict], bytes]:
+    """The response's outputs, and the binary data of those asked for as binary (in their order)."""
     wanted = request.get("outputs")
-    names = list(outputs)
+    parameters = request.get("parameters") if isinstance(request.get("parameters"), dict) else {}
+    all_binary = parameters.get("binary_data_output") is True
+    asked = [{"name": name} for name in outputs]
     if wanted is not None:
         if not isinstance(wanted, list) or not all(isinstance(item, dict) for item in wanted):
             raise bad_request("'outputs' must be a list of {name}")
-        names = [item.get("name") for item in wanted]
-        unknown = [name for name in names if name not in outputs]
+        asked = wanted
+        unknown = [item.get("name") for item in asked if item.get("name") not in outputs]
         if unknown:
             raise bad_request(f"unknown outputs {unknown}; the model's outputs are {list(outputs)}")
-    return [{"name": name, "shape": list(outputs[name].shape), "datatype": v2_datatype(outputs[name].dtype),
-             "data": outputs[name].ravel().tolist()} for name in names]
+    described, binary = [], []
+    for item in asked:
+        name = item["name"]
+        array = outputs[name]
+        output = {"name": name, "shape": list(array.shape), "datatype": v2_datatype(array.dtype)}
+        own = (item.get("parameters") or {}).get("binary_data") if isinstance(item.get("parameters"), dict) else None
+        if (all_binary if own is None else own is True) and output["datatype"] != "BYTES":
+            data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+            output["parameters"] = {"binary_data_size": len(data)}
+            binary.append(data)
+        else:
+            output["data"] = array.ravel().tolist()
+        described.append(output)
+    return described, b"".join(binary)
 
 
 def parse_json(body: bytes) -> dict:
@@ -471,7 +512,9 @@ class ModelServer:
 
     # -- routing
 
-    def handle(self, method: str, target: str, body: bytes) -> tuple[int, dict, dict]:
+    def handle(self, method: str, target: str, body: bytes, header_length: int | None = None) -> tuple[int, dict, dict]:
+        """(status, JSON answer or (JSON answer, binary data), headers) for one request. ``header_length``:
+        the request's Inference-Header-Content-Length (its JSON is that many first bytes of ``body``)."""
         path = urllib.parse.unquote(urllib.parse.urlsplit(target).path)
         if path == "/v2/health/live":
             allow(method, "GET")
@@ -481,7 +524,8 @@ class ModelServer:
             return (200 if self.ready else 503), {"ready": self.ready}, {}
         if path == "/v2":
             allow(method, "GET")
-            return 200, {"name": "cloudml-os-model-server", "version": VERSION, "extensions": []}, {}
+            return 200, {"name": "cloudml-os-model-server", "version": VERSION,
+                         "extensions": ["binary_tensor_data"]}, {}
         match = V1_PATH.match(path)
         if match:
             self._check_model(match["name"], match["version"])
@@ -502,7 +546,12 @@ class ModelServer:
                 allow(method, "GET")
                 return (200 if self.ready else 503), {"name": self.model_name, "ready": self.ready}, {}
             allow(method, "POST")
-            return 200, self._v2_infer(parse_json(body)), {}
+            if header_length is None:
+                return 200, self._v2_infer(parse_json(body), b""), {}
+            if not 0 <= header_length <= len(body):
+                raise bad_request(f"Inference-Header-Content-Length {header_length} is not within the "
+                                  f"{len(body)} bytes of the body")
+            return 200, self._v2_infer(parse_json(body[:header_length]), body[header_length:]), {}
         raise RequestError(404, f"no such endpoint: {path}")
 
     def _check_model(self, name: str, version: str | None) -> None:
@@ -543,14 +592,15 @@ class ModelServer:
                 metadata["outputs"] = [tensor.metadata() for tensor in model.outputs]
         return metadata
 
-    def _v2_infer(self, request: dict) -> dict:
+    def _v2_infer(self, request: dict, binary: bytes) -> dict | tuple[dict, bytes]:
+        """The answer; with binary outputs, (its JSON, their bytes)."""
         model = self._ready_model()
-        outputs = model.predict(v2_inputs(request, model.inputs))
-        response = {"model_name": self.model_name, "model_version": VERSION,
-                    "outputs": v2_outputs(request, outputs)}
+        outputs = model.predict(v2_inputs(request, model.inputs, binary))
+        described, data = v2_outputs(request, outputs)
+        response = {"model_name": self.model_name, "model_version": VERSION, "outputs": described}
         if "id" in request:
             response["id"] = request["id"]
-        return response
+        return (response, data) if any("parameters" in output for output in described) else response
 
 
 def allow(method: str, allowed: str) -> None:
@@ -599,7 +649,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         try:
             headers = {}
             try:
-                status, payload, headers = app.handle(method, self.path, self._read_body())
+                status, payload, headers = app.handle(method, self.path, self._read_body(), self._header_length())
             except RequestError as error:
                 status, payload = error.status, {"error": error.message}
                 if error.allow:
@@ -616,6 +666,15 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             self._send(status, payload, headers)
         finally:
             app.request_ended()
+
+    def _header_length(self) -> int | None:
+        value = self.headers.get("Inference-Header-Content-Length")
+        if value is None:
+            return None
+        try:
+            return int(value)
+        except ValueError:
+            raise RequestError(400, f"invalid Inference-Header-Content-Length {value!r}") from None
 
     def _read_body(self) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
@@ -651,11 +710,19 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             chunks.append(self.rfile.read(size))
             self.rfile.readline()
 
-    def _send(self, status: int, payload: dict, headers: dict) -> None:
+    def _send(self, status: int, payload: dict | tuple[dict, bytes], headers: dict) -> None:
+        binary = None
+        if isinstance(payload, tuple):  # the binary tensor data extension: the JSON, then the tensors' bytes
+            payload, binary = payload
         data = json.dumps(payload, separators=(",", ":"), default=json_default).encode()
         try:
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            if binary is not None:
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Inference-Header-Content-Length", str(len(data)))
+                data += binary
+            else:
+                self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             for name, value in headers.items():
                 self.send_header(name, value)
