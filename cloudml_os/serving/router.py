@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import http.client
+import itertools
 import logging
 import threading
 import time
@@ -117,9 +118,10 @@ class Router:
         self._pools: OrderedDict[tuple[str, int], urllib3.HTTPConnectionPool] = OrderedDict()  # least recent first
         self._outstanding: dict[Endpoint, int] = {}
         self._quarantined: dict[Endpoint, float] = {}  # endpoint → until (clock time)
-        self._outrun: dict[Endpoint, int] = {}  # endpoint → its requests still pending after a hedge won
+        self._outrun: dict[Endpoint, set[int]] = {}  # endpoint → its attempts still pending after a hedge won
         self._latencies: dict[int, collections.deque[float]] = {}  # version → its last answers' seconds
         self._turn = 0
+        self._attempt_ids = itertools.count()
         self._attempts = ThreadPoolExecutor(max_workers=MAX_HEDGES, thread_name_prefix="router-hedge")
 
     def forward(self, version_id: int, path: str, body: bytes, headers: Mapping[str, str] | None = None,
@@ -144,6 +146,7 @@ class Router:
         failures: list[str] = []
         tried: set[Endpoint] = set()
         pending: dict[Future, Endpoint] = {}
+        attempt_ids: dict[Future, int] = {}
         hedge_at = started + self._hedge_delay(version_id, deadline)
 
         def launch() -> bool:
@@ -152,8 +155,10 @@ class Router:
                 return False
             endpoint, pool = chosen
             tried.add(endpoint)
-            attempt = self._attempts.submit(self._attempt, endpoint, pool, path, body, sent_headers, timeout)
-            pending[attempt] = endpoint
+            attempt_id = next(self._attempt_ids)
+            attempt = self._attempts.submit(self._attempt, attempt_id, endpoint, pool, path, body, sent_headers,
+                                            timeout)
+            pending[attempt], attempt_ids[attempt] = endpoint, attempt_id
             return True
 
         if not launch():
@@ -167,7 +172,8 @@ class Router:
                 endpoint = pending.pop(attempt)
                 response, reason = attempt.result()
                 if response is not None:
-                    self._answered(version_id, endpoint, self._clock() - started, pending.values())
+                    self._answered(version_id, self._clock() - started,
+                                   [(pending[other], attempt_ids[other]) for other in pending])
                     return RoutedResponse(response.status, response.headers, response.data, endpoint.name)
                 failures.append(f"{endpoint.name}: {reason}")
                 if not pending and len(tried) < 2 and launch():
@@ -197,7 +203,7 @@ class Router:
         for pool in pools:
             pool.close()
 
-    def _attempt(self, endpoint: Endpoint, pool: urllib3.HTTPConnectionPool, path: str, body: bytes,
+    def _attempt(self, attempt_id: int, endpoint: Endpoint, pool: urllib3.HTTPConnectionPool, path: str, body: bytes,
                  headers: Mapping[str, str], timeout: urllib3.Timeout) -> tuple[urllib3.BaseHTTPResponse | None, str]:
         """One replica's try at the request, in a thread of its own: (answer, "") or (None, why it failed). A
         failure is reported here, so a replica that never answers is reported at the deadline even when a hedge
@@ -209,7 +215,7 @@ class Router:
             self._report(endpoint, reason)
             return None, reason
         finally:
-            self._release(endpoint)
+            self._release(endpoint, attempt_id)
 
     def _hedge_delay(self, version_id: int, deadline: float) -> float:
         """Three times the version's recent 95th percentile latency (at least ``min_hedge_delay``); the
@@ -221,13 +227,13 @@ class Router:
         delay = max(self._min_hedge_delay, 3 * recent[int(len(recent) * 0.95)])
         return delay if delay <= deadline / 2 else deadline
 
-    def _answered(self, version_id: int, endpoint: Endpoint, seconds: float, outrun: Iterable[Endpoint]) -> None:
+    def _answered(self, version_id: int, seconds: float, outrun: Iterable[tuple[Endpoint, int]]) -> None:
         """Record an answer's latency; replicas still working on the request were out-run by it: skip them
-        until their attempt ends."""
+        until that attempt ends."""
         with self._lock:
             self._latencies.setdefault(version_id, collections.deque(maxlen=LATENCY_SAMPLES)).append(seconds)
-            for slow in outrun:
-                self._outrun[slow] = self._outrun.get(slow, 0) + 1
+            for slow, attempt_id in outrun:
+                self._outrun.setdefault(slow, set()).add(attempt_id)
 
     def _acquire(self, candidates: list[Endpoint],
                  excluded: set[Endpoint]) -> tuple[Endpoint, urllib3.HTTPConnectionPool] | None:
@@ -268,19 +274,19 @@ class Router:
             self._pools.move_to_end(key)
         return pool
 
-    def _release(self, endpoint: Endpoint) -> None:
-        """An attempt on ``endpoint`` ended: one request fewer in flight there (and one fewer out-run)."""
+    def _release(self, endpoint: Endpoint, attempt_id: int) -> None:
+        """An attempt on ``endpoint`` ended: one request fewer in flight there, and not out-run any more."""
         with self._lock:
             left = self._outstanding[endpoint] - 1
             if left:
                 self._outstanding[endpoint] = left
             else:
                 del self._outstanding[endpoint]
-            outrun = self._outrun.get(endpoint, 0) - 1
-            if outrun > 0:
-                self._outrun[endpoint] = outrun
-            else:
-                self._outrun.pop(endpoint, None)
+            outrun = self._outrun.get(endpoint)
+            if outrun is not None:
+                outrun.discard(attempt_id)
+                if not outrun:
+                    del self._outrun[endpoint]
 
     def _report(self, endpoint: Endpoint, reason: str) -> None:
         with self._lock:
