@@ -2,7 +2,8 @@
 
 The model is a TorchScript network made here and uploaded through the objects API, large enough that a shard
 of 1,500 instances at batchSize 1 runs for seconds. While shards run on all three nodes, one node is powered
-off (its shard goes back to the queue and runs on another node), then the worker is killed inside PREDICTING
+off (the shards it holds, the one it runs and the one queued behind it, go back to the queue and run on
+other nodes), then the worker is killed inside PREDICTING
 (see faults.py) and a new one started. The job succeeds, every input record is in the results exactly once,
 in input order, and no node is left.
 """
@@ -67,10 +68,14 @@ def test_a_node_powered_off_and_a_worker_killed_mid_job_still_give_every_record_
     rows = wait_for(lambda: (r := shard_rows(store, job_pk)) and any(s["state"] == "DONE" for s in r)
                     and len({s["node"] for s in r if s["state"] == "RUNNING"}) == 3 and r,
                     "shards running on three nodes", timeout=600)
-    victim = next(s for s in rows if s["state"] == "RUNNING")
+    victim = next(s for s in rows if s["state"] == "RUNNING")["node"]
     cluster = next(e["message"].split()[1] for e in client.events("crash_batch") if e["kind"] == "CLUSTER")
-    power_off(platform, cluster, victim["node"])
-    wait_for(lambda: any(e["kind"] == "NODE" and e.get("node") == victim["node"]
+    power_off(platform, cluster, victim)
+    # The shards the node held when its power went: the one it ran and the one queued behind it (one of them
+    # may have ended just before, and been collected from the node: that one is done, on that node).
+    held = [s["index"] for s in shard_rows(store, job_pk) if s["node"] == victim and s["state"] == "RUNNING"]
+    assert held
+    wait_for(lambda: any(e["kind"] == "NODE" and e.get("node") == victim
                          for e in client.events("crash_batch")), "the node to be found lost")
     # Then the worker dies inside PREDICTING, and a new one takes over once the step's lease has expired.
     kill = kill_worker_mid_step(platform, store, job_pk, "PREDICTING",
@@ -88,5 +93,5 @@ def test_a_node_powered_off_and_a_worker_killed_mid_job_still_give_every_record_
     assert [json.loads(line)["instance"] for line in lines] == instances  # each record once, in input order
     rows = shard_rows(store, job_pk)
     assert all(s["state"] == "DONE" for s in rows)
-    assert rows[victim["index"]]["node"] != victim["node"]  # the powered-off node's shard ran again elsewhere
+    assert any(rows[index]["node"] != victim for index in held)  # what the powered-off node held ran elsewhere
     assert_no_node_left(platform, cluster)
