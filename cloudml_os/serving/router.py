@@ -7,15 +7,15 @@ status, a model's 400 included, is an answer and is never retried. Every request
 - **Failover.** A replica that cannot be reached (refused, reset, connect timeout) is reported through
   ``on_failure`` — passive ejection, the caller takes it out of the pool and replaces it — and the request is
   sent once more, to another replica.
-- **Hedging** (as "The Tail at Scale" describes): a request still unanswered after three times the version's
-  recent 95th percentile latency is sent to a second replica as well (predictions are idempotent), and the
-  first answer wins. A model whose usual latency is near the deadline is not hedged.
-- **Outlier detection.** A replica out-run by a hedge is skipped by this router until its request ends (a
-  frozen replica gets no new requests within a few of its usual latencies); one that has not answered at the
-  deadline is reported like an unreachable one. A slow replica that answers within the deadline is not.
+- **Outliers.** A request still unanswered after three times the version's recent 95th percentile latency
+  (Envoy's per-try timeout) is sent to another replica instead, when there is one, and the slow replica is
+  skipped by this router for a deadline's time: a frozen replica costs one request a few of its usual
+  latencies, and gets no more. A model whose usual latency is near the deadline gets no per-try timeout.
+- **Deadline.** A replica that has not answered a request by its deadline is reported like an unreachable one;
+  a slow replica that answers within it is not.
 
-At most two replicas work on one request; when neither answers in time, or none is left,
-:class:`NoReplicaAvailable` is raised (the API answers 503).
+At most two replicas are tried for one request, within its deadline plus at most one per-try timeout; when
+neither answers, or none is left, :class:`NoReplicaAvailable` is raised (the API answers 503).
 
 It knows nothing of the database, Celery or Flask: the healthy replicas of a version come from the
 ``endpoints`` callable it is given, and failures go out through ``on_failure``. It is thread-safe; one
@@ -26,13 +26,11 @@ from __future__ import annotations
 
 import collections
 import http.client
-import itertools
 import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import urllib3
@@ -49,11 +47,8 @@ log = logging.getLogger(__name__)
 # Replicas whose connection pools are kept; the least recently used pool beyond this is closed, so that
 # replicas replaced or scaled away do not keep sockets open.
 MAX_POOLED_REPLICAS = 1024
-# Attempts in flight at once in one API process (each a thread blocked on a replica's answer): the API's own
-# request threads, twice over for hedges, with room to spare.
-MAX_HEDGES = 256
-LATENCY_SAMPLES = 200  # a version's latest answers kept for its hedge delay
-HEDGE_SAMPLES = 20  # answers known before a version's requests are hedged
+LATENCY_SAMPLES = 200  # a version's latest answers kept for its per-try timeout
+TRY_SAMPLES = 20  # answers known before a version's requests get a per-try timeout
 # Request headers that belong to one connection (RFC 9110 §7.6.1) or that urllib3 computes itself.
 _NOT_FORWARDED = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
                             "upgrade", "host", "content-length"})
@@ -105,24 +100,25 @@ class Router:
 
     def __init__(self, endpoints: Callable[[int], list[Endpoint]], on_failure: Callable[[Endpoint, str], None],
                  *, connect_timeout: float = 1.0, deadline: float = 30.0, pool_size: int = 32,
-                 quarantine: float = 5.0, min_hedge_delay: float = 0.05, clock: Callable[[], float] = time.monotonic):
+                 quarantine: float = 5.0, min_try_timeout: float = 0.05, clock: Callable[[], float] = time.monotonic):
         self._endpoints = endpoints
         self._on_failure = on_failure
         self._connect_timeout = connect_timeout
         self._deadline = deadline
         self._pool_size = pool_size
         self._quarantine = quarantine
-        self._min_hedge_delay = min_hedge_delay
+        self._min_try_timeout = min_try_timeout
         self._clock = clock
         self._lock = threading.Lock()  # guards everything below
         self._pools: OrderedDict[tuple[str, int], urllib3.HTTPConnectionPool] = OrderedDict()  # least recent first
         self._outstanding: dict[Endpoint, int] = {}
-        self._quarantined: dict[Endpoint, float] = {}  # endpoint → until (clock time)
-        self._outrun: dict[Endpoint, set[int]] = {}  # endpoint → its attempts still pending after a hedge won
+        self._quarantined: dict[Endpoint, float] = {}  # endpoint → until (clock time): reported
+        self._slow: dict[Endpoint, float] = {}  # endpoint → until: out-run by another replica
         self._latencies: dict[int, collections.deque[float]] = {}  # version → its last answers' seconds
+        self._try_limits: dict[int, float] = {}  # version → its per-try timeout (read without the lock)
+        self._answers = 0
+        self._timeouts: dict[float, urllib3.Timeout] = {}
         self._turn = 0
-        self._attempt_ids = itertools.count()
-        self._attempts = ThreadPoolExecutor(max_workers=MAX_HEDGES, thread_name_prefix="router-hedge")
 
     def forward(self, version_id: int, path: str, body: bytes, headers: Mapping[str, str] | None = None,
                 deadline: float | None = None) -> RoutedResponse:
@@ -135,115 +131,97 @@ class Router:
             are dropped.
         :param deadline: seconds the request may take (the router's default when None).
         :returns: the first answer a replica gave, whatever its HTTP status.
-        :raises NoReplicaAvailable: no healthy replica, or none answered within the deadline.
+        :raises NoReplicaAvailable: no healthy replica, or the ones tried did not answer.
         """
         deadline = self._deadline if deadline is None else deadline
-        started = self._clock()
         candidates = self._endpoints(version_id)
         sent_headers = _DEFAULT_HEADERS if headers is None else {
             key: value for key, value in headers.items() if key.lower() not in _NOT_FORWARDED}
-        timeout = urllib3.Timeout(connect=min(self._connect_timeout, deadline), read=deadline)
+        try_timeout = self._try_timeout(version_id, deadline)
         failures: list[str] = []
         tried: set[Endpoint] = set()
-        pending: dict[Future, Endpoint] = {}
-        attempt_ids: dict[Future, int] = {}
-        hedge_at = started + self._hedge_delay(version_id, deadline)
-
-        def launch() -> bool:
+        for _attempt in range(2):
             chosen = self._acquire(candidates, tried)
             if chosen is None:
-                return False
-            endpoint, pool = chosen
+                break
+            endpoint, pool, others = chosen
             tried.add(endpoint)
-            attempt_id = next(self._attempt_ids)
-            attempt = self._attempts.submit(self._attempt, attempt_id, endpoint, pool, path, body, sent_headers,
-                                            timeout)
-            pending[attempt], attempt_ids[attempt] = endpoint, attempt_id
-            return True
-
-        if not launch():
-            raise NoReplicaAvailable(f"version {version_id} has no healthy replica")
-        hedged = False
-        ends = started + deadline
-        while pending:
-            wake = ends if hedged or len(tried) >= 2 else min(hedge_at, ends)
-            done, _ = wait(list(pending), timeout=max(0.0, wake - self._clock()), return_when=FIRST_COMPLETED)
-            for attempt in done:
-                endpoint = pending.pop(attempt)
-                response, reason = attempt.result()
-                if response is not None:
-                    self._answered(version_id, self._clock() - started,
-                                   [(pending[other], attempt_ids[other]) for other in pending])
-                    return RoutedResponse(response.status, response.headers, response.data, endpoint.name)
+            limit = try_timeout if try_timeout is not None and others and len(tried) == 1 else deadline
+            timeout = self._timeout(limit)
+            started = self._clock()
+            try:
+                response = _send(pool, path, body, sent_headers, timeout)
+            except ReadTimeoutError:
+                if limit < deadline:  # out-run, not failed: another replica gets the request
+                    self._mark_slow(endpoint, deadline)
+                    failures.append(f"{endpoint.name}: no answer within {limit:.3g}s, sent to another replica")
+                    continue
+                reason = f"no answer within {deadline:g}s"
                 failures.append(f"{endpoint.name}: {reason}")
-                if not pending and len(tried) < 2 and launch():
-                    ends = self._clock() + deadline  # the one retry a failure gets, with a deadline of its own
-            now = self._clock()
-            if now >= ends and pending:
-                for endpoint in pending.values():  # given up on: reported now (its own thread ends later)
-                    reason = f"no answer within {deadline:g}s"
-                    failures.append(f"{endpoint.name}: {reason}")
-                    self._report(endpoint, reason)
-                pending.clear()
-                if len(tried) < 2 and launch():
-                    ends = self._clock() + deadline
-            elif not done and not hedged and len(tried) < 2 and now >= hedge_at:
-                hedged = launch()
-                if not hedged:
-                    hedge_at = ends  # no other replica: wait for this one
+                self._report(endpoint, reason)
+                continue
+            except HTTPError as error:
+                reason = _describe(error, timeout)
+                failures.append(f"{endpoint.name}: {reason}")
+                self._report(endpoint, reason)
+                continue
+            finally:
+                self._release(endpoint)
+            self._answered(version_id, self._clock() - started)
+            return RoutedResponse(response.status, response.headers, response.data, endpoint.name)
         if not failures:
             raise NoReplicaAvailable(f"version {version_id} has no healthy replica")
         raise NoReplicaAvailable(f"version {version_id}: no replica answered ({'; '.join(failures)})")
 
     def close(self) -> None:
         """Close every pooled connection; for shutdown, once no request is in flight."""
-        self._attempts.shutdown(wait=False)
         with self._lock:
             pools, self._pools = list(self._pools.values()), OrderedDict()
         for pool in pools:
             pool.close()
 
-    def _attempt(self, attempt_id: int, endpoint: Endpoint, pool: urllib3.HTTPConnectionPool, path: str, body: bytes,
-                 headers: Mapping[str, str], timeout: urllib3.Timeout) -> tuple[urllib3.BaseHTTPResponse | None, str]:
-        """One replica's try at the request, in a thread of its own: (answer, "") or (None, why it failed). A
-        failure is reported here, so a replica that never answers is reported at the deadline even when a hedge
-        answered the request long before."""
-        try:
-            return _send(pool, path, body, headers, timeout), ""
-        except HTTPError as error:
-            reason = _describe(error, timeout)
-            self._report(endpoint, reason)
-            return None, reason
-        finally:
-            self._release(endpoint, attempt_id)
+    def _timeout(self, limit: float) -> urllib3.Timeout:
+        """urllib3's timeout for an attempt of ``limit`` seconds (made once per value: they are few)."""
+        timeout = self._timeouts.get(limit)
+        if timeout is None:
+            if len(self._timeouts) > 256:
+                self._timeouts.clear()
+            timeout = self._timeouts[limit] = urllib3.Timeout(connect=min(self._connect_timeout, limit), read=limit)
+        return timeout
 
-    def _hedge_delay(self, version_id: int, deadline: float) -> float:
-        """Three times the version's recent 95th percentile latency (at least ``min_hedge_delay``); the
-        deadline (no hedge) while fewer than HEDGE_SAMPLES answers are known or when that is over half of it."""
-        with self._lock:
-            recent = sorted(self._latencies.get(version_id, ()))
-        if len(recent) < HEDGE_SAMPLES:
-            return deadline
-        delay = max(self._min_hedge_delay, 3 * recent[int(len(recent) * 0.95)])
-        return delay if delay <= deadline / 2 else deadline
+    def _try_timeout(self, version_id: int, deadline: float) -> float | None:
+        """Three times the version's recent 95th percentile latency (at least ``min_try_timeout``); None (the
+        deadline) while fewer than TRY_SAMPLES answers are known, or when that is over half the deadline."""
+        limit = self._try_limits.get(version_id)
+        return limit if limit is not None and limit <= deadline / 2 else None
 
-    def _answered(self, version_id: int, seconds: float, outrun: Iterable[tuple[Endpoint, int]]) -> None:
-        """Record an answer's latency; replicas still working on the request were out-run by it: skip them
-        until that attempt ends."""
+    def _answered(self, version_id: int, seconds: float) -> None:
+        """Record an answer's latency; every TRY_SAMPLES answers, the version's per-try timeout follows them."""
         with self._lock:
-            self._latencies.setdefault(version_id, collections.deque(maxlen=LATENCY_SAMPLES)).append(seconds)
-            for slow, attempt_id in outrun:
-                self._outrun.setdefault(slow, set()).add(attempt_id)
+            recent = self._latencies.get(version_id)
+            if recent is None:
+                recent = self._latencies[version_id] = collections.deque(maxlen=LATENCY_SAMPLES)
+            recent.append(seconds)
+            self._answers += 1
+            if self._answers % TRY_SAMPLES == 0 or version_id not in self._try_limits and len(recent) >= TRY_SAMPLES:
+                ordered = sorted(recent)
+                self._try_limits[version_id] = max(self._min_try_timeout, 3 * ordered[int(len(ordered) * 0.95)])
+
+    def _mark_slow(self, endpoint: Endpoint, seconds: float) -> None:
+        with self._lock:
+            self._slow[endpoint] = self._clock() + seconds
+        log.warning("replica %s (%s:%s) out-run: skipped for %gs", endpoint.name, endpoint.address, endpoint.port,
+                    seconds)
 
     def _acquire(self, candidates: list[Endpoint],
-                 excluded: set[Endpoint]) -> tuple[Endpoint, urllib3.HTTPConnectionPool] | None:
-        """The least busy usable candidate and its pool, counted as busy until :meth:`_release`; ties are
-        taken in turn. Replicas quarantined or out-run by a hedge are used only when nothing else is left."""
+                 excluded: set[Endpoint]) -> tuple[Endpoint, urllib3.HTTPConnectionPool, bool] | None:
+        """The least busy usable candidate, its pool, and whether another one is usable; counted as busy until
+        :meth:`_release`; ties are taken in turn. Replicas out-run lately are used only when nothing else is."""
         with self._lock:
             now = self._clock()
             usable = [endpoint for endpoint in candidates if endpoint not in excluded
                       and self._quarantined.get(endpoint, now) <= now]
-            fast = [endpoint for endpoint in usable if not self._outrun.get(endpoint)]
+            fast = [endpoint for endpoint in usable if self._slow.get(endpoint, now) <= now]
             best: list[Endpoint] = []
             fewest = None
             for endpoint in fast or usable:
@@ -257,7 +235,7 @@ class Router:
             self._turn += 1
             endpoint = best[self._turn % len(best)]
             self._outstanding[endpoint] = self._outstanding.get(endpoint, 0) + 1
-            return endpoint, self._pool(endpoint)
+            return endpoint, self._pool(endpoint), len(usable) > 1
 
     def _pool(self, endpoint: Endpoint) -> urllib3.HTTPConnectionPool:
         """The endpoint's connection pool, made on first use; the least recently used beyond the limit is closed."""
@@ -274,19 +252,13 @@ class Router:
             self._pools.move_to_end(key)
         return pool
 
-    def _release(self, endpoint: Endpoint, attempt_id: int) -> None:
-        """An attempt on ``endpoint`` ended: one request fewer in flight there, and not out-run any more."""
+    def _release(self, endpoint: Endpoint) -> None:
         with self._lock:
             left = self._outstanding[endpoint] - 1
             if left:
                 self._outstanding[endpoint] = left
             else:
                 del self._outstanding[endpoint]
-            outrun = self._outrun.get(endpoint)
-            if outrun is not None:
-                outrun.discard(attempt_id)
-                if not outrun:
-                    del self._outrun[endpoint]
 
     def _report(self, endpoint: Endpoint, reason: str) -> None:
         with self._lock:
@@ -294,6 +266,7 @@ class Router:
             if self._quarantined.get(endpoint, now) > now:
                 return  # another thread reported this failure already
             self._quarantined = {key: until for key, until in self._quarantined.items() if until > now}
+            self._slow = {key: until for key, until in self._slow.items() if until > now}
             if self._quarantine > 0:
                 self._quarantined[endpoint] = now + self._quarantine
         log.warning("replica %s (%s:%s) failed: %s", endpoint.name, endpoint.address, endpoint.port, reason)
