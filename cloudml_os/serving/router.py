@@ -80,12 +80,12 @@ class NoReplicaAvailable(Exception):
 
 
 class Router:
-    """Send requests for a model version to its least busy healthy replica, hedging and failing over once.
+    """Send requests for a model version to its least busy healthy replica, trying another one once.
 
     :param endpoints: ``endpoints(version_id)`` → the version's healthy replicas. Called once per request;
         the caller keeps it cheap (a short cache in front of the database).
     :param on_failure: ``on_failure(endpoint, reason)`` when a replica did not answer. Called once per failure
-        episode (see ``quarantine``), from a request's thread or a hedged attempt's, so it must be quick:
+        episode (see ``quarantine``), in the request's thread, so it must be quick:
         record the ejection and hand the replacement to a task. An exception it raises is logged and does not
         fail the request.
     :param connect_timeout: seconds to establish a TCP connection to a replica.
@@ -94,7 +94,7 @@ class Router:
     :param pool_size: keep-alive connections kept per replica (more are opened under load, then closed).
     :param quarantine: seconds this router skips a replica after reporting it, even if ``endpoints`` still
         lists it (the caller's cache may lag behind the ejection); 0 disables.
-    :param min_hedge_delay: the earliest a request is hedged, in seconds.
+    :param min_try_timeout: the shortest per-try timeout, in seconds.
     :param clock: monotonic clock, injectable for tests.
     """
 
