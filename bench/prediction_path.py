@@ -134,7 +134,8 @@ def main() -> None:
               f"{len(values)} answered, {failed} failed")
     target = deadline + percentile(before, 0.99)
     print(f"  worst during the freeze <= deadline {deadline:g} s + p99 before = {target:.2f} s: "
-          f"{'met' if max(during) <= target else 'NOT met'} (before the router had deadlines and per-try timeouts: worst 6.9 s)")
+          f"{'met' if max(during) <= target else 'NOT met'} "
+          "(before the router had deadlines and per-try timeouts: worst 6.9 s)")
 
 
 if __name__ == "__main__":
