@@ -18,7 +18,7 @@ def upgrade() -> None:
         batch.add_column(sa.Column('traffic_split', sa.JSON(), nullable=True))
     with op.batch_alter_table('versions') as batch:
         batch.add_column(sa.Column('request_logging', sa.JSON(), nullable=True))
-        batch.add_column(sa.Column('prediction_deadline', sa.Float(), nullable=False, server_default='5'))
+        batch.add_column(sa.Column('prediction_deadline', sa.Double(), nullable=False, server_default='5'))
     with op.batch_alter_table('versions') as batch:
         batch.alter_column('prediction_deadline', server_default=None)
 
