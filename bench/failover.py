@@ -18,7 +18,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import signal
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -26,11 +25,9 @@ from pathlib import Path
 import requests
 from sqlalchemy import create_engine, text
 
-from cloudml_os.config import load_settings
-from cloudml_os.runtimes import ensure_runtime
-from tests.harness import build_sdist, node_processes, start_platform
+from bench.serving_platform import deploy, platform_with_model, ready_replicas
+from tests.harness import node_processes
 
-ROOT = Path(__file__).resolve().parents[1]
 INSTANCES = {"instances": [[0.0], [1.0]]}
 FAST_CHECK = {"interval": 0.5, "timeout": 0.5, "rise": 2, "fall": 3}
 
@@ -43,11 +40,6 @@ def _time(value: str) -> float:
     return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
-def _ready(client, version: str) -> list[dict]:
-    replicas = client.request("GET", f"/models/m/versions/{version}").json().get("replicas", [])
-    return [r for r in replicas if r["state"] == "READY" and r["healthy"]]
-
-
 def _node(database_url: str, version: str, replica: str) -> str:
     """The marker of a replica's node in its processes' command lines (its folder in the local driver)."""
     engine = create_engine(database_url)
@@ -57,31 +49,27 @@ def _node(database_url: str, version: str, replica: str) -> str:
     return f"/clusters/cml-serve-{version_id}/nodes/{replica}/"
 
 
-def _deploy(client, job: dict, version: str, health: dict | None = None) -> None:
-    body = {"name": version, "deploymentUri": job["trainingOutput"]["exportedModelUri"], "framework": "TENSORFLOW",
-            "runtimeVersion": "2.21", "machineType": "standard", "manualScaling": {"nodes": 2}}
-    if health:
-        body["healthCheck"] = health
-    response = client.request("POST", "/models/m/versions", json=body)
-    assert response.status_code == 200, response.text
-    _wait(lambda: len(_ready(client, version)) == 2)
-
-
 def _freeze(client, database_url: str, version: str) -> tuple[float, float, str]:
     """SIGSTOP one replica's model server; return (seconds to eject, seconds back to 2 healthy, reason)."""
-    victim = _ready(client, version)[0]["name"]
+    victim = ready_replicas(client, version)[0]["name"]
     server = [pid for pid in node_processes(_node(database_url, version, victim))
               if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"python")]
     frozen = time.time()
     os.kill(server[0], signal.SIGSTOP)
     ejected, reason = _ejected_at(client, version, victim)
-    _wait(lambda: len(_ready(client, version)) == 2 and victim not in {r["name"] for r in _ready(client, version)})
+    _wait(lambda: _replaced(client, version, victim))
     back = time.time()
     try:
         os.kill(server[0], signal.SIGCONT)
     except ProcessLookupError:
         pass
     return ejected - frozen, back - frozen, reason
+
+
+def _replaced(client, version: str, victim: str) -> bool:
+    """Two healthy replicas again, neither of them ``victim``."""
+    ready = {r["name"] for r in ready_replicas(client, version)}
+    return len(ready) == 2 and victim not in ready
 
 
 def _wait(condition, timeout: float = 300.0):
@@ -101,18 +89,8 @@ def _ejected_at(client, version: str, replica: str) -> float:
 
 
 def main() -> None:
-    settings = load_settings(environ={})
-    runtime = ensure_runtime("tensorflow-2.21", settings.runtimes_dir)
-    with tempfile.TemporaryDirectory() as tmp, start_platform(Path(tmp), local_address_prefix="127.4",
-                                                              local_port_base=22000) as platform:
-        database_url = f"sqlite:///{tmp}/cloudml-os.db"
-        client = platform.client("bench")
-        package = client.upload(build_sdist(ROOT / "examples" / "tensorflow", Path(tmp), runtime / "bin" / "python"))
-        client.submit("train", package, args=["--epochs", "1"])
-        job = client.wait("train")
-        assert job["state"] == "SUCCEEDED", job
-        assert client.request("POST", "/models", json={"name": "m"}).status_code == 200
-        _deploy(client, job, "v1")
+    with platform_with_model() as (client, job, database_url):
+        deploy(client, job, "v1")
 
         # Passive: kill a node under load.
         failures, successes, stop = [], [], threading.Event()
@@ -128,19 +106,19 @@ def main() -> None:
         loader = threading.Thread(target=load)
         loader.start()
         time.sleep(2)
-        victim = _ready(client, "v1")[0]["name"]
+        victim = ready_replicas(client, "v1")[0]["name"]
         killed = time.time()
         for pid in node_processes(_node(database_url, "v1", victim)):
             os.kill(pid, signal.SIGKILL)
         passive_eject, passive_reason = _ejected_at(client, "v1", victim)
-        _wait(lambda: len(_ready(client, "v1")) == 2 and victim not in {r["name"] for r in _ready(client, "v1")})
+        _wait(lambda: _replaced(client, "v1", victim))
         passive_back = time.time()
         stop.set()
         loader.join()
 
         # Active: freeze a model server, no traffic; the default check, then a faster one.
         active = _freeze(client, database_url, "v1")
-        _deploy(client, job, "v2", FAST_CHECK)
+        deploy(client, job, "v2", healthCheck=FAST_CHECK)
         fast = _freeze(client, database_url, "v2")
 
     print("\nFailover of a 2-replica TensorFlow version (2 CPU cores, local nodes; health check interval / timeout / "

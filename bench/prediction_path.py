@@ -17,18 +17,15 @@ import argparse
 import os
 import signal
 import statistics
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import requests
 
-from cloudml_os.config import load_settings
-from cloudml_os.runtimes import ensure_runtime
-from tests.harness import build_sdist, node_processes, start_platform
+from bench.serving_platform import deploy, platform_with_model
+from tests.harness import node_processes
 
-ROOT = Path(__file__).resolve().parents[1]
 CLIENTS = 4
 BODY = {"instances": [[0.0], [1.0]]}
 
@@ -74,21 +71,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    runtime = ensure_runtime("tensorflow-2.21", load_settings(environ={}).runtimes_dir)
-    with tempfile.TemporaryDirectory() as tmp, start_platform(Path(tmp), local_address_prefix="127.4",
-                                                              local_port_base=22000) as platform:
-        client = platform.client("bench")
-        package = client.upload(build_sdist(ROOT / "examples" / "tensorflow", Path(tmp), runtime / "bin" / "python"))
-        client.submit("train", package, args=["--epochs", "1"])
-        job = client.wait("train")
-        assert job["state"] == "SUCCEEDED", job
-        assert client.request("POST", "/models", json={"name": "m"}).status_code == 200
-        response = client.request("POST", "/models/m/versions", json={
-            "name": "v1", "deploymentUri": job["trainingOutput"]["exportedModelUri"], "framework": "TENSORFLOW",
-            "runtimeVersion": "2.21", "manualScaling": {"nodes": 2}})
-        assert response.status_code == 200, response.text
-        while client.request("GET", "/models/m/versions/v1").json()["state"] != "READY":
-            time.sleep(0.5)
+    with platform_with_model() as (client, job, _):
+        deploy(client, job, "v1")
         load(client, 2)  # warm-up: connections, the router's latency history
 
         rates: dict[str, list[float]] = {"off": [], "on": []}

@@ -178,6 +178,9 @@ class Settings:
     request_log_spool_dir: Path | None = None
     request_log_max_bytes: int = 1 << 30
     request_log_segment_seconds: float = 2.0
+    # A prediction for an autoscaled version at zero replicas starts one and waits at most this long for
+    # it, then answers 503 with Retry-After.
+    scale_from_zero_wait: float = 120.0
     machine_types: dict[str, MachineType] = dataclasses.field(
         default_factory=lambda: dict(DEFAULT_MACHINE_TYPES)
     )

@@ -29,6 +29,7 @@ from cloudml_os.workflows.serve import ServingContext, eject
 from cloudml_os.workflows.train import TrainingContext
 
 ENDPOINTS_TTL = 0.2  # seconds the API trusts its list of a version's healthy replicas
+SCALE_FROM_ZERO_RETRY_AFTER = 10  # seconds a client told to come back waits (Retry-After)
 
 
 def _connect(settings: Settings):
@@ -107,8 +108,11 @@ class HealthyReplicas:
             self._cache.pop(version_id, None)
 
 
-def predictor(settings: Settings, store: Store, replace: Callable[[int], None]):
-    """``predict(version_id, model_name, body)`` through the router, ejecting replicas that fail."""
+def predictor(settings: Settings, store: Store, replace: Callable[[int], None],
+              start_operation: Callable[[int], None]):
+    """``predict(version_id, model_name, body, deadline)`` through the router, ejecting replicas that fail;
+    a version scaled to zero is woken (a replica started) and the request waits for it (see
+    :func:`_wait_for_replica`)."""
     from cloudml_os.errors import Unavailable
     from cloudml_os.serving.router import NoReplicaAvailable, Router
 
@@ -124,14 +128,49 @@ def predictor(settings: Settings, store: Store, replace: Callable[[int], None]):
     router = Router(pool, on_failure)
 
     def predict(version_id: int, model_name: str, body: bytes, deadline: float) -> tuple[int, bytes]:
+        path, headers = f"/v1/models/{model_name}:predict", {"Content-Type": "application/json"}
         try:
-            response = router.forward(version_id, f"/v1/models/{model_name}:predict", body,
-                                      {"Content-Type": "application/json"}, deadline)
+            response = router.forward(version_id, path, body, headers, deadline)
         except NoReplicaAvailable as exc:
-            raise Unavailable(f"No replica of this version can answer now: {exc}") from None
+            if not _wait_for_replica(settings, store, pool, version_id, start_operation):
+                raise Unavailable(f"No replica of this version can answer now: {exc}") from None
+            try:
+                response = router.forward(version_id, path, body, headers, deadline)
+            except NoReplicaAvailable as again:
+                raise Unavailable(f"No replica of this version can answer yet: {again}",
+                                  headers={"Retry-After": str(SCALE_FROM_ZERO_RETRY_AFTER)}) from None
         return response.status, response.body
 
     return predict
+
+
+def _wait_for_replica(settings: Settings, store: Store, pool: HealthyReplicas, version_id: int,
+                      start_operation: Callable[[int], None]) -> bool:
+    """For a version that may scale to zero (``autoScaling.minNodes`` 0) and has no replica: have one
+    started (once, whichever request comes first) and wait until it serves, at most
+    ``scale_from_zero_wait`` seconds. False when the version is not one that sleeps, or nothing came.
+
+    :raises Unavailable: (503 with Retry-After) the wait ran out.
+    """
+    from cloudml_os.errors import Unavailable
+    from cloudml_os.workflows.autoscale import scale_version
+
+    with store.session() as session:
+        row = session.execute(select(Version.state, Version.replicas, Version.auto_scaling)
+                              .where(Version.id == version_id)).first()
+    if row is None or not row.auto_scaling or row.auto_scaling["minNodes"] != 0:
+        return False
+    if row.replicas == 0:
+        scale_version(store, settings, version_id, 1, "a prediction arrived while no replica served",
+                      start_operation)
+    ends = time.monotonic() + settings.scale_from_zero_wait
+    while time.monotonic() < ends:
+        pool.forget(version_id)
+        if pool(version_id):
+            return True
+        time.sleep(0.2)
+    raise Unavailable(f"No replica of this version started within {settings.scale_from_zero_wait:g} s; "
+                      f"retry later", headers={"Retry-After": str(SCALE_FROM_ZERO_RETRY_AFTER)})
 
 
 def wsgi_app(settings: Settings | None = None) -> Flask:
@@ -149,7 +188,7 @@ def wsgi_app(settings: Settings | None = None) -> Flask:
         frameworks=load_frameworks(),
         start_job=job_starter(celery),
         start_operation=operation_starter(celery),
-        predict=predictor(settings, store, replica_replacer(celery)),
+        predict=predictor(settings, store, replica_replacer(celery), operation_starter(celery)),
         replace_replica=replica_replacer(celery),
         request_log=request_log(settings, store, artifacts),
     )
@@ -175,11 +214,14 @@ def request_log(settings: Settings, store: Store, artifacts: ArtifactStore) -> R
 
 
 def run_monitor(settings: Settings) -> None:
-    """The health monitor process: probes every READY replica, ejects those that fail (see eject)."""
+    """The health monitor process: probes every READY replica, ejects those that fail (see eject), and
+    scales autoscaled versions from the load its probes read (see Autoscaling)."""
     from cloudml_os.serving.monitor import HealthMonitor, Target
+    from cloudml_os.workflows.autoscale import Autoscaling
 
     store = Store.from_settings(settings)
-    replace = replica_replacer(make_celery(settings))
+    celery = make_celery(settings)
+    replace = replica_replacer(celery)
 
     def targets() -> list[Target]:
         with store.session() as session:
@@ -194,8 +236,15 @@ def run_monitor(settings: Settings) -> None:
         if not healthy:
             eject(store, target.key, f"health check: {reason}", replace)
 
-    HealthMonitor(targets, on_change, on_samples=sample_writer(store, settings.replica_sample_retention_hours),
-                  sample_interval=settings.replica_sample_seconds).run_forever()
+    monitor = HealthMonitor(targets, on_change, sample_interval=settings.replica_sample_seconds,
+                            on_samples=sample_writer(store, settings.replica_sample_retention_hours))
+    stopped = threading.Event()
+    autoscaling = Autoscaling(store, settings, monitor.rates, operation_starter(celery))
+    threading.Thread(target=autoscaling.run, args=(stopped.is_set,), name="autoscaling", daemon=True).start()
+    try:
+        monitor.run_forever()
+    finally:
+        stopped.set()
 
 
 def sample_writer(store: Store, retention_hours: float) -> Callable[[list[ProbeSample]], int]:

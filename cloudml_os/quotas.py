@@ -136,6 +136,17 @@ def _lock(session: Session, project: str) -> None:
     session.execute(select(ProjectQuota.project).where(ProjectQuota.project == project).with_for_update())
 
 
+def room(session: Session, settings: Settings, project: str, unit: Demand) -> int | None:
+    """Lock the project's quotas and say how many more of ``unit`` fit in them (None: no limit applies),
+    e.g. how many replicas an autoscaler may add. Call first in the transaction that records the change."""
+    _lock(session, project)
+    limit = limits(session, settings, project)
+    used = usage(session, settings, project)
+    fits = [(limit[name] - used[name]) // getattr(unit, name) for name in QUOTAS
+            if getattr(unit, name) > 0 and limit[name] != UNLIMITED]
+    return max(0, min(fits)) if fits else None
+
+
 def check(session: Session, settings: Settings, project: str, demand: Demand) -> None:
     """Lock the project's quotas and refuse ``demand`` if it takes a quota past its limit.
 

@@ -26,6 +26,7 @@ from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from flask import Response, request
+from marshmallow import ValidationError
 from sqlalchemy import Select, delete, func, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import InstrumentedAttribute, Session
@@ -37,6 +38,7 @@ from cloudml_os.api.jobs import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, decode_page_to
 from cloudml_os.api.schemas import (
     MAX_PREDICTION_DEADLINE,
     VERSION_STATES,
+    AutoScalingSchema,
     EventsQuerySchema,
     ListModelsQuerySchema,
     ListModelsResponseSchema,
@@ -274,12 +276,6 @@ def _tombstone(name: str, pk: int) -> str:
     return f"~{pk}~{name}"[:128]
 
 
-def _new_operation(project: str, kind: str, target: str, version_pk: int | None = None, *,
-                   done: bool = False) -> Operation:
-    return Operation(name=uuid.uuid4().hex, project=project, kind=kind, version_id=version_pk, target=target,
-                     done=done, end_time=utcnow() if done else None)
-
-
 def _start(operation: Operation, undo: Callable[[Session], None], outcome: str) -> None:
     """Hand the operation to the serving workflow; if it cannot be queued, undo the request and answer 503
     so that the client can retry it as it was."""
@@ -375,7 +371,7 @@ def patch_model(body: dict[str, Any], args: dict[str, Any], project: str, model:
             values.update(_split_values(session, row, body["trafficSplit"]))
         session.execute(update(Model).where(Model.id == row.id).values(etag=Model.etag + 1, **values)
                         .execution_options(synchronize_session=False))
-        operation = _new_operation(project, "UPDATE_MODEL", resource_name(project, "models", model), done=True)
+        operation = Operation.new(project, "UPDATE_MODEL", resource_name(project, "models", model), done=True)
         session.add(operation)
     return _operation_view(operation.id)
 
@@ -416,7 +412,7 @@ def delete_model(project: str, model: str) -> OperationView:
         session.execute(update(Model).where(Model.id == row.id)
                         .values(name=_tombstone(row.name, row.id), default_version=None, etag=Model.etag + 1)
                         .execution_options(synchronize_session=False))
-        operation = _new_operation(project, "DELETE_MODEL", name, done=True)
+        operation = Operation.new(project, "DELETE_MODEL", name, done=True)
         session.add(operation)
     return _operation_view(operation.id)
 
@@ -489,14 +485,14 @@ def create_version(body: dict[str, Any], project: str, model: str) -> OperationV
                               deployment_uri=body["deploymentUri"], framework=body["framework"],
                               runtime_version=runtime_version, machine_type=machine_type, replicas=body["nodes"],
                               health=body["healthCheck"], description=body["description"], labels=body["labels"],
-                              request_logging=body["requestLoggingConfig"],
+                              request_logging=body["requestLoggingConfig"], auto_scaling=body["autoScaling"],
                               prediction_deadline=body["predictionDeadline"])
             session.add(version)
             session.flush()
             becomes_default = not _has_live_default(session, parent)
             if becomes_default:
                 _set_default(session, parent.id, version.name)
-            operation = _new_operation(project, "CREATE_VERSION", name, version.id)
+            operation = Operation.new(project, "CREATE_VERSION", name, version.id)
             session.add_all([operation, VersionEvent(
                 version_id=version.id, kind="STATE",
                 message=f"Version creation requested: {body['nodes']} × {machine_type}, {body['framework']} "
@@ -574,7 +570,7 @@ def delete_version(project: str, model: str, version: str) -> OperationView:
             raise FailedPrecondition(f"{name} changed while it was being deleted; retry")
         if is_default:
             _set_default(session, parent.id, None)
-        operation = _new_operation(project, "DELETE_VERSION", name, row.id)
+        operation = Operation.new(project, "DELETE_VERSION", name, row.id)
         event = VersionEvent(version_id=row.id, kind="STATE", message="Version deletion requested")
         session.add_all([operation, event])
     previous_state = row.state
@@ -596,27 +592,46 @@ def delete_version(project: str, model: str, version: str) -> OperationView:
 @blp.response(200, OperationSchema)
 def patch_version(body: dict[str, Any], args: dict[str, Any], project: str, model: str,
                   version: str) -> OperationView:
-    """Change a version's description, labels or request logging (done at once) or its number of replicas
-    (v1 ``versions.patch``; ``manualScaling.nodes``, or ``autoScaling.minNodes`` as a fixed count)."""
+    """Change a version's description, labels, request logging or deadline (done at once) or how it scales
+    (v1 ``versions.patch``): ``manualScaling.nodes`` fixes the count; ``autoScaling`` (whole, or some of its
+    fields) lays the given fields over the version's policy, and the count moves into the new bounds at once."""
+    scaling_fields = ("minNodes", "maxNodes", "metrics", "stableWindow", "panicWindow")
     paths = update_mask(args["updateMask"], ("description", "labels", "requestLoggingConfig", "predictionDeadline",
-                                             "manualScaling.nodes", "autoScaling.minNodes"))
+                                             "manualScaling.nodes", "autoScaling",
+                                             *(f"autoScaling.{field}" for field in scaling_fields)))
     _masked(body, paths)
-    if "manualScaling.nodes" in paths and "autoScaling.minNodes" in paths:
-        raise InvalidArgument("updateMask: give manualScaling.nodes or autoScaling.minNodes, not both")
-    nodes = (body["manualScaling"]["nodes"] if "manualScaling.nodes" in paths else
-             body["autoScaling"]["minNodes"] if "autoScaling.minNodes" in paths else None)
+    auto_paths = [path for path in paths if path.startswith("autoScaling")]
+    if "manualScaling.nodes" in paths and auto_paths:
+        raise InvalidArgument("updateMask: give manualScaling.nodes or autoScaling fields, not both")
     values: dict[str, Any] = {key: body[key] for key in ("description", "labels") if key in paths}
     if "requestLoggingConfig" in paths:
         values["request_logging"] = body["requestLoggingConfig"]
     if "predictionDeadline" in paths:
         values["prediction_deadline"] = body["predictionDeadline"]
+    nodes = None
+    if "manualScaling.nodes" in paths:
+        nodes, values["auto_scaling"] = body["manualScaling"]["nodes"], None
     name = resource_name(project, "models", model, "versions", version)
+    if auto_paths:
+        with services().store.session() as session:
+            row = _version_or_404(session, _model_or_404(session, project, model), version)
+        given = body["autoScaling"] if "autoScaling" in paths else {
+            path.split(".", 1)[1]: body["autoScaling"][path.split(".", 1)[1]] for path in auto_paths}
+        base = {} if "autoScaling" in paths else (row.auto_scaling or {"minNodes": row.replicas})
+        try:
+            policy = AutoScalingSchema().load({**base, **given})
+        except ValidationError as error:
+            raise InvalidArgument(f"autoScaling: {error.messages}") from None
+        values["auto_scaling"] = policy
+        nodes = min(max(row.replicas, policy["minNodes"]), policy["maxNodes"])
+        if nodes == row.replicas:  # the autoscaler moves it from here
+            nodes = None
     if nodes is None:
         with services().store.session() as session:
             row = _version_or_404(session, _model_or_404(session, project, model), version)
             session.execute(update(Version).where(Version.id == row.id).values(etag=Version.etag + 1, **values)
                             .execution_options(synchronize_session=False))
-            operation = _new_operation(project, "UPDATE_VERSION", name, row.id, done=True)
+            operation = Operation.new(project, "UPDATE_VERSION", name, row.id, done=True)
             session.add(operation)
         return _operation_view(operation.id)
     with services().store.session() as session:
@@ -633,12 +648,13 @@ def patch_version(body: dict[str, Any], args: dict[str, Any], project: str, mode
                                 .execution_options(synchronize_session=False)).rowcount
         if not moved:
             raise FailedPrecondition(f"{name} changed while it was being scaled; retry")
-        operation = _new_operation(project, "UPDATE_VERSION", name, row.id)
+        operation = Operation.new(project, "UPDATE_VERSION", name, row.id)
         event = VersionEvent(version_id=row.id, kind="STATE",
                              message=f"Scaling requested: {row.replicas} → {nodes} replicas")
         session.add_all([operation, event])
     previous = {"state": "READY", "replicas": row.replicas, "description": row.description, "labels": row.labels,
-                "request_logging": row.request_logging, "prediction_deadline": row.prediction_deadline}
+                "request_logging": row.request_logging, "prediction_deadline": row.prediction_deadline,
+                "auto_scaling": row.auto_scaling}
 
     def undo(session: Session) -> None:
         session.execute(delete(VersionEvent).where(VersionEvent.id == event.id))

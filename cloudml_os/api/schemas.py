@@ -30,6 +30,14 @@ from marshmallow import (
 
 from cloudml_os import tuning
 from cloudml_os.api import RESOURCE_ID_PATTERN
+from cloudml_os.serving.autoscaler import (
+    CPU_USAGE,
+    DEFAULT_PANIC_WINDOW,
+    DEFAULT_STABLE_WINDOW,
+    DEFAULT_TARGETS,
+    GPU_DUTY_CYCLE,
+    REQUESTS_IN_FLIGHT,
+)
 from cloudml_os.states import DEFAULT_BACKOFF_LIMIT, MAX_BACKOFF_LIMIT, RESTART_POLICIES, JobState
 from cloudml_os.store.models import DEFAULT_PREDICTION_DEADLINE
 
@@ -659,13 +667,83 @@ class ManualScalingSchema(Schema):
         min=1, max=MAX_NODES, error=f"must be between 1 and {MAX_NODES}"))
 
 
+class MetricSpecSchema(Schema):
+    """v1's MetricSpec: what the autoscaler keeps near its target, per replica."""
+
+    name = fields.String(required=True, validate=validate.OneOf(
+        (REQUESTS_IN_FLIGHT, CPU_USAGE, GPU_DUTY_CYCLE),
+        error=f"must be {REQUESTS_IN_FLIGHT}, {CPU_USAGE} or {GPU_DUTY_CYCLE}"), metadata={
+        "description": f"{REQUESTS_IN_FLIGHT} (added, as Knative's concurrency: requests in flight per replica) "
+                       f"or {CPU_USAGE} (percent of a replica node's cores)"})
+    target = fields.Float(required=True, allow_nan=False, validate=validate.Range(
+        min=0, min_inclusive=False, max=10000, error="must be more than 0 and at most 10000"), metadata={
+        "description": f"per replica; default {DEFAULT_TARGETS[REQUESTS_IN_FLIGHT]:g} requests in flight or "
+                       f"{DEFAULT_TARGETS[CPU_USAGE]:g} % CPU"})
+
+    @validates("name")
+    def _measured(self, value: str, **kwargs: Any) -> None:
+        if value == GPU_DUTY_CYCLE:
+            raise ValidationError(f"not supported: model servers report no GPU use yet; scale on "
+                                  f"{REQUESTS_IN_FLIGHT} or {CPU_USAGE}")
+
+    @validates_schema
+    def _percent(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if data.get("name") == CPU_USAGE and data.get("target", 0) > 100:
+            raise ValidationError("a CPU_USAGE target is a percent: at most 100", field_name="target")
+
+
 class AutoScalingSchema(Schema):
-    """Accepted for v1 clients; served as a fixed pool of ``minNodes`` replicas (no autoscaling yet)."""
+    """v1's AutoScaling, with Knative's windows added; loads to the stored policy with every default filled
+    in (see cloudml_os.serving.autoscaler)."""
 
     minNodes = fields.Integer(required=True, validate=validate.Range(
-        min=1, max=MAX_NODES, error=f"must be between 1 and {MAX_NODES}"))
-    maxNodes = fields.Integer(metadata={"description": "accepted and ignored"})
-    metrics = fields.List(fields.Raw(), metadata={"description": "accepted and ignored"})
+        min=0, max=MAX_NODES, error=f"must be between 0 and {MAX_NODES}"), metadata={
+        "description": "0 lets the version scale to zero: the first request then waits for a replica"})
+    maxNodes = fields.Integer(validate=validate.Range(min=1, max=MAX_NODES, error=f"must be between 1 and "
+                                                                                  f"{MAX_NODES}"),
+                              metadata={"description": "default: minNodes (at least 1)"})
+    metrics = fields.List(fields.Nested(MetricSpecSchema), validate=validate.Length(min=1, max=2), metadata={
+        "description": f"default [{{name: {REQUESTS_IN_FLIGHT}, target: "
+                       f"{DEFAULT_TARGETS[REQUESTS_IN_FLIGHT]:g}}}]; with two, the larger want wins"})
+    stableWindow = fields.Float(allow_nan=False, validate=validate.Range(
+        min=6, max=3600, error="must be from 6 to 3600 seconds"), metadata={
+        "description": f"added (Knative's window): seconds of load averaged; scale-in waits this long "
+                       f"(default {DEFAULT_STABLE_WINDOW:g})"})
+    panicWindow = fields.Float(allow_nan=False, validate=validate.Range(
+        min=1, max=3600, error="must be from 1 to 3600 seconds"), metadata={
+        "description": f"added: seconds of load a sudden step is judged on (default {DEFAULT_PANIC_WINDOW:g})"})
+
+    @validates_schema
+    def _consistent(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if data.get("maxNodes") is not None and data.get("minNodes", 0) > data["maxNodes"]:
+            raise ValidationError("must be at least minNodes", field_name="maxNodes")
+        names = [metric.get("name") for metric in data.get("metrics") or []]
+        if len(set(names)) != len(names):
+            raise ValidationError("each metric at most once", field_name="metrics")
+        if data.get("panicWindow", 0) > data.get("stableWindow", DEFAULT_STABLE_WINDOW):
+            raise ValidationError("must be at most stableWindow", field_name="panicWindow")
+
+    @post_load
+    def _defaults(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        return {"minNodes": data["minNodes"], "maxNodes": data.get("maxNodes", max(data["minNodes"], 1)),
+                "metrics": data.get("metrics") or [{"name": REQUESTS_IN_FLIGHT,
+                                                    "target": DEFAULT_TARGETS[REQUESTS_IN_FLIGHT]}],
+                "stableWindow": data.get("stableWindow", DEFAULT_STABLE_WINDOW),
+                "panicWindow": data.get("panicWindow", DEFAULT_PANIC_WINDOW)}
+
+
+class AutoScalingPatchSchema(Schema):
+    """``autoScaling`` in a ``versions.patch`` body: the named fields are laid over the version's policy,
+    and the result is loaded with :class:`AutoScalingSchema`."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    minNodes = fields.Raw()
+    maxNodes = fields.Raw()
+    metrics = fields.Raw()
+    stableWindow = fields.Raw()
+    panicWindow = fields.Raw()
 
 
 class HealthCheckSchema(Schema):
@@ -699,10 +777,18 @@ class ModelCreateSchema(Schema):
     labels = _labels_field(load_default=dict)
     regions = fields.List(fields.String(), validate=validate.Length(max=1, error="at most one region"),
                           metadata={"description": "accepted and ignored: the installation's cloud serves"})
-    onlinePredictionLogging = fields.Boolean(metadata={"description": "accepted and ignored"})
-    onlinePredictionConsoleLogging = fields.Boolean(metadata={"description": "accepted and ignored"})
+    onlinePredictionLogging = fields.Boolean(metadata={
+        "description": "false only: request logs are set per version (requestLoggingConfig)"})
+    onlinePredictionConsoleLogging = fields.Boolean(metadata={
+        "description": "false only: model servers' output is in the replica's node log"})
     defaultVersion = fields.Raw(metadata=_OUTPUT_ONLY)
     etag = fields.Raw(metadata=_OUTPUT_ONLY)
+
+    @validates("onlinePredictionLogging", "onlinePredictionConsoleLogging")
+    def _logging_off(self, value: bool, **kwargs: Any) -> None:
+        if value:
+            raise ValidationError("not supported: log a version's requests with its requestLoggingConfig "
+                                  "(versions.create or versions.patch)")
 
     @post_load
     def _keep_inputs(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
@@ -811,7 +897,8 @@ class VersionCreateSchema(Schema):
                                                                                         {"nodes": 1})["nodes"]
         kept = {key: data[key] for key in ("name", "description", "deploymentUri", "framework", "labels",
                                            "healthCheck")}
-        return {**kept, "runtimeVersion": data.get("runtimeVersion"), "machineType": data.get("machineType"),
+        return {**kept, "autoScaling": data.get("autoScaling"), "runtimeVersion": data.get("runtimeVersion"),
+                "machineType": data.get("machineType"),
                 "nodes": nodes, "requestLoggingConfig": data.get("requestLoggingConfig"),
                 "predictionDeadline": data.get("predictionDeadline", DEFAULT_PREDICTION_DEADLINE)}
 
@@ -825,7 +912,7 @@ class VersionPatchSchema(Schema):
     description = fields.String()
     labels = _labels_field()
     manualScaling = fields.Nested(ManualScalingSchema)
-    autoScaling = fields.Nested(AutoScalingSchema)
+    autoScaling = fields.Nested(AutoScalingPatchSchema)
     requestLoggingConfig = fields.Nested(RequestLoggingConfigSchema)
     predictionDeadline = fields.Float(allow_nan=False, validate=validate.Range(
         min=0.1, max=MAX_PREDICTION_DEADLINE, error=f"must be from 0.1 to {MAX_PREDICTION_DEADLINE:g} seconds"),
@@ -842,7 +929,8 @@ class ReplicaSchema(Schema):
     """Added: one serving node of a version."""
 
     name = fields.String(metadata={"description": "replica-0, replica-1, … (never reused)"})
-    state = fields.String(metadata={"description": "PROVISIONING, STARTING, READY, EJECTED, FAILED, DELETING"})
+    state = fields.String(metadata={
+        "description": "PROVISIONING, STARTING, READY, EJECTED, DRAINING, FAILED, DELETING"})
     healthy = fields.Boolean(metadata={"description": "in the router's pool"})
     address = fields.Method("_address", metadata={"description": "host:port of its model server"})
 
@@ -869,8 +957,11 @@ class VersionSchema(_OmitEmpty):
     framework = fields.String(attribute="version.framework")
     runtimeVersion = fields.String(attribute="version.runtime_version")
     machineType = fields.String(attribute="version.machine_type")
-    manualScaling = fields.Method("_scaling", metadata={"type": "object", "properties": {
+    manualScaling = fields.Method("_manual", metadata={"type": "object", "properties": {
         "nodes": {"type": "integer"}}})
+    autoScaling = fields.Dict(attribute="version.auto_scaling", metadata={
+        "description": "the policy with its defaults filled in; the current count is manualScaling's absence "
+                       "and len(replicas)"})
     labels = fields.Dict(attribute="version.labels", keys=fields.String(), values=fields.String())
     etag = fields.Method("_etag", metadata={"format": "byte"})
     healthCheck = fields.Nested(HealthCheckSchema, attribute="version.health", metadata={"description": "added"})
@@ -879,8 +970,8 @@ class VersionSchema(_OmitEmpty):
         "description": "samplingPercentage: the fraction of online predictions logged to the store"})
     replicas = fields.List(fields.Nested(ReplicaSchema), metadata={"description": "added: the serving nodes"})
 
-    def _scaling(self, view: Any) -> dict[str, int]:
-        return {"nodes": view.version.replicas}
+    def _manual(self, view: Any) -> dict[str, int] | None:
+        return None if view.version.auto_scaling else {"nodes": view.version.replicas}
 
     def _etag(self, view: Any) -> str:
         return _etag_of(view.version)

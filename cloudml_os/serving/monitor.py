@@ -12,7 +12,9 @@ second each on a fraction of a core. It knows nothing of the database or Celery:
 ``targets`` callable, re-read every ``refresh_interval``; a target's state lives as long as its key is
 listed. Optionally (``on_samples``) it also hands over, every ``sample_interval`` seconds, one aggregated
 :class:`ProbeSample` per target (probes, failures, median and maximum latency): a thousand replicas make one
-batch of a thousand small rows every ten seconds, not a write per probe.
+batch of a thousand small rows every ten seconds, not a write per probe. A ready answer also carries the
+model server's load counters (``X-Cloudml-Load``); :meth:`HealthMonitor.rates` gives each healthy target's
+load between its last two readings, which the autoscaler sums per version.
 """
 
 from __future__ import annotations
@@ -28,9 +30,12 @@ from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from cloudml_os.serving.autoscaler import LOAD_HEADER, Load, rates
+
 log = logging.getLogger(__name__)
 
 READY_PATH = "/v2/health/ready"
+LOAD_FIELD = LOAD_HEADER.lower().encode()
 MAX_BODY = 64 * 1024  # a readiness answer is a few bytes; more than this is not a model server
 
 
@@ -94,11 +99,14 @@ class _Probe:
         self.task: asyncio.Task | None = None
         self.request = _request(target)
         self.sample = ProbeSample(target.key)
+        self.load: Load | None = None  # the last counters its model server reported
+        self.rates: dict[str, float] | None = None  # its load between the last two readings
 
     def retarget(self, target: Target) -> None:
         if (target.address, target.port) != (self.target.address, self.target.port):
             self.close()
             self.request = _request(target)
+            self.load = self.rates = None
         self.target = target
 
     def close(self) -> None:
@@ -137,6 +145,12 @@ class HealthMonitor:
     def states(self) -> dict[Hashable, bool]:
         """Each watched target's current state (key → healthy); safe to call from any thread."""
         return {key: probe.healthy for key, probe in dict(self._probes).items()}
+
+    def rates(self) -> dict[Hashable, dict[str, float]]:
+        """Each healthy target's load between its last two readings (key → metric → value, see
+        :func:`cloudml_os.serving.autoscaler.rates`); safe to call from any thread."""
+        return {key: probe.rates for key, probe in dict(self._probes).items()
+                if probe.healthy and probe.rates is not None}
 
     async def run(self, stop: asyncio.Event) -> None:
         """Probe until ``stop`` is set, then close every connection and wait for pending callbacks."""
@@ -275,7 +289,7 @@ class HealthMonitor:
         timeout = probe.target.timeout
         try:
             async with asyncio.timeout(timeout):
-                status = await _ask_ready(probe)
+                status, load = await _ask_ready(probe)
         except TimeoutError:
             probe.close()
             return f"timeout after {timeout}s"
@@ -291,7 +305,14 @@ class HealthMonitor:
         except OSError as error:
             probe.close()
             return error.strerror or repr(error)
-        return None if status == 200 else f"HTTP {status}"
+        if status != 200:
+            return f"HTTP {status}"
+        reading = Load.parse(load.decode("ascii", "replace")) if load else None
+        if reading is not None:
+            if probe.load is not None:
+                probe.rates = rates(probe.load, reading) or probe.rates
+            probe.load = reading
+        return None
 
 
 class MonitorThread:
@@ -319,8 +340,9 @@ class MonitorThread:
         self._thread.join(timeout)
 
 
-async def _ask_ready(probe: _Probe) -> int:
-    """GET the readiness path on the probe's connection (opened or re-opened as needed); the status code."""
+async def _ask_ready(probe: _Probe) -> tuple[int, bytes | None]:
+    """GET the readiness path on the probe's connection (opened or re-opened as needed); the status code
+    and the load counters the answer carried (:data:`LOAD_HEADER`), if any."""
     if probe.writer is not None and (probe.writer.is_closing() or probe.reader.at_eof()):
         probe.close()  # the replica closed the idle connection
     reused = probe.writer is not None
@@ -337,7 +359,7 @@ async def _ask_ready(probe: _Probe) -> int:
     return await _exchange(probe)
 
 
-async def _exchange(probe: _Probe) -> int:
+async def _exchange(probe: _Probe) -> tuple[int, bytes | None]:
     """Send the request, read the whole response; keep the connection only if HTTP allows reusing it."""
     reader = probe.reader
     probe.writer.write(probe.request)
@@ -377,7 +399,7 @@ async def _exchange(probe: _Probe) -> int:
         keep_alive = False  # the body runs to the end of the connection; the status is all we need
     if not keep_alive:
         probe.close()
-    return status
+    return status, fields.get(LOAD_FIELD)
 
 
 async def _read_chunked(reader: asyncio.StreamReader) -> None:

@@ -122,7 +122,9 @@ class RequestLog:
         self._thread.start()
 
     def start(self) -> None:
-        """Start this process's shipper (at most once per process)."""
+        """Start this process's shipper (at most once per process; cheap on every request after the first)."""
+        if self._pid == os.getpid():
+            return
         with self._lock:
             self._ensure_process()
 

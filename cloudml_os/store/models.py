@@ -8,6 +8,7 @@ everything the next delivery of the task needs to continue. Schema changes go th
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint
@@ -266,6 +267,9 @@ class Version(Base):
     labels: Mapped[dict[str, Any]] = mapped_column(default=dict)
     # v1 requestLoggingConfig ({"samplingPercentage": fraction}); None: no request is logged.
     request_logging: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # v1 autoScaling with our defaults filled in ({"minNodes", "maxNodes", "metrics": [{"name", "target"}],
+    # "stableWindow", "panicWindow"}); None: a fixed pool of ``replicas`` (manualScaling).
+    auto_scaling: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # Seconds a prediction may take (a request may ask for another); past it the replica is reported.
     prediction_deadline: Mapped[float] = mapped_column(default=DEFAULT_PREDICTION_DEADLINE)
     error_message: Mapped[str] = mapped_column(Text, default="")
@@ -323,6 +327,13 @@ class Operation(Base):
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     create_time: Mapped[dt.datetime] = mapped_column(default=utcnow)
     end_time: Mapped[dt.datetime | None]
+
+    @classmethod
+    def new(cls, project: str, kind: str, target: str, version_id: int | None = None, *,
+            done: bool = False) -> Operation:
+        """A new operation with a fresh random name (``done``: one that finished on the spot)."""
+        return cls(name=uuid.uuid4().hex, project=project, kind=kind, version_id=version_id, target=target,
+                   done=done, end_time=utcnow() if done else None)
 
 
 class ProjectQuota(Base):

@@ -33,6 +33,7 @@ from cloudml_os.frameworks.base import Framework
 from cloudml_os.keys import generate_keypair
 from cloudml_os.remote import NodeSession, RemoteError, fan_out
 from cloudml_os.runtimes import runtime_python
+from cloudml_os.serving.autoscaler import LOAD_HEADER, Load
 from cloudml_os.store import Cluster, Node, Store
 from cloudml_os.store.models import Model, Operation, Replica, Version, VersionEvent, utcnow
 
@@ -42,7 +43,8 @@ MODEL_SERVER = Path(__file__).resolve().parents[1] / "serving" / "runtime" / "mo
 READY_TIMEOUT = 600.0  # seconds a replica may take to load its model and warm up
 FAILOVER_LIMIT, FAILOVER_WINDOW = 3, dt.timedelta(minutes=10)  # replacements per version per window
 # Replica states in which the replica's node exists (or is being made); the version's cluster holds those.
-HOLDING_NODE = ("PROVISIONING", "STARTING", "READY", "EJECTED")
+HOLDING_NODE = ("PROVISIONING", "STARTING", "READY", "EJECTED", "DRAINING")
+DRAIN_GRACE = 1.0  # seconds for the API's cached pools (ENDPOINTS_TTL) to forget a draining replica
 
 
 class ServeError(RuntimeError):
@@ -305,11 +307,12 @@ def run_operation(ctx: ServingContext, operation_id: int) -> None:
 
 
 def _scale_to(ctx: ServingContext, version: Version) -> None:
-    """Start replicas until ``version.replicas`` serve (in parallel), or delete the extra ones."""
+    """Start replicas until ``version.replicas`` serve (in parallel), or drain and delete the extra ones."""
     serving = _replicas(ctx.store, version.id, ("PROVISIONING", "STARTING", "READY"))
     for _ in range(version.replicas - len(serving)):
         serving.append(_new_replica(ctx.store, version.id))
     extra = [r for r in serving if r.state == "READY"][version.replicas:] if len(serving) > version.replicas else []
+    _drain(ctx, version, extra)
     for replica in extra:
         delete_replica(ctx, replica)
         add_event(ctx.store, version.id, "SCALE", f"{replica.name} removed", replica.name)
@@ -327,9 +330,34 @@ def _scale_to(ctx: ServingContext, version: Version) -> None:
         raise ServeError("; ".join(errors))
 
 
+def _drain(ctx: ServingContext, version: Version, replicas: list[Replica]) -> None:
+    """Take the replicas out of the pool, then wait until the requests they hold have finished (at most two
+    prediction deadlines): a scale-in fails no request."""
+    if not replicas:
+        return
+    for replica in replicas:
+        _set_replica(ctx.store, replica.id, expected=("READY",), state="DRAINING", healthy=False)
+        add_event(ctx.store, version.id, "DRAINING", f"{replica.name} takes no new requests", replica.name)
+    time.sleep(DRAIN_GRACE)
+    ends = time.monotonic() + 2 * version.prediction_deadline
+    for replica in replicas:
+        while time.monotonic() < ends and _in_flight(replica):
+            time.sleep(0.05)
+
+
+def _in_flight(replica: Replica) -> int:
+    """The requests the replica's model server is answering (0 when it does not say)."""
+    try:
+        answer = requests.get(f"http://{replica.address}:{replica.port}/v2/health/ready", timeout=1)
+    except requests.RequestException:
+        return 0
+    load = Load.parse(answer.headers.get(LOAD_HEADER, ""))
+    return load.in_flight if load else 0
+
+
 def _delete_version(ctx: ServingContext, version: Version) -> None:
     """Delete every replica and the version's whole cluster."""
-    live = ("PROVISIONING", "STARTING", "READY", "EJECTED", "FAILED", "DELETING")
+    live = ("PROVISIONING", "STARTING", "READY", "EJECTED", "DRAINING", "FAILED", "DELETING")
     with ctx.store.session() as session:
         session.execute(update(Replica).where(Replica.version_id == version.id, Replica.state.in_(live))
                         .values(state="DELETING", healthy=False))

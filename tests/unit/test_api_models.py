@@ -136,13 +136,20 @@ def operation_id(operation: dict) -> str:
 
 def test_create_model_returns_the_v1_model(env):
     response = env.create_model(description="census income", labels={"team": "ml"}, regions=["RegionOne"],
-                                onlinePredictionLogging=True)
+                                onlinePredictionLogging=False)
     assert response.status_code == 200, response.get_json()
     model = response.get_json()
     assert set(model) == {"name", "description", "labels", "etag"}
     assert (model["name"], model["description"], model["labels"]) == ("projects/p/models/census", "census income",
                                                                       {"team": "ml"})
     assert env.get("models/census").get_json() == model
+
+
+@pytest.mark.parametrize("field", ["onlinePredictionLogging", "onlinePredictionConsoleLogging"])
+def test_model_logging_flags_are_refused_rather_than_ignored(env, field):
+    message = assert_v1_error(env.create_model(**{field: True}), 400, "INVALID_ARGUMENT")
+    assert field in message and "requestLoggingConfig" in message
+    assert env.get("models/census").status_code == 404
 
 
 def test_duplicate_model_is_409(env):
@@ -279,10 +286,38 @@ def test_version_defaults(env):
     assert version.health == {"interval": 1.0, "timeout": 1.0, "rise": 2, "fall": 3}
 
 
-def test_auto_scaling_is_served_as_min_nodes(env):
+def test_auto_scaling_starts_at_min_nodes_and_shows_its_policy_with_defaults(env):
     env.create_model()
     assert env.create_version(autoScaling={"minNodes": 3, "maxNodes": 10}).status_code == 200
     assert env.version().replicas == 3
+    version = env.get("models/census/versions/v1").get_json()
+    assert "manualScaling" not in version
+    assert version["autoScaling"] == {"minNodes": 3, "maxNodes": 10, "stableWindow": 60.0, "panicWindow": 6.0,
+                                      "metrics": [{"name": "REQUESTS_IN_FLIGHT", "target": 4.0}]}
+    env.deployed("v2", autoScaling={"minNodes": 0, "metrics": [{"name": "CPU_USAGE", "target": 70}]})
+    assert env.version("v2").replicas == 0 and env.version("v2").auto_scaling["maxNodes"] == 1
+
+
+def test_patch_auto_scaling_lays_fields_over_the_policy_and_moves_the_count_into_the_bounds(env):
+    env.deployed("v1", autoScaling={"minNodes": 1, "maxNodes": 4})
+    response = env.patch("models/census/versions/v1", "autoScaling.maxNodes", {"autoScaling": {"maxNodes": 8}})
+    assert response.get_json()["done"] is True, response.get_json()  # the count stays: done at once
+    assert env.version().auto_scaling["maxNodes"] == 8 and env.version().auto_scaling["minNodes"] == 1
+    response = env.patch("models/census/versions/v1", "autoScaling.minNodes", {"autoScaling": {"minNodes": 3}})
+    assert response.get_json()["done"] is False and len(env.operations) == 2  # the create, then 1 → 3
+    assert (env.version().state, env.version().replicas) == ("UPDATING", 3)
+    env.set_state("v1", "READY")
+    message = assert_v1_error(env.patch("models/census/versions/v1", "autoScaling.maxNodes",
+                                        {"autoScaling": {"maxNodes": 2}}), 400, "INVALID_ARGUMENT")
+    assert "maxNodes" in message and "at least minNodes" in message
+    assert env.version().auto_scaling["maxNodes"] == 8  # unchanged
+    response = env.patch("models/census/versions/v1", "manualScaling.nodes", {"manualScaling": {"nodes": 3}})
+    assert response.status_code == 200 and env.version().auto_scaling is None
+    version = env.get("models/census/versions/v1").get_json()
+    assert version["manualScaling"] == {"nodes": 3} and "autoScaling" not in version
+    both = env.patch("models/census/versions/v1", "manualScaling.nodes,autoScaling.minNodes",
+                     {"manualScaling": {"nodes": 2}, "autoScaling": {"minNodes": 2}})
+    assert "not both" in assert_v1_error(both, 400, "INVALID_ARGUMENT")
 
 
 def test_only_the_first_version_becomes_the_default(env):
@@ -306,7 +341,18 @@ def test_only_the_first_version_becomes_the_default(env):
     ({"manualScaling": {"nodes": 0}}, "manualScaling.nodes: must be between 1 and 32"),
     ({"manualScaling": {"nodes": 33}}, "manualScaling.nodes: must be between 1 and 32"),
     ({"manualScaling": {}}, "manualScaling.nodes: Missing data"),
-    ({"autoScaling": {"minNodes": 0}}, "autoScaling.minNodes: must be between 1 and 32"),
+    ({"autoScaling": {"minNodes": -1}}, "autoScaling.minNodes: must be between 0 and 32"),
+    ({"autoScaling": {"minNodes": 3, "maxNodes": 2}}, "autoScaling.maxNodes: must be at least minNodes"),
+    ({"autoScaling": {"minNodes": 1, "metrics": [{"name": "GPU_DUTY_CYCLE", "target": 60}]}},
+     "autoScaling.metrics[0].name: not supported"),
+    ({"autoScaling": {"minNodes": 1, "metrics": [{"name": "QPS", "target": 60}]}}, "autoScaling.metrics[0].name: must be REQUESTS_IN_FLIGHT"),
+    ({"autoScaling": {"minNodes": 1, "metrics": [{"name": "CPU_USAGE", "target": 150}]}},
+     "autoScaling.metrics[0].target: a CPU_USAGE target is a percent"),
+    ({"autoScaling": {"minNodes": 1, "metrics": [{"name": "CPU_USAGE", "target": 50}] * 2}},
+     "autoScaling.metrics: each metric at most once"),
+    ({"autoScaling": {"minNodes": 1, "stableWindow": 10, "panicWindow": 20}},
+     "autoScaling.panicWindow: must be at most stableWindow"),
+    ({"autoScaling": {"minNodes": 1, "stableWindow": 2}}, "autoScaling.stableWindow: must be from 6 to 3600"),
     ({"manualScaling": {"nodes": 1}, "autoScaling": {"minNodes": 1}}, "autoScaling: give manualScaling or"),
     ({"healthCheck": {"interval": 0}}, "healthCheck.interval: must be more than 0"),
     ({"healthCheck": {"interval": 1, "timeout": 2}}, "healthCheck.timeout: must not exceed interval"),

@@ -448,6 +448,8 @@ class ModelServer:
         self.draining = False
         self._in_flight = 0
         self._idle = threading.Condition()
+        self._busy = 0.0  # the integral of requests in flight over time (request-seconds), for autoscaling
+        self._busy_since = time.monotonic()
 
     @property
     def ready(self) -> bool:
@@ -498,13 +500,30 @@ class ModelServer:
 
     def request_started(self) -> None:
         with self._idle:
+            self._count_busy()
             self._in_flight += 1
 
     def request_ended(self) -> None:
         with self._idle:
+            self._count_busy()
             self._in_flight -= 1
             if not self._in_flight:
                 self._idle.notify_all()
+
+    def _count_busy(self) -> float:
+        now = time.monotonic()
+        self._busy += self._in_flight * (now - self._busy_since)
+        self._busy_since = now
+        return now
+
+    def load_header(self) -> str:
+        """The load counters the autoscaler reads with each readiness probe (cloudml_os.serving.autoscaler's
+        ``Load``): this clock, request-seconds in flight, process CPU seconds, cores, and the requests in
+        flight besides the probe asking."""
+        with self._idle:
+            now = self._count_busy()
+            return (f"time={now:.6f}; busy={self._busy:.6f}; cpu={time.process_time():.6f}; "
+                    f"cpus={os.cpu_count() or 1}; in_flight={max(self._in_flight - 1, 0)}")
 
     def wait_idle(self, timeout: float) -> bool:
         with self._idle:
@@ -521,7 +540,7 @@ class ModelServer:
             return 200, {"live": True}, {}
         if path == "/v2/health/ready":
             allow(method, "GET")
-            return (200 if self.ready else 503), {"ready": self.ready}, {}
+            return (200 if self.ready else 503), {"ready": self.ready}, {"X-Cloudml-Load": self.load_header()}
         if path == "/v2":
             allow(method, "GET")
             return 200, {"name": "cloudml-os-model-server", "version": VERSION,
