@@ -98,7 +98,7 @@ def rates(before: Load, after: Load) -> dict[str, float] | None:
 @dataclass(frozen=True)
 class Decision:
     replicas: int
-    reason: str
+    reason: str  # the deciding metric, its average, window and target
 
 
 class Scaler:
@@ -142,7 +142,7 @@ class Scaler:
         want = min(max(want, policy.min_nodes), policy.max_nodes)
         if want == current:
             return None
-        return Decision(want, f"{current} → {want} replicas: {why}")
+        return Decision(want, why)
 
     def _want(self, now: float, window: float, ready: int, *, tolerance: bool) -> tuple[int, str]:
         """Replicas the mean totals of the last ``window`` seconds ask for, and why (the deciding metric)."""

@@ -90,7 +90,7 @@ class Autoscaling:
 def scale_version(store: Store, settings: Settings, version_id: int, want: int, reason: str,
                   start_operation: Callable[[int], None], capped: dict[int, int] | None = None) -> bool:
     """Have a READY autoscaled version scale to ``want`` replicas (an operation, and an ``AUTOSCALE`` event
-    saying ``reason``); False when it changed meanwhile or its quota leaves no room. A scale-out stops at
+    "N → M replicas: ``reason``"); False when it changed meanwhile or its quota leaves no room. A scale-out stops at
     the project's quota with a ``QUOTA`` event (once per count it stops at, kept in ``capped``)."""
     capped = {} if capped is None else capped
     with store.session() as session:
@@ -109,7 +109,7 @@ def scale_version(store: Store, settings: Settings, version_id: int, want: int, 
                         f"autoscaling wants {want} replicas; the project's quota allows {allowed}")))
                 if allowed <= row.replicas:
                     return False
-                want, reason = allowed, f"{reason}; stopped at the quota ({allowed})"
+                want, reason = allowed, f"{reason} (wanted {want}; the project's quota allows {allowed})"
         else:
             capped.pop(version_id, None)
         moved = session.execute(update(Version).where(Version.id == version_id, Version.state == "READY")
@@ -119,6 +119,7 @@ def scale_version(store: Store, settings: Settings, version_id: int, want: int, 
             return False
         target = f"projects/{model.project}/models/{model.name}/versions/{row.name}"
         operation = Operation.new(model.project, "UPDATE_VERSION", target, version_id)
+        reason = f"{row.replicas} → {want} replicas: {reason}"
         event = VersionEvent(version_id=version_id, kind="AUTOSCALE", message=reason)
         session.add_all([operation, event])
     previous = row.replicas

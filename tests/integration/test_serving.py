@@ -194,16 +194,16 @@ def query(platform, sql: str, **params) -> list[tuple]:
     return rows
 
 
-def serving_cluster(platform, version: str) -> str:
+def serving_cluster(platform, version: str, model: str = "regression") -> str:
     """The one cluster a version's replicas are nodes of."""
     [(version_id,)] = query(platform, "SELECT v.id FROM versions v JOIN models m ON m.id = v.model_id "
-                                      "WHERE m.name = 'regression' AND v.name = :v", v=version)
+                                      "WHERE m.name = :m AND v.name = :v", m=model, v=version)
     return f"cml-serve-{version_id}"
 
 
-def node_marker(platform, version: str, replica: str) -> str:
+def node_marker(platform, version: str, replica: str, model: str = "regression") -> str:
     """What the command line of every process of a replica's node (driver ``local``) contains."""
-    return f"/clusters/{serving_cluster(platform, version)}/nodes/{replica}/"
+    return f"/clusters/{serving_cluster(platform, version, model)}/nodes/{replica}/"
 
 
 def cluster_nodes(platform, version: str) -> tuple[list[str], list[str]]:

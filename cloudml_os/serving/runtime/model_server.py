@@ -448,7 +448,8 @@ class ModelServer:
         self.draining = False
         self._in_flight = 0
         self._idle = threading.Condition()
-        self._busy = 0.0  # the integral of requests in flight over time (request-seconds), for autoscaling
+        self._predicting = 0  # the requests in flight that are predictions (POSTs), not probes
+        self._busy = 0.0  # the integral of _predicting over time (request-seconds), for autoscaling
         self._busy_since = time.monotonic()
 
     @property
@@ -498,32 +499,34 @@ class ModelServer:
         if self.state == "AVAILABLE":
             self.state = "UNLOADING"
 
-    def request_started(self) -> None:
+    def request_started(self, prediction: bool) -> None:
         with self._idle:
             self._count_busy()
             self._in_flight += 1
+            self._predicting += prediction
 
-    def request_ended(self) -> None:
+    def request_ended(self, prediction: bool) -> None:
         with self._idle:
             self._count_busy()
             self._in_flight -= 1
+            self._predicting -= prediction
             if not self._in_flight:
                 self._idle.notify_all()
 
     def _count_busy(self) -> float:
         now = time.monotonic()
-        self._busy += self._in_flight * (now - self._busy_since)
+        self._busy += self._predicting * (now - self._busy_since)
         self._busy_since = now
         return now
 
     def load_header(self) -> str:
         """The load counters the autoscaler reads with each readiness probe (cloudml_os.serving.autoscaler's
-        ``Load``): this clock, request-seconds in flight, process CPU seconds, cores, and the requests in
-        flight besides the probe asking."""
+        ``Load``): this clock, prediction-seconds in flight (probes do not count: an idle server reads 0),
+        process CPU seconds, cores, and the predictions in flight."""
         with self._idle:
             now = self._count_busy()
             return (f"time={now:.6f}; busy={self._busy:.6f}; cpu={time.process_time():.6f}; "
-                    f"cpus={os.cpu_count() or 1}; in_flight={max(self._in_flight - 1, 0)}")
+                    f"cpus={os.cpu_count() or 1}; in_flight={self._predicting}")
 
     def wait_idle(self, timeout: float) -> bool:
         with self._idle:
@@ -664,7 +667,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
 
     def _answer(self, method: str) -> None:
         app = self.server.app
-        app.request_started()
+        prediction = method == "POST"  # :predict and infer; what the autoscaler counts
+        app.request_started(prediction)
         try:
             headers = {}
             try:
@@ -684,7 +688,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
                 status, payload = 500, {"error": "internal error"}
             self._send(status, payload, headers)
         finally:
-            app.request_ended()
+            app.request_ended(prediction)
 
     def _header_length(self) -> int | None:
         value = self.headers.get("Inference-Header-Content-Length")
