@@ -36,6 +36,7 @@ from cloudml_os.api import (
     quotas,
     services,
 )
+from cloudml_os.api.logwatch import LogWatch
 from cloudml_os.api.schemas import ErrorSchema, Int32, Int64
 from cloudml_os.artifacts import ArtifactStore
 from cloudml_os.auth import authorize
@@ -50,6 +51,7 @@ from cloudml_os.store import Store
 
 # Requests that need no token: the API description and the load balancer's health probe.
 PUBLIC_ENDPOINTS = frozenset({"api-docs.openapi_json", "healthz"})
+LOG_FOLLOW_INTERVAL = 0.5  # seconds between two looks at the followed jobs' logs (one query for all)
 
 
 class V1Api(Api):
@@ -128,12 +130,12 @@ def create_app(settings: Settings, *, store: Store, artifacts: ArtifactStore,
         },
         MAX_CONTENT_LENGTH=settings.max_request_bytes,  # a bigger body is answered 413, unread
         PACKAGE_MAX_BYTES=settings.max_package_bytes,
-        LOG_FOLLOW_INTERVAL=0.5,
     )
     app.extensions[EXTENSION] = Services(settings=settings, store=store, artifacts=artifacts,
                                          frameworks=dict(frameworks), start_job=start_job,
                                          start_operation=start_operation, predict=predict,
-                                         replace_replica=replace_replica, request_log=request_log)
+                                         replace_replica=replace_replica, request_log=request_log,
+                                         log_watch=LogWatch(store, LOG_FOLLOW_INTERVAL))
     for name, (converter, _) in CONVERTERS.items():
         app.url_map.converters[name] = converter
 

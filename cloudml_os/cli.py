@@ -117,7 +117,8 @@ def cmd_api(args: argparse.Namespace) -> int:
             self.cfg.set("bind", f"{settings.api_host}:{settings.api_port}")
             self.cfg.set("worker_class", "gthread")
             self.cfg.set("workers", 1)
-            self.cfg.set("threads", args.threads)
+            self.cfg.set("threads", args.threads)  # a follow=true stream or a waiting prediction holds one
+            self.cfg.set("worker_connections", 2 * args.threads)
             self.cfg.set("timeout", 0)  # log following holds a request open
             # Clients such as the ml v1 library keep connections idle between calls for a while; a
             # short keep-alive closes them under the client, which then fails its next write.
@@ -494,7 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
     api = commands.add_parser("api", parents=[common], help="serve the REST API")
     api.add_argument("--port", type=int)
     api.add_argument("--host")
-    api.add_argument("--threads", type=int, default=16)
+    api.add_argument("--threads", type=int, default=1024, help="requests served at once (threads are created "
+                     "as needed; an idle one costs little memory)")
     api.set_defaults(func=cmd_api)
 
     worker = commands.add_parser("worker", parents=[common], help="run a Celery worker")

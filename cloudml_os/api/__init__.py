@@ -19,6 +19,7 @@ from flask_smorest import Blueprint
 from webargs.flaskparser import FlaskParser
 from werkzeug.routing import BaseConverter
 
+from cloudml_os.api.logwatch import LogWatch
 from cloudml_os.artifacts import PROJECT_ID_PATTERN, ArtifactStore
 from cloudml_os.config import Settings
 from cloudml_os.errors import InvalidArgument, Unavailable, flatten_messages
@@ -64,6 +65,8 @@ class Services:
     replace_replica: Callable[[int], None] = no_replacement
     # Where sampled online predictions go (cloudml_os.serving.request_log.RequestLog); None: nowhere.
     request_log: RequestLog | None = None
+    # What follow=true log streams wait on (cloudml_os.api.logwatch.LogWatch); create_app makes it.
+    log_watch: LogWatch | None = None
 
 
 def services() -> Services:

@@ -11,17 +11,17 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
-from flask import Response, current_app
+from flask import Response
 from sqlalchemy import ColumnElement, delete, or_, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from cloudml_os import metrics, quotas, tuning
 from cloudml_os.api import ApiBlueprint, resource_name, services
 from cloudml_os.api.filters import Condition, compare, parse_list_filter
+from cloudml_os.api.logwatch import LogWatch
 from cloudml_os.api.schemas import (
     CancelJobRequestSchema,
     EmptySchema,
@@ -374,29 +374,32 @@ def _utf8_sequence_length(lead: int) -> int:
     return 1
 
 
-def follow_log(store: Store, job_pk: int, node: str, offset: int, interval: float,
-               sleep: Callable[[float], None] = time.sleep) -> Iterator[str]:
+def follow_log(store: Store, job_pk: int, node: str, offset: int, watch: LogWatch,
+               safety_timeout: float = 30.0) -> Iterator[str]:
     """Yield a node's log text from ``offset`` as it grows, until the job has ended and all is read.
 
-    The job's state is read before the log: the workflow stores a node's last bytes before it marks the
-    job final, so a final state followed by an empty read means nothing more will come.
+    Between reads it waits on ``watch`` for the job's state or logs to change (at most ``safety_timeout``
+    seconds). The job's state is read before the log: the workflow stores a node's last bytes before it
+    marks the job final, so a final state followed by an empty read means nothing more will come.
     """
     pending = b""
-    while True:
-        job = store.get_job(job_pk)
-        ended = job is None or JobState(job.state).is_final
-        data, offset = store.read_log(job_pk, node, offset)
-        if data:
-            data = pending + data
-            cut = complete_utf8_length(data)
-            pending = data[cut:]
-            yield data[:cut].decode("utf-8", errors="replace")
-            continue
-        if ended:
-            if pending:
-                yield pending.decode("utf-8", errors="replace")
-            return
-        sleep(interval)
+    with watch.following(job_pk):
+        while True:
+            mark = watch.mark(job_pk)
+            job = store.get_job(job_pk)
+            ended = job is None or JobState(job.state).is_final
+            data, offset = store.read_log(job_pk, node, offset)
+            if data:
+                data = pending + data
+                cut = complete_utf8_length(data)
+                pending = data[cut:]
+                yield data[:cut].decode("utf-8", errors="replace")
+                continue
+            if ended:
+                if pending:
+                    yield pending.decode("utf-8", errors="replace")
+                return
+            watch.wait(job_pk, mark, safety_timeout)
 
 
 @blp.route("/jobs/<resource_id:job>/logs", methods=["GET"])
@@ -416,8 +419,7 @@ def job_logs(args: dict[str, Any], project: str, job: str) -> dict[str, Any] | R
     if node:
         node = prefix + node
     if args["follow"]:
-        interval = float(current_app.config["LOG_FOLLOW_INTERVAL"])
-        stream = follow_log(store, row.id, node, args["offset"], interval)
+        stream = follow_log(store, row.id, node, args["offset"], services().log_watch)
         return Response(stream, mimetype="text/plain",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     ended = JobState(row.state).is_final

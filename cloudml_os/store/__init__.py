@@ -508,6 +508,15 @@ class Store:
                 break
         return bytes(out[:limit]), offset + min(len(out), limit)
 
+    def log_marks(self, job_pks: list[int]) -> dict[int, tuple[str, int | None]]:
+        """For each existing job of ``job_pks``: (its state, its newest log chunk's id) — a value that changes
+        whenever the job's state changes or any of its logs grows. One query for all of them."""
+        with self.session() as session:
+            rows = session.execute(select(Job.id, Job.state, func.max(LogChunk.id))
+                                   .outerjoin(LogChunk, LogChunk.job_id == Job.id)
+                                   .where(Job.id.in_(job_pks)).group_by(Job.id, Job.state)).all()
+        return {job_pk: (state, newest) for job_pk, state, newest in rows}
+
     def log_nodes(self, job_pk: int) -> list[str]:
         with self.session() as session:
             return list(session.scalars(select(LogChunk.node).where(LogChunk.job_id == job_pk).distinct()))

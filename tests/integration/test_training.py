@@ -6,11 +6,13 @@ Everything is real: PostgreSQL, RabbitMQ, a worker process, paramiko to local ss
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import time
 import zipfile
 
 import pytest
+import requests
 
 from tests.conftest import ROOT
 from tests.harness import cluster_processes
@@ -120,6 +122,48 @@ def test_cancel_while_running_ends_cancelled_with_no_process_left(platform, clie
     assert job["state"] == "CANCELLED"
     assert followed == client.logs("cancelled_job")["chief-0"]
     assert_no_node_left(platform, client, job["jobId"])
+
+
+def test_500_followers_of_a_running_job_leave_the_api_answering_everyone_else(platform, client, package):
+    """Long requests do not hold a small fixed pool: 500 follow=true streams stay open while /healthz and
+    another project's calls answer; cancelling the job ends every stream with the whole log."""
+    client.submit("followed_job", package, args=["--sleep-before-training", "600"])
+    client.wait("followed_job", states={"RUNNING"}, timeout=300)
+    wait_for_log = time.monotonic() + 60
+    while "sleeping" not in client.logs("followed_job").get("chief-0", ""):
+        assert time.monotonic() < wait_for_log
+        time.sleep(0.5)
+    host, port = platform.base_url.removeprefix("http://").split(":")
+    request = (f"GET /v1/projects/{client.project}/jobs/followed_job/logs?node=chief-0&follow=true HTTP/1.1\r\n"
+               f"Host: {host}:{port}\r\nAuthorization: Bearer {client.token}\r\n\r\n").encode()
+    streams = []
+    try:
+        for _ in range(500):
+            stream = socket.create_connection((host, int(port)), timeout=120)
+            stream.sendall(request)
+            streams.append(stream)
+        received = [b""] * len(streams)
+        for index, stream in enumerate(streams):  # each has answered and sent the log so far
+            while b"sleeping" not in received[index]:
+                chunk = stream.recv(65536)
+                assert chunk, received[index]
+                received[index] += chunk
+            assert received[index].startswith(b"HTTP/1.1 200"), received[index][:200]
+        other = platform.client("team-elsewhere")
+        for _ in range(3):  # while all 500 are open
+            assert requests.get(f"{platform.base_url}/healthz", timeout=30).status_code == 200
+            assert other.request("GET", "/jobs").status_code == 200
+            assert other.request("GET", "/jobs/nobody").status_code == 404
+        assert client.request("POST", "/jobs/followed_job:cancel", json={}).status_code == 200
+        for index, stream in enumerate(streams):  # every stream ends with the job, as chunked encoding says
+            while not received[index].endswith(b"0\r\n\r\n"):
+                chunk = stream.recv(65536)
+                assert chunk, received[index][-200:]
+                received[index] += chunk
+    finally:
+        for stream in streams:
+            stream.close()
+    assert client.job("followed_job")["state"] == "CANCELLED"
 
 
 def test_arguments_with_shell_metacharacters_reach_the_trainer_literally(platform, client, package, tmp_path):

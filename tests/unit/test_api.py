@@ -3,6 +3,7 @@ and a start_job that records what it was asked to start."""
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import re
@@ -16,6 +17,7 @@ import pytest
 from sqlalchemy import func, select
 
 from cloudml_os.api.jobs import Condition, complete_utf8_length, follow_log, parse_filter
+from cloudml_os.api.logwatch import LogWatch
 from cloudml_os.app import create_app
 from cloudml_os.artifacts.local import LocalArtifactStore
 from cloudml_os.auth import role_allows
@@ -466,10 +468,41 @@ def test_follow_log_joins_split_characters_and_flushes_at_the_end(env):
     snowman = "☃".encode()
     env.store.append_logs(pk, [(0, "n", 0, b"x" + snowman[:1])])
     env.store.transition(pk, [JobState.QUEUED], JobState.FAILED)
-    assert "".join(follow_log(env.store, pk, "n", 0, 0.0)) == "x\ufffd"
+    watch = LogWatch(env.store, 0.01)
+    assert "".join(follow_log(env.store, pk, "n", 0, watch)) == "x\ufffd"
     env.store.append_logs(pk, [(0, "n", 2, snowman[1:])])
-    assert list(follow_log(env.store, pk, "n", 0, 0.0)) == ["x☃"]
-    assert list(follow_log(env.store, pk, "n", 1, 0.0)) == ["☃"]
+    assert list(follow_log(env.store, pk, "n", 0, watch)) == ["x☃"]
+    assert list(follow_log(env.store, pk, "n", 1, watch)) == ["☃"]
+
+
+def test_many_idle_follows_cost_one_query_per_interval_and_all_wake_on_new_lines(env):
+    [pk] = make_jobs(env, 1)
+    env.store.transition(pk, [JobState.QUEUED], JobState.RUNNING)
+    calls = collections.Counter()
+    for name in ("log_marks", "read_log", "get_job"):
+        original = getattr(env.store, name)
+        setattr(env.store, name, lambda *a, _original=original, _name=name, **k: (
+            calls.update([_name]), _original(*a, **k))[1])
+    watch = LogWatch(env.store, 0.05)
+    received = collections.defaultdict(str)
+
+    def follow(index: int) -> None:
+        for text in follow_log(env.store, pk, "n", 0, watch):
+            received[index] += text
+
+    threads = [threading.Thread(target=follow, args=(index,)) for index in range(50)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)
+    calls.clear()
+    time.sleep(1.0)  # quiet: about 20 looks of the watcher, and next to nothing from the followers
+    assert 10 <= calls["log_marks"] <= 25 and calls["read_log"] == 0, calls
+    env.store.append_logs(pk, [(0, "n", 0, b"epoch 1\n")])
+    env.store.transition(pk, [JobState.RUNNING], JobState.SUCCEEDED)
+    for thread in threads:
+        thread.join(timeout=10)
+    assert not any(thread.is_alive() for thread in threads)
+    assert set(received.values()) == {"epoch 1\n"} and len(received) == 50
 
 
 @pytest.mark.parametrize("data, length", [(b"", 0), (b"abc", 3), ("é".encode(), 2), ("é".encode()[:1], 0),
