@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,11 @@ MODEL_COLUMNS = [Column("NAME", "name", basename), Column("DEFAULT_VERSION", "de
                  Column("DESCRIPTION", "description")]
 VERSION_COLUMNS = [Column("NAME", "name", basename), Column("STATE", "state"),
                    Column("DEPLOYMENT_URI", "deploymentUri"), Column("FRAMEWORK", "framework"),
-                   Column("NODES", "manualScaling.nodes"), Column("DEFAULT", "isDefault", lambda v: "*" if v else "")]
+                   Column("NODES", "manualScaling.nodes"),
+                   Column("AUTOSCALING", "autoScaling", lambda a: f"{a['minNodes']}-{a['maxNodes']}" if a else ""),
+                   Column("DEFAULT", "isDefault", lambda v: "*" if v else "")]
+METRIC_NAMES = {"requests-in-flight": "REQUESTS_IN_FLIGHT", "cpu-usage": "CPU_USAGE",
+                "gpu-duty-cycle": "GPU_DUTY_CYCLE"}  # gcloud's spellings (the API refuses the GPU one, naming it)
 OPERATION_INTERVAL = 1.0
 
 
@@ -72,6 +77,48 @@ MODEL = click.option("--model", required=True, help="The model.")
 REQUEST_LOGGING = click.option(
     "--request-logging", type=click.FloatRange(0, 1), metavar="FRACTION",
     help="Log this fraction of the version's predictions to store://PROJECT/request-logs/MODEL/VERSION/ (0 stops).")
+
+
+
+def autoscaling_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``--min-nodes``, ``--max-nodes`` and ``--metric-targets``, gcloud's autoscaling flags."""
+    for option in reversed((
+            click.option("--min-nodes", type=click.IntRange(0, 32),
+                         help="Autoscale from this many replicas (0: scale to zero when idle)."),
+            click.option("--max-nodes", type=click.IntRange(1, 32), help="Autoscale up to this many replicas."),
+            click.option("--metric-targets", metavar="METRIC=TARGET,…",
+                         help="What autoscaling keeps near its target per replica: requests-in-flight=4 (default), "
+                              "cpu-usage=PERCENT.")),
+    ):
+        function = option(function)
+    return function
+
+
+def parse_metric_targets(text: str) -> list[dict[str, Any]]:
+    """``requests-in-flight=2,cpu-usage=60`` → the API's ``metrics`` list.
+
+    :raises click.UsageError: a metric name that is not one, or a target that is not a number.
+    """
+    metrics = []
+    for part in filter(None, (piece.strip() for piece in text.split(","))):
+        name, _, target = part.partition("=")
+        if name.strip().lower() not in METRIC_NAMES:
+            raise click.UsageError(f"--metric-targets: unknown metric {name.strip()!r}; give "
+                                   f"{', '.join(METRIC_NAMES)}")
+        try:
+            value = float(target)
+        except ValueError:
+            raise click.UsageError(f"--metric-targets: {part!r}: the target must be a number") from None
+        metrics.append({"name": METRIC_NAMES[name.strip().lower()], "target": value})
+    if not metrics:
+        raise click.UsageError("--metric-targets: give METRIC=TARGET, e.g. requests-in-flight=4")
+    return metrics
+
+
+def _autoscaling_fields(min_nodes: int | None, max_nodes: int | None, metric_targets: str | None) -> dict[str, Any]:
+    fields: dict[str, Any] = {"minNodes": min_nodes, "maxNodes": max_nodes,
+                              "metrics": parse_metric_targets(metric_targets) if metric_targets else None}
+    return {key: value for key, value in fields.items() if value is not None}
 
 
 # ---- models ------------------------------------------------------------------------------------------
@@ -200,18 +247,26 @@ def _origin(api: ApiClient, origin: str | None, origin_job: str | None) -> str:
 @click.option("--nodes", type=click.IntRange(1, 32), help="How many replicas serve it (default 1).")
 @click.option("--description", help="What the version is.")
 @click.option("--labels", help="Labels KEY=VALUE,KEY2=VALUE2.")
+@autoscaling_options
 @REQUEST_LOGGING
 @ASYNC
 def create_version(version: str, model: str, origin: str | None, origin_job: str | None, framework: str | None,
                    runtime_version: str | None, machine_type: str | None, nodes: int | None,
+                   min_nodes: int | None, max_nodes: int | None, metric_targets: str | None,
                    description: str | None, labels: str | None, request_logging: float | None,
                    asynchronous: bool) -> None:
     """Deploy version VERSION of model --model and wait until it serves.
 
     \b
     cloudml versions create v1 --model census --origin-job census_1 --nodes 2
-    cloudml versions create v2 --model census --origin store://demo/jobs/census_2/model --async
+    cloudml versions create v2 --model census --origin-job census_1 --min-nodes 1 --max-nodes 4
+    cloudml versions create v3 --model census --origin store://demo/jobs/census_2/model --async
     """
+    auto_scaling = _autoscaling_fields(min_nodes, max_nodes, metric_targets)
+    if auto_scaling and nodes is not None:
+        raise click.UsageError("give --nodes (a fixed pool) or --min-nodes/--max-nodes (autoscaling), not both")
+    if auto_scaling and min_nodes is None:
+        raise click.UsageError("autoscaling needs --min-nodes")
     api = invocation().api()
     label_values = parse_labels(labels)
     body: dict[str, Any] = {"name": version, "deploymentUri": _origin(api, origin, origin_job)}
@@ -221,6 +276,8 @@ def create_version(version: str, model: str, origin: str | None, origin_job: str
             body[key] = value
     if nodes is not None:
         body["manualScaling"] = {"nodes": nodes}
+    if auto_scaling:
+        body["autoScaling"] = auto_scaling
     if label_values:
         body["labels"] = label_values
     if request_logging is not None:
@@ -272,21 +329,29 @@ def set_default(version: str, model: str) -> None:
 @command(versions_group, "update")
 @click.argument("version")
 @MODEL
-@click.option("--nodes", type=click.IntRange(1, 32), help="Scale to this many replicas.")
+@click.option("--nodes", type=click.IntRange(1, 32), help="Scale to this many replicas (autoscaling off).")
+@autoscaling_options
 @click.option("--description", help="A new description.")
 @click.option("--labels", help="Replace the labels: KEY=VALUE,KEY2=VALUE2 ('' removes them all).")
 @REQUEST_LOGGING
 @ASYNC
-def update_version(version: str, model: str, nodes: int | None, description: str | None, labels: str | None,
+def update_version(version: str, model: str, nodes: int | None, min_nodes: int | None, max_nodes: int | None,
+                   metric_targets: str | None, description: str | None, labels: str | None,
                    request_logging: float | None, asynchronous: bool) -> None:
-    """Scale version VERSION or change its description or labels.
+    """Scale version VERSION, change how it autoscales, or change its description or labels.
 
     \b
     cloudml versions update v1 --model census --nodes 4
+    cloudml versions update v1 --model census --min-nodes 0 --max-nodes 8 --metric-targets cpu-usage=60
     """
+    auto_scaling = _autoscaling_fields(min_nodes, max_nodes, metric_targets)
+    if auto_scaling and nodes is not None:
+        raise click.UsageError("give --nodes (a fixed pool) or --min-nodes/--max-nodes (autoscaling), not both")
     body: dict[str, Any] = {}
     if nodes is not None:
         body["manualScaling"] = {"nodes": nodes}
+    if auto_scaling:
+        body["autoScaling"] = auto_scaling
     if description is not None:
         body["description"] = description
     if labels is not None:
@@ -294,8 +359,10 @@ def update_version(version: str, model: str, nodes: int | None, description: str
     if request_logging is not None:
         body["requestLoggingConfig"] = {"samplingPercentage": request_logging}
     if not body:
-        raise click.UsageError("give --nodes, --description, --labels or --request-logging")
-    mask = ",".join({"manualScaling": "manualScaling.nodes"}.get(key, key) for key in body)
+        raise click.UsageError("give --nodes, --min-nodes/--max-nodes/--metric-targets, --description, --labels "
+                               "or --request-logging")
+    mask = ",".join([f"autoScaling.{field}" for field in auto_scaling]
+                    + [{"manualScaling": "manualScaling.nodes"}.get(key, key) for key in body if key != "autoScaling"])
     api = invocation().api()
     operation = api.call("PATCH", f"/models/{model}/versions/{version}", params={"updateMask": mask}, json=body)
     _finish(api, operation, f"Updating version [{version}] of model [{model}]", asynchronous, "yaml")

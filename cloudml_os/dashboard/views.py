@@ -735,6 +735,9 @@ def create_version(model: str) -> Response:
         framework = framework or job.get("framework", "")
     body = {"name": form.get("name", "").strip(), "deploymentUri": uri, "framework": framework.upper(),
             "machineType": form.get("machineType", ""), "manualScaling": {"nodes": _int_field("nodes")}}
+    if form.get("maxNodes", "").strip():  # autoscaling between the replicas asked for and this
+        body["autoScaling"] = {"minNodes": _int_field("nodes"), "maxNodes": _int_field("maxNodes")}
+        del body["manualScaling"]
     if form.get("runtimeVersion"):
         body["runtimeVersion"] = form["runtimeVersion"]
     if _act(lambda: api().post(f"/projects/{g.project}/models/{model}/versions", body),
@@ -781,7 +784,8 @@ def version_live(model: str, version: str) -> str:
     samples = api().get(f"/projects/{g.project}/models/{model}/versions/{version}/replicaStats",
                         minutes=STATS_MINUTES).get("samples", [])
     return render_template("dashboard/project/_version_live.html", version=found, events=events,
-                           health=_health_points(events), probes=_probe_series(samples),
+                           health=_health_points(events), counts=_replica_counts(events),
+                           probes=_probe_series(samples),
                            stats_minutes=STATS_MINUTES)
 
 
@@ -806,6 +810,30 @@ def _probe_series(samples: list[dict[str, Any]]) -> dict[str, Any]:
         share = 100 * (sample["probes"] - sample["failures"]) / sample["probes"]
         answered.setdefault(replica, []).append({"x": x, "y": round(share, 1), "healthy": sample["healthy"]})
     return {"latency": latency, "answered": answered, "count": len(samples)}
+
+
+_CREATED = re.compile(r"Version creation requested: (\d+) ×")
+_COUNT_CHANGE = re.compile(r"(\d+) → (\d+) replicas")
+
+
+def _replica_counts(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """Chart data for a version's replica count over time: the count asked for (at its creation, by a user's
+    scaling, by the autoscaler) as a step line, and the autoscaler's decisions and quota stops as points
+    whose label says why; seconds since the first event on the x axis."""
+    times = [_parse_time(e.get("time")) for e in events]
+    start = min((t for t in times if t), default=None)
+    count: list[dict[str, Any]] = []
+    marks: dict[str, list[dict[str, Any]]] = {}
+    for event, when in zip(events, times, strict=True):
+        if when is None or start is None:
+            continue
+        x, message = round((when - start).total_seconds(), 1), event.get("message", "")
+        created, changed = _CREATED.search(message), _COUNT_CHANGE.search(message)
+        if created or changed:
+            count.append({"x": x, "y": int(created.group(1) if created else changed.group(2))})
+        if event.get("kind") in ("AUTOSCALE", "QUOTA") and count:
+            marks.setdefault(event["kind"], []).append({"x": x, "y": count[-1]["y"], "label": message})
+    return {"count": count, "marks": marks}
 
 
 def _health_points(events: list[dict[str, Any]]) -> dict[str, Any]:

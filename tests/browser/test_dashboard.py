@@ -181,6 +181,7 @@ def test_a_version_deployed_from_the_ui_shows_a_replicas_failure_and_its_replace
     # The chart (redrawn with each poll) has a median-latency line for each replica the API has samples of.
     page.wait_for_function(CHART_HAS_SERIES, arg=["latency-chart", sorted({f"{s['replica']} p50" for s in answered})],
                            timeout=60_000)
+    page.wait_for_function(REPLICA_COUNT_IS, arg=2, timeout=60_000)  # the count asked for, over time
 
     victim = sorted(before)[0]
     cluster = serving_cluster(dashboard_platform)
@@ -217,6 +218,11 @@ def test_a_version_deployed_from_the_ui_shows_a_replicas_failure_and_its_replace
 CHART_HAS_SERIES = """([id, labels]) => {
   const chart = Chart.getChart(document.getElementById(id));
   return !!chart && labels.every((label) => chart.data.datasets.some((d) => d.label === label));
+}"""
+REPLICA_COUNT_IS = """(count) => {
+  const chart = Chart.getChart(document.getElementById("replicas-chart"));
+  const line = chart && chart.data.datasets.find((d) => d.label === "replicas");
+  return !!line && line.data.length > 0 && line.data[line.data.length - 1].y === count;
 }"""
 VICTIM_HAS_FAILED_PROBES = """(victim) => {
   const chart = Chart.getChart(document.getElementById("answered-chart"));

@@ -176,6 +176,20 @@ def test_a_traffic_split_is_version_equals_percent_and_anything_else_is_a_usage_
     assert run(env, "models", "update", "census").exit_code == 2
 
 
+def test_metric_targets_take_gclouds_names_and_autoscaling_flags_exclude_a_fixed_pool(tmp_path):
+    from cloudml_os.client.models import parse_metric_targets
+
+    assert parse_metric_targets("requests-in-flight=2, CPU-usage=60") == [
+        {"name": "REQUESTS_IN_FLIGHT", "target": 2.0}, {"name": "CPU_USAGE", "target": 60.0}]
+    env = cli_env(tmp_path / "config.json", endpoint="http://127.0.0.1:9", project="p", token="t")
+    for args in (["--metric-targets", "qps=3"], ["--metric-targets", "cpu-usage=lots"], ["--metric-targets", ","],
+                 ["--nodes", "2", "--max-nodes", "3"], ["--min-nodes", "-1"]):
+        result = run(env, "versions", "update", "v1", "--model", "m", *args)
+        assert result.exit_code == 2, (args, result.output)
+    result = run(env, "versions", "create", "v1", "--model", "m", "--origin", "store://p/x", "--max-nodes", "3")
+    assert result.exit_code == 2 and "--min-nodes" in result.output, result.output
+
+
 class FakeLogs:
     """A job's state and logs as the API serves them, changed by the test between polls."""
 

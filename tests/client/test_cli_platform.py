@@ -126,6 +126,12 @@ def test_a_new_user_trains_deploys_predicts_and_cleans_up(platform, token, api, 
     updated = run(env, "versions", "update", "v1", "--model", "cli_regression", "--description", "first",
                   "--format", "value(description)")
     assert updated.exit_code == 0 and updated.stdout == "first\n", updated.output
+    autoscaled = run(env, "versions", "update", "v1", "--model", "cli_regression", "--min-nodes", "1",
+                     "--max-nodes", "3", "--metric-targets", "requests-in-flight=2", "--format",
+                     "value(autoScaling.minNodes,autoScaling.maxNodes,autoScaling.metrics[0].target)")
+    assert autoscaled.exit_code == 0 and autoscaled.stdout == "1\t3\t2.0\n", autoscaled.output
+    listed = run(env, "versions", "list", "--model", "cli_regression")
+    assert listed.stdout.splitlines()[1].split()[-2:] == ["1-3", "*"], listed.stdout
 
     deleted = run(env, "versions", "delete", "v1", "--model", "cli_regression")
     assert deleted.exit_code == 0 and deleted.stdout == "", deleted.output

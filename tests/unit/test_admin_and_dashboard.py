@@ -24,7 +24,7 @@ from flask.sessions import SecureCookieSessionInterface
 from sqlalchemy import select
 
 from cloudml_os.auth.tokens import create_token
-from cloudml_os.dashboard.views import topology
+from cloudml_os.dashboard.views import _replica_counts, topology
 from cloudml_os.store import Cluster, Job, Node
 from cloudml_os.store.models import AuditEvent
 from tests.unit.test_api import Env, assert_v1_error
@@ -641,3 +641,17 @@ def test_the_metrics_tab_draws_a_running_jobs_event_files_and_polls_until_the_jo
     fragment = client.get("/dashboard/project/jobs/live/metrics/pane").get_data(as_text=True)
     assert fragment.lstrip().startswith("<div id=\"metrics-live\"") and "chief-0: loss" in fragment
     assert "hx-trigger" not in fragment  # the job has ended: nothing more to poll
+
+
+def test_the_replica_chart_steps_with_each_count_asked_for_and_marks_the_autoscalers_decisions():
+    events = [{"time": "2026-12-08T01:00:00Z", "kind": "STATE", "message": "Version creation requested: 1 × standard"},
+              {"time": "2026-12-08T01:00:20Z", "kind": "AUTOSCALE",
+               "message": "1 → 2 replicas: REQUESTS_IN_FLIGHT 7.50 in total over the last 6 s (panic)"},
+              {"time": "2026-12-08T01:00:21Z", "kind": "QUOTA",
+               "message": "autoscaling wants 4 replicas; the project's quota allows 2"},
+              {"time": "2026-12-08T01:01:00Z", "kind": "REPLICA", "message": "replica-1 ready", "replica": "replica-1"},
+              {"time": "2026-12-08T01:02:00Z", "kind": "STATE", "message": "Scaling requested: 2 → 5 replicas"}]
+    chart = _replica_counts(events)
+    assert chart["count"] == [{"x": 0.0, "y": 1}, {"x": 20.0, "y": 2}, {"x": 120.0, "y": 5}]
+    assert [(m["x"], m["y"]) for m in chart["marks"]["AUTOSCALE"]] == [(20.0, 2)]
+    assert chart["marks"]["QUOTA"][0]["label"].endswith("allows 2")

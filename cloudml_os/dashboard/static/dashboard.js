@@ -49,6 +49,24 @@
     };
   }
 
+  function replicas(spec) {
+    // The count asked for over time (a step line), with the autoscaler's decisions and quota stops on it.
+    const colours = { AUTOSCALE: "#0d6efd", QUOTA: "#dc3545" };
+    const datasets = [{ label: "replicas", data: spec.count, stepped: "before", showLine: true, pointRadius: 0,
+                        borderColor: "#6c757d" }];
+    Object.entries(spec.marks).forEach(([kind, points]) => datasets.push(
+      { label: kind, data: points, pointRadius: 6, backgroundColor: colours[kind] }));
+    return {
+      type: "scatter", data: { datasets },
+      options: {
+        animation: false,
+        scales: { x: { title: { display: true, text: "seconds" }, beginAtZero: true },
+                  y: { beginAtZero: true, ticks: { stepSize: 1, precision: 0 } } },
+        plugins: { tooltip: { callbacks: { label: (item) => item.raw.label ?? `${item.raw.y} replicas` } } },
+      },
+    };
+  }
+
   function probes(spec) {
     // The monitor's samples: one line per series (replica, or replica and statistic), minutes before now.
     const datasets = Object.entries(spec.series).map(([name, points], i) => ({
@@ -127,7 +145,7 @@
     };
   }
 
-  const builders = { usage, metrics, health, probes, trials, parameter };
+  const builders = { usage, metrics, health, replicas, probes, trials, parameter };
 
   function draw(root) {
     root.querySelectorAll("canvas[data-chart]").forEach((canvas) => {
