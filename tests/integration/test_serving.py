@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -276,6 +277,48 @@ def test_a_frozen_replica_is_ejected_and_replaced_and_does_not_come_back(platfor
     assert node_processes(node_marker(platform, "tf_v1", victim)) == []
     response = predict_via_api(client, f"/models/{model}/versions/tf_v1:predict")
     assert response.status_code == 200
+
+
+SLOW_MODEL = """
+import sys
+import tensorflow as tf
+
+class Slow(tf.Module):
+    # y = 3x + 2 after sleeping argv[2] seconds (a tf.data sleep: the graph waits, the CPU does not).
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 1], tf.float32, name="x")])
+    def serve(self, x):
+        source = tf.data.Dataset.range(1)
+        slept = tf.data.experimental.from_variant(tf.raw_ops.SleepDataset(
+            input_dataset=source._variant_tensor, sleep_microseconds=tf.constant(int(float(sys.argv[2]) * 1e6),
+            tf.int64), output_types=[tf.int64], output_shapes=[[]]), source.element_spec)
+        waited = slept.take(1).reduce(tf.constant(0, tf.int64), lambda total, value: total + value)
+        return {"y": x * 3.0 + 2.0 + tf.cast(waited, tf.float32) * 0.0}
+
+module = Slow()
+tf.saved_model.save(module, sys.argv[1], signatures={"serving_default": module.serve})
+"""
+
+
+def test_a_slow_model_answering_within_its_deadline_is_not_ejected(platform, client, model, tf_runtime, tmp_path):
+    export = tmp_path / "slow"
+    subprocess.run([tf_runtime / "bin" / "python", "-c", SLOW_MODEL, str(export), "5"], check=True,
+                   capture_output=True)
+    for path in sorted(p for p in export.rglob("*") if p.is_file()):
+        response = client.request("PUT", f"/objects/slow-model/{path.relative_to(export).as_posix()}",
+                                  data=path.read_bytes())
+        assert response.status_code == 200, response.text
+    response = client.request("POST", f"/models/{model}/versions", json={
+        "name": "slow", "deploymentUri": f"store://{client.project}/slow-model", "framework": "TENSORFLOW",
+        "runtimeVersion": "2.21", "manualScaling": {"nodes": 1}, "predictionDeadline": 10, "healthCheck": FAST_HEALTH})
+    assert response.status_code == 200, response.text
+    wait_for(lambda: client.request("GET", f"/models/{model}/versions/slow").json()["state"] == "READY", timeout=600)
+    [serving] = ready_names(client, model, "slow")
+    # One after the other (its graph's sleeps share TensorFlow's small inter-op pool on 2 cores).
+    answers = [predict_via_api(client, f"/models/{model}/versions/slow:predict", [[1.0]]) for _ in range(3)]
+    assert [(a.status_code, a.json()) for a in answers] == [(200, {"predictions": [[5.0]]})] * 3
+    assert ready_names(client, model, "slow") == [serving]  # the same replica, never ejected
+    assert not [m for m in version_events(client, model, "slow") if "ejected" in m]
 
 
 def test_scaling_a_version_adds_and_removes_replicas(platform, client, model, tf_version):
