@@ -89,7 +89,8 @@ def _ejected_at(client, version: str, replica: str) -> float:
 
 
 def main() -> None:
-    with platform_with_model() as (client, job, database_url):
+    with platform_with_model() as (platform, client, job):
+        database_url = f"sqlite:///{platform.data_dir}/cloudml-os.db"
         deploy(client, job, "v1")
 
         # Passive: kill a node under load.

@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    with platform_with_model() as (client, job, _):
+    with platform_with_model() as (_, client, job):
         deploy(client, job, "v1")
         load(client, 2)  # warm-up: connections, the router's latency history
 

@@ -18,9 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @contextlib.contextmanager
-def platform_with_model(project: str = "bench") -> Iterator[tuple[Any, dict, str]]:
+def platform_with_model(project: str = "bench") -> Iterator[tuple[Any, Any, dict]]:
     """A running platform, its client for ``project`` with model ``m`` created, and the finished training
-    job whose export the versions serve: ``(client, job, database_url)``."""
+    job whose export the versions serve: ``(platform, client, job)``."""
     runtime = ensure_runtime("tensorflow-2.21", load_settings(environ={}).runtimes_dir)
     with tempfile.TemporaryDirectory() as tmp, start_platform(Path(tmp), local_address_prefix="127.4",
                                                               local_port_base=22000) as platform:
@@ -30,7 +30,7 @@ def platform_with_model(project: str = "bench") -> Iterator[tuple[Any, dict, str
         job = client.wait("train")
         assert job["state"] == "SUCCEEDED", job
         assert client.request("POST", "/models", json={"name": "m"}).status_code == 200
-        yield client, job, f"sqlite:///{tmp}/cloudml-os.db"
+        yield platform, client, job
 
 
 def deploy(client, job: dict, version: str, ready: int = 2, **fields: Any) -> None:
