@@ -71,7 +71,7 @@ def _authenticate() -> None:
     if svc.settings.auth == "keystone":
         token = caller_from_headers(request.headers)
     else:
-        token = token_from_header(svc.store, request.headers.get("Authorization"))
+        token = token_from_header(svc.store, request.headers.get("Authorization"), svc.lookups)
     g.token = token  # before the check, so that a denied call is in the audit trail too
     project = (request.view_args or {}).get("project")
     if project is not None:

@@ -16,6 +16,7 @@ from flask import Flask
 from sqlalchemy import select
 
 from cloudml_os.artifacts import ArtifactStore, open_artifact_store
+from cloudml_os.cache import TtlCache
 from cloudml_os.cloud.base import load_driver
 from cloudml_os.config import Settings, load_settings
 from cloudml_os.frameworks.base import load_frameworks
@@ -83,29 +84,22 @@ class HealthyReplicas:
     """The router's view of a version's pool: READY, healthy replicas from the database, cached briefly."""
 
     def __init__(self, store: Store, ttl: float = ENDPOINTS_TTL):
-        self.store, self.ttl = store, ttl
-        self._cache: dict[int, tuple[float, list]] = {}
-        self._lock = threading.Lock()
+        self.store = store
+        self._cache = TtlCache(ttl)
 
     def __call__(self, version_id: int) -> list:
+        return self._cache.get(version_id, lambda: self._load(version_id))
+
+    def _load(self, version_id: int) -> list:
         from cloudml_os.serving.router import Endpoint
 
-        now = time.monotonic()
-        with self._lock:
-            cached = self._cache.get(version_id)
-            if cached and now - cached[0] < self.ttl:
-                return cached[1]
         with self.store.session() as session:
             rows = session.execute(select(Replica.id, Replica.name, Replica.address, Replica.port).where(
                 Replica.version_id == version_id, Replica.state == "READY", Replica.healthy.is_(True))).all()
-        endpoints = [Endpoint(replica_id=r.id, name=r.name, address=r.address, port=r.port) for r in rows]
-        with self._lock:
-            self._cache[version_id] = (now, endpoints)
-        return endpoints
+        return [Endpoint(replica_id=r.id, name=r.name, address=r.address, port=r.port) for r in rows]
 
     def forget(self, version_id: int) -> None:
-        with self._lock:
-            self._cache.pop(version_id, None)
+        self._cache.forget(version_id)
 
 
 def predictor(settings: Settings, store: Store, replace: Callable[[int], None],

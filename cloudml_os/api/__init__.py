@@ -21,6 +21,7 @@ from werkzeug.routing import BaseConverter
 
 from cloudml_os.api.logwatch import LogWatch
 from cloudml_os.artifacts import PROJECT_ID_PATTERN, ArtifactStore
+from cloudml_os.cache import TtlCache
 from cloudml_os.config import Settings
 from cloudml_os.errors import InvalidArgument, Unavailable, flatten_messages
 from cloudml_os.frameworks.base import Framework
@@ -30,6 +31,9 @@ from cloudml_os.store import Store
 EXTENSION = "cloudml_os"
 RESOURCE_ID_PATTERN = r"[A-Za-z][A-Za-z0-9_]{0,127}"  # v1 job, model and version ids
 OPERATION_ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"
+# Seconds an API process trusts a token or a serving version it looked up: a token revoked or a version
+# changed through another API process applies within this (at once through this one).
+LOOKUP_TTL = 1.0
 
 
 def no_operation_queue(operation_pk: int) -> None:
@@ -67,6 +71,8 @@ class Services:
     request_log: RequestLog | None = None
     # What follow=true log streams wait on (cloudml_os.api.logwatch.LogWatch); create_app makes it.
     log_watch: LogWatch | None = None
+    # Tokens by hash and serving versions, trusted for LOOKUP_TTL seconds (a prediction's two queries).
+    lookups: TtlCache = dataclasses.field(default_factory=lambda: TtlCache(LOOKUP_TTL))
 
 
 def services() -> Services:

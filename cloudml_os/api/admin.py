@@ -210,7 +210,8 @@ def create_admin_token(body: dict[str, Any]) -> dict[str, Any]:
 @blp.route("/admin/tokens/<int:token_id>", methods=["DELETE"])
 @blp.response(200, EmptySchema)
 def revoke_token(token_id: int) -> dict[str, Any]:
-    """Revoke a token: requests that present it are refused from now on. A caller cannot revoke its own."""
+    """Revoke a token: requests that present it are refused from now on (through other API processes, once
+    their LOOKUP_TTL cache of it has passed). A caller cannot revoke its own."""
     with services().store.session() as session:
         token = session.get(Token, token_id)
         if token is None:
@@ -218,6 +219,7 @@ def revoke_token(token_id: int) -> dict[str, Any]:
         if token.id == getattr(g.token, "id", None):
             raise FailedPrecondition("a token cannot revoke itself; use another platform admin token")
         session.delete(token)
+    services().lookups.forget(("token", token.token_hash))  # other API processes: within LOOKUP_TTL
     return {}
 
 

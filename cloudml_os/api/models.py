@@ -63,6 +63,7 @@ from cloudml_os.artifacts import ArtifactError, parse_uri
 from cloudml_os.config import DEFAULT_MACHINE_TYPE, MachineType
 from cloudml_os.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from cloudml_os.frameworks.base import TopologyError
+from cloudml_os.store import Store
 from cloudml_os.store.models import Model, Operation, Replica, ReplicaSample, Version, VersionEvent, utcnow
 
 log = logging.getLogger(__name__)
@@ -710,6 +711,15 @@ def replica_stats(args: dict[str, Any], project: str, model: str, version: str) 
 # ---- online prediction -----------------------------------------------------------------------------------
 
 
+@blp.after_request
+def _forget_lookups(response: Response) -> Response:
+    """A change of a model or version made through this process applies to its next prediction at once
+    (through other API processes, within LOOKUP_TTL)."""
+    if request.method != "GET" and not request.path.endswith(":predict"):
+        services().lookups.clear()
+    return response
+
+
 @dataclasses.dataclass(frozen=True)
 class _Serving:
     """The version a prediction goes to."""
@@ -722,33 +732,46 @@ class _Serving:
 
 def _serving_version(project: str, model: str, version: str | None) -> _Serving:
     """The version to predict with, checked to be serving: ``version``, or when it is None the model's traffic
-    split's pick (:func:`_pick`), or its default version.
+    split's pick (:func:`_pick`), or its default version. Both lookups come from the API's short-lived cache
+    (:data:`~cloudml_os.api.LOOKUP_TTL`): a prediction pays no database query for them.
 
     :raises NotFound: no such model or version.
     :raises FailedPrecondition: the model has no default version, or the version is not serving.
     """
-    with services().store.session() as session:
-        if version is None:
-            found = session.execute(select(Model.default_version, Model.traffic_split).where(
-                Model.project == project, Model.name == model)).first()
-            if found is None:
-                raise NotFound(f"{resource_name(project, 'models', model)} not found")
-            if found.default_version is None:
-                raise FailedPrecondition(f"{resource_name(project, 'models', model)} has no default version; "
-                                         f"create a version or predict with versions/VERSION:predict")
-            version = _pick(found.traffic_split) if found.traffic_split else found.default_version
-        row = session.execute(select(Version.id, Version.name, Version.state, Version.request_logging,
-                                     Version.prediction_deadline)
-                              .join(Model, Model.id == Version.model_id)
-                              .where(Model.project == project, Model.name == model, Version.name == version,
-                                     _LIVE)).first()
-        if row is None:  # the rare path: say which part is missing
+    store, lookups = services().store, services().lookups
+    if version is None:
+        found = lookups.get(("model", project, model), lambda: _routing_of_model(store, project, model))
+        if found is None:
+            raise NotFound(f"{resource_name(project, 'models', model)} not found")
+        if found.default_version is None:
+            raise FailedPrecondition(f"{resource_name(project, 'models', model)} has no default version; "
+                                     f"create a version or predict with versions/VERSION:predict")
+        version = _pick(found.traffic_split) if found.traffic_split else found.default_version
+    row = lookups.get(("version", project, model, version), lambda: _serving_row(store, project, model, version))
+    if row is None:  # the rare path: say which part is missing
+        with store.session() as session:
             _version_or_404(session, _model_or_404(session, project, model), version)
     if row.state not in SERVING_STATES:
+        lookups.forget(("version", project, model, version))  # asked again, it is read again: it may be READY
         name = resource_name(project, "models", model, "versions", row.name)
         raise FailedPrecondition(f"{name} is not ready (state {row.state})")
     return _Serving(row.id, row.name, float((row.request_logging or {}).get("samplingPercentage", 0)),
                     row.prediction_deadline)
+
+
+def _routing_of_model(store: Store, project: str, model: str) -> Any:
+    with store.session() as session:
+        return session.execute(select(Model.default_version, Model.traffic_split).where(
+            Model.project == project, Model.name == model)).first()
+
+
+def _serving_row(store: Store, project: str, model: str, version: str) -> Any:
+    with store.session() as session:
+        return session.execute(select(Version.id, Version.name, Version.state, Version.request_logging,
+                                      Version.prediction_deadline)
+                               .join(Model, Model.id == Version.model_id)
+                               .where(Model.project == project, Model.name == model, Version.name == version,
+                                      _LIVE)).first()
 
 
 def _pick(split: dict[str, int]) -> str:

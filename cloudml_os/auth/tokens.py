@@ -13,6 +13,7 @@ import secrets
 
 from cloudml_os.artifacts import PROJECT_ID_PATTERN
 from cloudml_os.auth import ROLES
+from cloudml_os.cache import TtlCache
 from cloudml_os.errors import Unauthenticated
 from cloudml_os.store import Store, Token
 
@@ -40,8 +41,9 @@ def create_token(store: Store, project: str, role: str, description: str = "") -
     return token
 
 
-def token_from_header(store: Store, authorization: str | None) -> Token:
-    """The stored token an ``Authorization: Bearer …`` header names.
+def token_from_header(store: Store, authorization: str | None, lookups: TtlCache | None = None) -> Token:
+    """The stored token an ``Authorization: Bearer …`` header names (found in ``lookups`` when given: a
+    token revoked elsewhere is refused once the cache's ttl has passed).
 
     :raises Unauthenticated: the header is missing, not a bearer token, or names no stored token.
     """
@@ -52,7 +54,11 @@ def token_from_header(store: Store, authorization: str | None) -> Token:
     credential = credential.strip()
     if scheme.lower() != "bearer" or not credential:
         raise Unauthenticated("Authorization header must be 'Bearer <token>'.")
-    token = store.token_by_hash(hash_token(credential))
+    token_hash = hash_token(credential)
+    if lookups is None:
+        token = store.token_by_hash(token_hash)
+    else:
+        token = lookups.get(("token", token_hash), lambda: store.token_by_hash(token_hash))
     if token is None:
         raise Unauthenticated("Request had invalid authentication credentials.")
     return token
