@@ -313,7 +313,7 @@ def _scale_to(ctx: ServingContext, version: Version) -> None:
         serving.append(_new_replica(ctx.store, version.id))
     extra = [r for r in serving if r.state == "READY"][version.replicas:] if len(serving) > version.replicas else []
     _drain(ctx, version, extra)
-    for replica in extra:
+    for replica in _replicas(ctx.store, version.id, ("DRAINING",)):  # also those a crashed run was draining
         delete_replica(ctx, replica)
         add_event(ctx.store, version.id, "SCALE", f"{replica.name} removed", replica.name)
     pending = [r for r in serving if r.state in ("PROVISIONING", "STARTING")]

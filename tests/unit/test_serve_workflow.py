@@ -11,6 +11,7 @@ from cloudml_os.cloud.base import ClusterSpec, Driver, NodeInfo
 from cloudml_os.config import Settings
 from cloudml_os.store import Cluster, Node, Store, migrate
 from cloudml_os.store.models import Model, Replica, Version, VersionEvent
+from cloudml_os.workflows import serve
 from cloudml_os.workflows.serve import (
     FAILOVER_LIMIT,
     ServeError,
@@ -234,3 +235,23 @@ def test_replicas_are_nodes_of_the_one_cluster_of_their_version(store, tmp_path)
     with store.session() as session:
         cluster = session.query(Cluster).one()
         assert cluster.state == "DELETED" and cluster.deleted_at is not None
+
+
+def test_a_scale_in_drains_the_extra_replicas_and_a_rerun_finishes_one_a_crash_left_draining(store, tmp_path,
+                                                                                            monkeypatch):
+    monkeypatch.setattr(serve, "DRAIN_GRACE", 0.0)
+    driver = FakeDriver()
+    ctx = a_context(store, driver, refused, tmp_path)
+    version_id = a_version(store)
+    replicas = [a_replica(store, version_id, index) for index in range(3)]
+    serve._resize(ctx, version_of(store, version_id), serve._ensure_cluster(ctx, version_of(store, version_id)),
+                  "test")
+    # A crashed run had taken replica-2 out of the pool; the re-delivered run (to 1 replica) ends its drain too.
+    with store.session() as session:
+        session.get(Replica, replicas[2]).state = "DRAINING"
+    with store.session() as session:
+        session.get(Version, version_id).replicas = 1
+    serve._scale_to(ctx, version_of(store, version_id))
+    assert [replica(store, r).state for r in replicas] == ["READY", "DELETED", "DELETED"]
+    assert driver.clusters == {f"cml-serve-{version_id}": ["replica-0"]}
+    assert events(store).count("DRAINING") == 1  # replica-1's; replica-2's drain began in the crashed run
