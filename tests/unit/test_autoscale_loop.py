@@ -33,8 +33,8 @@ class Clock:
         return self.now
 
 
-def a_version(store: Store, replicas: int = 1, policy: dict | None = None) -> tuple[int, list[int]]:
-    model = store.add(Model(project="p", name="m"))
+def a_version(store: Store, replicas: int = 1, policy: dict | None = None, model: str = "m") -> tuple[int, list[int]]:
+    model = store.add(Model(project="p", name=model))
     version = store.add(Version(model_id=model.id, name="v", state="READY", deployment_uri="store://p/x",
                                 framework="TENSORFLOW", runtime_version="2.21", machine_type="standard",
                                 replicas=replicas, auto_scaling=policy or POLICY))
@@ -115,3 +115,26 @@ def test_versions_without_autoscaling_are_left_alone(store):
                       framework="TENSORFLOW", runtime_version="2.21", machine_type="standard", replicas=1))
     autoscaling = loop(store, {}, [], Clock())
     assert autoscaling.tick() == [] and rows(store, Operation) == []
+
+
+def test_a_request_wakes_a_version_at_zero_once_and_gives_up_with_retry_after(store):
+    from cloudml_os.errors import Unavailable
+    from cloudml_os.platform import HealthyReplicas, _wait_for_replica
+
+    version_id, _ = a_version(store, replicas=0, policy={**POLICY, "minNodes": 0})
+    settings = Settings(data_dir=Path("/nonexistent"), database_url="sqlite://", broker_url="memory://",
+                        scale_from_zero_wait=0.3)
+    started: list[int] = []
+    for _ in range(2):  # two requests: one operation
+        with pytest.raises(Unavailable) as refused:
+            _wait_for_replica(settings, store, HealthyReplicas(store), version_id, started.append)
+        assert refused.value.headers == {"Retry-After": "10"}
+        assert "No replica of this version started within 0.3 s" in refused.value.message
+    [operation] = rows(store, Operation)
+    assert started == [operation.id]
+    [version] = rows(store, Version)
+    assert (version.state, version.replicas) == ("UPDATING", 1)
+    assert [e.message for e in rows(store, VersionEvent) if e.kind == "AUTOSCALE"] == [
+        "0 → 1 replicas: a prediction arrived while no replica served"]
+    fixed, _ = a_version(store, replicas=0, policy={**POLICY, "minNodes": 1}, model="m2")
+    assert _wait_for_replica(settings, store, HealthyReplicas(store), fixed, started.append) is False
