@@ -25,6 +25,7 @@ from pathlib import Path
 
 import requests
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 
 from cloudml_os.artifacts import ArtifactStore, files_of
 from cloudml_os.cloud.base import ClusterSpec, Driver, DriverError, NodeInfo, NodeSpec
@@ -91,12 +92,23 @@ def _set_replica(store: Store, replica_id: int, expected: tuple[str, ...] | None
 
 
 def _new_replica(store: Store, version_id: int, replaces: int | None = None) -> Replica:
-    """A replica row with the next unused index; names are never reused, so events stay unambiguous."""
-    with store.session() as session:
-        count = session.scalar(select(func.count()).select_from(Replica).where(Replica.version_id == version_id))
-        replica = Replica(version_id=version_id, name=f"replica-{count}", state="PROVISIONING", replaces=replaces)
-        session.add(replica)
-    return replica
+    """A replica row with the next unused index; names are never reused, so events stay unambiguous.
+
+    Two callers at once (a scale operation and a replacement) may pick the same index: the loser's insert
+    fails on the (version, name) unique constraint, and it takes the next one.
+    """
+    for _ in range(100):
+        with store.session() as session:
+            count = session.scalar(select(func.count()).select_from(Replica).where(Replica.version_id == version_id))
+        try:
+            with store.session() as session:
+                replica = Replica(version_id=version_id, name=f"replica-{count}", state="PROVISIONING",
+                                  replaces=replaces)
+                session.add(replica)
+        except IntegrityError:
+            continue
+        return replica
+    raise ServeError("no free replica name after 100 tries")
 
 
 # ---- the version's cluster ---------------------------------------------------------------------------

@@ -255,3 +255,23 @@ def test_a_scale_in_drains_the_extra_replicas_and_a_rerun_finishes_one_a_crash_l
     assert [replica(store, r).state for r in replicas] == ["READY", "DELETED", "DELETED"]
     assert driver.clusters == {f"cml-serve-{version_id}": ["replica-0"]}
     assert events(store).count("DRAINING") == 1  # replica-1's; replica-2's drain began in the crashed run
+
+
+def test_replicas_named_at_once_by_a_scale_and_a_replacement_get_distinct_names(store):
+    version_id = a_version(store)
+    names, errors, start = [], [], threading.Barrier(4)
+
+    def name_some() -> None:
+        start.wait()
+        try:
+            for _ in range(15):
+                names.append(serve._new_replica(store, version_id).name)
+        except Exception as exc:  # noqa: BLE001 - the test reports any
+            errors.append(exc)
+
+    workers = [threading.Thread(target=name_some) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert errors == [] and sorted(names, key=lambda n: int(n.split("-")[1])) == [f"replica-{n}" for n in range(60)]
