@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import glob
 import http.server
 import json
@@ -487,6 +488,9 @@ class ModelServer:
             if tensor.shape is None and tensor.name in outputs:
                 tensor.shape = [-1, *outputs[tensor.name].shape[1:]]
         self.model = model
+        # The framework leaves a few hundred thousand long-lived objects on the heap; without this every
+        # full collection walks them all (130-190 ms, stalling every request thread at once under load).
+        gc.freeze()
         self.state = "AVAILABLE"
         LOG.info("warm-up: %d instances from %s predicted in %.3f s; ready %.2f s after the start",
                  len(instances), source, time.monotonic() - warmup_started, time.monotonic() - started)
