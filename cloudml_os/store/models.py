@@ -53,7 +53,8 @@ class Package(Base):
 
 class Job(Base):
     __tablename__ = "jobs"
-    __table_args__ = (UniqueConstraint("project", "job_id"),)
+    # jobs.list pages a project's jobs newest first (ORDER BY id DESC): (project, id) is that page's range scan.
+    __table_args__ = (UniqueConstraint("project", "job_id"), Index("ix_jobs_project_id", "project", "id"))
     id: Mapped[int] = mapped_column(primary_key=True)
     project: Mapped[str] = mapped_column(String(63))
     job_id: Mapped[str] = mapped_column(String(128))
