@@ -466,6 +466,7 @@ def create_version(body: dict[str, Any], project: str, model: str) -> OperationV
     with store.session() as session:
         _model_or_404(session, project, model)
     runtime_version, machine_type = _check_version(project, body)
+    _check_gpu_metric(body["autoScaling"], machine_type)
     name = resource_name(project, "models", model, "versions", body["name"])
     svc = services()
     demand = quotas.version_demand(body["nodes"], svc.settings.machine_types[machine_type])
@@ -623,6 +624,7 @@ def patch_version(body: dict[str, Any], args: dict[str, Any], project: str, mode
             policy = AutoScalingSchema().load({**base, **given})
         except ValidationError as error:
             raise InvalidArgument(f"autoScaling: {error.messages}") from None
+        _check_gpu_metric(policy, row.machine_type)
         values["auto_scaling"] = policy
         nodes = min(max(row.replicas, policy["minNodes"]), policy["maxNodes"])
         if nodes == row.replicas:  # the autoscaler moves it from here
@@ -757,6 +759,15 @@ def _serving_version(project: str, model: str, version: str | None) -> _Serving:
         raise FailedPrecondition(f"{name} is not ready (state {row.state})")
     return _Serving(row.id, row.name, float((row.request_logging or {}).get("samplingPercentage", 0)),
                     row.prediction_deadline)
+
+
+def _check_gpu_metric(policy: dict[str, Any] | None, machine_type: str) -> None:
+    """:raises InvalidArgument: the policy scales on GPU_DUTY_CYCLE but the machine type has no GPU."""
+    names = [metric["name"] for metric in (policy or {}).get("metrics", [])]
+    known = services().settings.machine_types.get(machine_type)
+    if "GPU_DUTY_CYCLE" in names and (known is None or not known.gpus):
+        raise InvalidArgument(f"autoScaling.metrics: GPU_DUTY_CYCLE needs a machine type with GPUs; "
+                              f"{machine_type} has none")
 
 
 def _routing_of_model(store: Store, project: str, model: str) -> Any:

@@ -673,23 +673,18 @@ class MetricSpecSchema(Schema):
     name = fields.String(required=True, validate=validate.OneOf(
         (REQUESTS_IN_FLIGHT, CPU_USAGE, GPU_DUTY_CYCLE),
         error=f"must be {REQUESTS_IN_FLIGHT}, {CPU_USAGE} or {GPU_DUTY_CYCLE}"), metadata={
-        "description": f"{REQUESTS_IN_FLIGHT} (added, as Knative's concurrency: requests in flight per replica) "
-                       f"or {CPU_USAGE} (percent of a replica node's cores)"})
+        "description": f"{REQUESTS_IN_FLIGHT} (added, as Knative's concurrency: requests in flight per replica), "
+                       f"{CPU_USAGE} (percent of a replica node's cores) or {GPU_DUTY_CYCLE} (percent of the time "
+                       f"its GPUs ran a kernel; machine types with GPUs only)"})
     target = fields.Float(required=True, allow_nan=False, validate=validate.Range(
         min=0, min_inclusive=False, max=10000, error="must be more than 0 and at most 10000"), metadata={
         "description": f"per replica; default {DEFAULT_TARGETS[REQUESTS_IN_FLIGHT]:g} requests in flight or "
                        f"{DEFAULT_TARGETS[CPU_USAGE]:g} % CPU"})
 
-    @validates("name")
-    def _measured(self, value: str, **kwargs: Any) -> None:
-        if value == GPU_DUTY_CYCLE:
-            raise ValidationError(f"not supported: model servers report no GPU use yet; scale on "
-                                  f"{REQUESTS_IN_FLIGHT} or {CPU_USAGE}")
-
     @validates_schema
     def _percent(self, data: dict[str, Any], **kwargs: Any) -> None:
-        if data.get("name") == CPU_USAGE and data.get("target", 0) > 100:
-            raise ValidationError("a CPU_USAGE target is a percent: at most 100", field_name="target")
+        if data.get("name") in (CPU_USAGE, GPU_DUTY_CYCLE) and data.get("target", 0) > 100:
+            raise ValidationError(f"a {data['name']} target is a percent: at most 100", field_name="target")
 
 
 class AutoScalingSchema(Schema):
@@ -702,9 +697,9 @@ class AutoScalingSchema(Schema):
     maxNodes = fields.Integer(validate=validate.Range(min=1, max=MAX_NODES, error=f"must be between 1 and "
                                                                                   f"{MAX_NODES}"),
                               metadata={"description": "default: minNodes (at least 1)"})
-    metrics = fields.List(fields.Nested(MetricSpecSchema), validate=validate.Length(min=1, max=2), metadata={
+    metrics = fields.List(fields.Nested(MetricSpecSchema), validate=validate.Length(min=1, max=3), metadata={
         "description": f"default [{{name: {REQUESTS_IN_FLIGHT}, target: "
-                       f"{DEFAULT_TARGETS[REQUESTS_IN_FLIGHT]:g}}}]; with two, the larger want wins"})
+                       f"{DEFAULT_TARGETS[REQUESTS_IN_FLIGHT]:g}}}]; with several, the largest want wins"})
     stableWindow = fields.Float(allow_nan=False, validate=validate.Range(
         min=6, max=3600, error="must be from 6 to 3600 seconds"), metadata={
         "description": f"added (Knative's window): seconds of load averaged; scale-in waits this long "

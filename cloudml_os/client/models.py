@@ -29,7 +29,7 @@ VERSION_COLUMNS = [Column("NAME", "name", basename), Column("STATE", "state"),
                    Column("AUTOSCALING", "autoScaling", lambda a: f"{a['minNodes']}-{a['maxNodes']}" if a else ""),
                    Column("DEFAULT", "isDefault", lambda v: "*" if v else "")]
 METRIC_NAMES = {"requests-in-flight": "REQUESTS_IN_FLIGHT", "cpu-usage": "CPU_USAGE",
-                "gpu-duty-cycle": "GPU_DUTY_CYCLE"}  # gcloud's spellings (the API refuses the GPU one, naming it)
+                "gpu-duty-cycle": "GPU_DUTY_CYCLE"}  # gcloud's spellings
 OPERATION_INTERVAL = 1.0
 
 
@@ -88,7 +88,7 @@ def autoscaling_options(function: Callable[..., Any]) -> Callable[..., Any]:
             click.option("--max-nodes", type=click.IntRange(1, 32), help="Autoscale up to this many replicas."),
             click.option("--metric-targets", metavar="METRIC=TARGET,…",
                          help="What autoscaling keeps near its target per replica: requests-in-flight=4 (default), "
-                              "cpu-usage=PERCENT.")),
+                              "cpu-usage=PERCENT, gpu-duty-cycle=PERCENT (GPU machine types).")),
     ):
         function = option(function)
     return function

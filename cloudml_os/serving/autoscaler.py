@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from typing import Any
 
 REQUESTS_IN_FLIGHT, CPU_USAGE, GPU_DUTY_CYCLE = "REQUESTS_IN_FLIGHT", "CPU_USAGE", "GPU_DUTY_CYCLE"
-MEASURED = (REQUESTS_IN_FLIGHT, CPU_USAGE)  # what the model server's counters give
-DEFAULT_TARGETS = {REQUESTS_IN_FLIGHT: 4.0, CPU_USAGE: 60.0}  # per replica: requests; percent of the cores
+MEASURED = (REQUESTS_IN_FLIGHT, CPU_USAGE, GPU_DUTY_CYCLE)  # what the model server's counters give
+DEFAULT_TARGETS = {REQUESTS_IN_FLIGHT: 4.0, CPU_USAGE: 60.0, GPU_DUTY_CYCLE: 60.0}  # per replica; percents
 DEFAULT_STABLE_WINDOW, DEFAULT_PANIC_WINDOW = 60.0, 6.0  # seconds, Knative's defaults
 PANIC_THRESHOLD = 2.0  # Knative: panic when the panic window wants 200 % of the ready replicas
 TOLERANCE = 0.1  # HPA: a stable average within 10 % of the target changes nothing
@@ -68,10 +68,12 @@ class Load:
     cpu: float
     cpus: int
     in_flight: int = 0  # requests in flight when it was read, besides the one asking
+    gpu: float | None = None  # busy GPU-seconds (the mean over its GPUs); None: the node has none
 
     def header(self) -> str:
+        gpu = f"; gpu={self.gpu:.6f}" if self.gpu is not None else ""
         return (f"time={self.time:.6f}; busy={self.busy:.6f}; cpu={self.cpu:.6f}; cpus={self.cpus}; "
-                f"in_flight={self.in_flight}")
+                f"in_flight={self.in_flight}{gpu}")
 
     @classmethod
     def parse(cls, header: str) -> Load | None:
@@ -79,10 +81,11 @@ class Load:
         try:
             fields = dict(part.strip().split("=", 1) for part in header.split(";"))
             load = cls(float(fields["time"]), float(fields["busy"]), float(fields["cpu"]), int(fields["cpus"]),
-                       int(fields.get("in_flight", 0)))
+                       int(fields.get("in_flight", 0)), float(fields["gpu"]) if "gpu" in fields else None)
         except (KeyError, ValueError):
             return None
-        return load if load.cpus > 0 and all(math.isfinite(v) for v in (load.time, load.busy, load.cpu)) else None
+        values = (load.time, load.busy, load.cpu, 0.0 if load.gpu is None else load.gpu)
+        return load if load.cpus > 0 and all(math.isfinite(v) for v in values) else None
 
 
 def rates(before: Load, after: Load) -> dict[str, float] | None:
@@ -91,8 +94,11 @@ def rates(before: Load, after: Load) -> dict[str, float] | None:
     elapsed = after.time - before.time
     if elapsed <= 0 or after.busy < before.busy or after.cpu < before.cpu:
         return None
-    return {REQUESTS_IN_FLIGHT: (after.busy - before.busy) / elapsed,
-            CPU_USAGE: 100.0 * (after.cpu - before.cpu) / elapsed / after.cpus}
+    found = {REQUESTS_IN_FLIGHT: (after.busy - before.busy) / elapsed,
+             CPU_USAGE: 100.0 * (after.cpu - before.cpu) / elapsed / after.cpus}
+    if before.gpu is not None and after.gpu is not None and after.gpu >= before.gpu:
+        found[GPU_DUTY_CYCLE] = 100.0 * (after.gpu - before.gpu) / elapsed
+    return found
 
 
 @dataclass(frozen=True)

@@ -296,6 +296,10 @@ def test_auto_scaling_starts_at_min_nodes_and_shows_its_policy_with_defaults(env
                                       "metrics": [{"name": "REQUESTS_IN_FLIGHT", "target": 4.0}]}
     env.deployed("v2", autoScaling={"minNodes": 0, "metrics": [{"name": "CPU_USAGE", "target": 70}]})
     assert env.version("v2").replicas == 0 and env.version("v2").auto_scaling["maxNodes"] == 1
+    gpu = env.create_version("v3", machineType="standard_gpu", autoScaling={
+        "minNodes": 1, "maxNodes": 2, "metrics": [{"name": "GPU_DUTY_CYCLE", "target": 50}]})
+    assert gpu.status_code == 200, gpu.get_json()
+    assert env.version("v3").auto_scaling["metrics"] == [{"name": "GPU_DUTY_CYCLE", "target": 50.0}]
 
 
 def test_patch_auto_scaling_lays_fields_over_the_policy_and_moves_the_count_into_the_bounds(env):
@@ -344,7 +348,9 @@ def test_only_the_first_version_becomes_the_default(env):
     ({"autoScaling": {"minNodes": -1}}, "autoScaling.minNodes: must be between 0 and 32"),
     ({"autoScaling": {"minNodes": 3, "maxNodes": 2}}, "autoScaling.maxNodes: must be at least minNodes"),
     ({"autoScaling": {"minNodes": 1, "metrics": [{"name": "GPU_DUTY_CYCLE", "target": 60}]}},
-     "autoScaling.metrics[0].name: not supported"),
+     "autoScaling.metrics: GPU_DUTY_CYCLE needs a machine type with GPUs; standard has none"),
+    ({"autoScaling": {"minNodes": 1, "metrics": [{"name": "GPU_DUTY_CYCLE", "target": 160}]}},
+     "autoScaling.metrics[0].target: a GPU_DUTY_CYCLE target is a percent"),
     ({"autoScaling": {"minNodes": 1, "metrics": [{"name": "QPS", "target": 60}]}},
      "autoScaling.metrics[0].name: must be REQUESTS_IN_FLIGHT"),
     ({"autoScaling": {"minNodes": 1, "metrics": [{"name": "CPU_USAGE", "target": 150}]}},

@@ -1,11 +1,15 @@
 """The autoscaler's algorithm (Knative's stable and panic windows, HPA's tolerance and scale-in stabilisation),
 fed simulated load one tick a second."""
 
+import os
 import random
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from cloudml_os.serving.autoscaler import CPU_USAGE, REQUESTS_IN_FLIGHT, Load, Policy, Scaler, rates
+from cloudml_os.serving.autoscaler import CPU_USAGE, GPU_DUTY_CYCLE, REQUESTS_IN_FLIGHT, Load, Policy, Scaler, rates
 
 
 def policy(**fields) -> Policy:
@@ -99,3 +103,30 @@ def test_a_count_changed_elsewhere_is_observed_a_whole_window_before_scaling_in(
     simulate(scaler, lambda t: 0.0, 30, current=0)
     current, changes = simulate(scaler, lambda t: 0.0, 30, current=1, start=30)  # woken by a request
     assert current == 0 and changes[0][0] >= 30 + 10
+
+
+def test_the_model_servers_gpu_meter_integrates_nvidia_smis_duty_cycle(tmp_path, monkeypatch):
+    """What cannot run here (a GPU) is a fake nvidia-smi printing what the real one prints for
+    --query-gpu=utilization.gpu --format=csv,noheader,nounits: one percent per GPU."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "cloudml_os" / "serving" / "runtime"))
+    import model_server
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/calls\nprintf "40\\n80\\n"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert model_server.GpuDutyMeter.for_this_node() is None  # a node without GPUs
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert model_server.GpuDutyMeter.for_this_node() is not None
+    meter = model_server.GpuDutyMeter(str(fake), "0,1", interval=0.05)
+    meter.start()
+    time.sleep(0.3)  # past the first sample: from then on the duty cycle is 60 %
+    first = Load(time.monotonic(), 0.0, 0.0, 1, gpu=meter.read())
+    time.sleep(0.5)
+    second = Load(time.monotonic(), 0.0, 0.0, 1, gpu=meter.read())
+    assert rates(first, second)[GPU_DUTY_CYCLE] == pytest.approx(60.0, abs=3.0)
+    assert "--query-gpu=utilization.gpu --format=csv,noheader,nounits --id=0,1" in (tmp_path / "calls").read_text()
+    server = model_server.ModelServer("TENSORFLOW", "m", str(tmp_path), meter)
+    assert Load.parse(server.load_header()).gpu > 0
+    assert Load.parse(model_server.ModelServer("TENSORFLOW", "m", str(tmp_path)).load_header()).gpu is None

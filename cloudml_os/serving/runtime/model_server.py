@@ -49,9 +49,11 @@ import logging
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import socketserver
+import subprocess
 import sys
 import threading
 import time
@@ -435,14 +437,70 @@ def load_warmup_instances(option: str | None, model_dir: str, model) -> tuple[li
 
 # -- the server ----------------------------------------------------------------------------------------
 
+class GpuDutyMeter:
+    """The node's GPUs' duty cycle integrated over time, for autoscaling on GPU_DUTY_CYCLE.
+
+    A thread asks ``nvidia-smi`` once a second for ``utilization.gpu`` (the percent of the last sample period
+    in which a kernel ran) of the GPUs this process may use, and adds their mean to a counter of busy
+    GPU-seconds; readers difference two readings, as for the other counters.
+    """
+
+    def __init__(self, nvidia_smi: str, devices: str, interval: float = 1.0):
+        self._command = [nvidia_smi, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"]
+        if devices:
+            self._command.append(f"--id={devices}")
+        self._interval = interval
+        self._busy, self._duty, self._since = 0.0, 0.0, time.monotonic()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_this_node(cls) -> GpuDutyMeter | None:
+        """A meter of the GPUs ``CUDA_VISIBLE_DEVICES`` gives (all when unset), or None without any."""
+        devices = os.environ.get("CUDA_VISIBLE_DEVICES")
+        nvidia_smi = shutil.which("nvidia-smi")
+        if devices == "" or not nvidia_smi:
+            return None
+        meter = cls(nvidia_smi, devices or "")
+        return meter if meter._sample() is not None else None
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, name="gpu-duty", daemon=True).start()
+
+    def read(self) -> float:
+        """Busy GPU-seconds so far (averaged over the GPUs)."""
+        with self._lock:
+            now = time.monotonic()
+            self._busy += self._duty * (now - self._since)
+            self._since = now
+            return self._busy
+
+    def _sample(self) -> float | None:
+        try:
+            out = subprocess.run(self._command, capture_output=True, text=True, timeout=10, check=True).stdout
+            values = [float(line) for line in out.split() if line.strip()]
+        except (OSError, subprocess.SubprocessError, ValueError):
+            return None
+        return sum(values) / len(values) / 100 if values else None
+
+    def _run(self) -> None:
+        while True:
+            duty = self._sample()
+            if duty is not None:
+                self.read()  # what the previous duty cycle earned up to now
+                with self._lock:
+                    self._duty = duty
+            time.sleep(self._interval)
+
+
 class ModelServer:
     """What every request thread shares: the model once loaded, its state, the requests in flight.
 
     ``handle`` answers one request without touching sockets: ``(status, body, headers)``.
     """
 
-    def __init__(self, framework: str, model_name: str, model_dir: str):
+    def __init__(self, framework: str, model_name: str, model_dir: str, gpu_meter: GpuDutyMeter | None = None):
         self.framework, self.model_name, self.model_dir = framework, model_name, model_dir
+        self.gpu_meter = gpu_meter
         self.model = None
         self.state = "LOADING"  # → AVAILABLE → UNLOADING, or → END when loading failed
         self.error = ""
@@ -526,11 +584,12 @@ class ModelServer:
     def load_header(self) -> str:
         """The load counters the autoscaler reads with each readiness probe (cloudml_os.serving.autoscaler's
         ``Load``): this clock, prediction-seconds in flight (probes do not count: an idle server reads 0),
-        process CPU seconds, cores, and the predictions in flight."""
+        process CPU seconds, cores, the predictions in flight, and busy GPU-seconds when the node has GPUs."""
+        gpu = f"; gpu={self.gpu_meter.read():.6f}" if self.gpu_meter is not None else ""
         with self._idle:
             now = self._count_busy()
             return (f"time={now:.6f}; busy={self._busy:.6f}; cpu={time.process_time():.6f}; "
-                    f"cpus={os.cpu_count() or 1}; in_flight={self._predicting}")
+                    f"cpus={os.cpu_count() or 1}; in_flight={self._predicting}{gpu}")
 
     def wait_idle(self, timeout: float) -> bool:
         with self._idle:
@@ -815,7 +874,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(stream=sys.stdout, level=logging.INFO,
                         format="%(asctime)s model_server %(levelname)s %(message)s")
-    app = ModelServer(args.framework, args.model_name, args.model_dir)
+    gpu_meter = GpuDutyMeter.for_this_node()
+    if gpu_meter is not None:
+        gpu_meter.start()
+    app = ModelServer(args.framework, args.model_name, args.model_dir, gpu_meter)
     try:
         httpd = HTTPServer((args.host, args.port), app, args.idle_timeout)
     except OSError as error:
