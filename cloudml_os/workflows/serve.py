@@ -277,11 +277,12 @@ def replace_replica(ctx: ServingContext, replica_id: int) -> None:
         old = session.get(Replica, replica_id)
         if old is None or old.state != "EJECTED":
             return
-        new = session.scalar(select(Replica).where(Replica.replaces == replica_id))
+        new = session.scalar(select(Replica).where(Replica.replaces == replica_id).order_by(Replica.id.desc())
+                             .limit(1))  # the latest attempt
         version = session.get(Version, old.version_id)
     if version.state in ("DELETING", "DELETED"):
         return
-    if new is None:
+    if new is None or new.state not in ("PROVISIONING", "STARTING", "READY"):  # none yet, or the last one failed
         new = _new_replica(ctx.store, version.id, replaces=replica_id)
         add_event(ctx.store, version.id, "REPLACING", f"{new.name} replaces {old.name}", new.name)
     if new.state in ("PROVISIONING", "STARTING"):
@@ -310,10 +311,17 @@ def run_operation(ctx: ServingContext, operation_id: int) -> None:
             _delete_version(ctx, version)
         else:
             _scale_to(ctx, version)
-    except ServeError as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever it was, the operation ends and says so
+        if not isinstance(exc, ServeError):
+            log.exception("operation %s (%s of version %s) failed unexpectedly", operation.name, operation.kind,
+                          version.id)
+        error = str(exc) if isinstance(exc, ServeError) else f"internal error: {type(exc).__name__}: {exc}"
         if operation.kind == "CREATE_VERSION":  # a version that never served keeps no node
-            _delete_version(ctx, version)
-        _finish(ctx.store, operation, version, error=str(exc))
+            try:
+                _delete_version(ctx, version)
+            except Exception:  # noqa: BLE001 - the reconciler's cluster collection removes them later
+                log.exception("could not delete the nodes of version %s after its creation failed", version.id)
+        _finish(ctx.store, operation, version, error=error)
         return
     _finish(ctx.store, operation, version)
 

@@ -10,7 +10,7 @@ import pytest
 from cloudml_os.cloud.base import ClusterSpec, Driver, NodeInfo
 from cloudml_os.config import Settings
 from cloudml_os.store import Cluster, Node, Store, migrate
-from cloudml_os.store.models import Model, Replica, Version, VersionEvent
+from cloudml_os.store.models import Model, Operation, Replica, Version, VersionEvent
 from cloudml_os.workflows import serve
 from cloudml_os.workflows.serve import (
     FAILOVER_LIMIT,
@@ -275,3 +275,38 @@ def test_replicas_named_at_once_by_a_scale_and_a_replacement_get_distinct_names(
     for worker in workers:
         worker.join()
     assert errors == [] and sorted(names, key=lambda n: int(n.split("-")[1])) == [f"replica-{n}" for n in range(60)]
+
+
+def test_a_replacement_that_failed_is_tried_afresh_and_the_old_replica_is_not_deleted_for_it(store, tmp_path):
+    driver = FakeDriver()
+    ctx = a_context(store, driver, refused, tmp_path)
+    version_id = a_version(store)
+    old = a_replica(store, version_id, 0)
+    eject(store, old, "probes failed", lambda replica_id: None)
+    for _ in range(2):  # the task, then its re-delivery: each start is refused
+        with pytest.raises(ServeError, match="connection to .* refused"):
+            serve.replace_replica(ctx, old)
+    assert replica(store, old).state == "EJECTED"  # still out of the pool, not deleted for a failed attempt
+    assert events(store).count("REPLACING") == 2 and "REPLACED" not in events(store)
+    with store.session() as session:
+        attempts = session.query(Replica).filter(Replica.replaces == old).order_by(Replica.id).all()
+        assert [(r.name, r.state) for r in attempts] == [("replica-1", "FAILED"), ("replica-2", "FAILED")]
+
+
+def test_an_operation_that_raises_an_unexpected_error_still_ends_and_its_version_keeps_no_node(store, tmp_path):
+    class Broken(FakeDriver):
+        def resize_cluster(self, spec):
+            raise RuntimeError("the cloud's answer was not JSON")
+
+    ctx = a_context(store, Broken(), refused, tmp_path)
+    version_id = a_version(store)
+    with store.session() as session:
+        session.get(Version, version_id).state = "CREATING"
+    operation = store.add(Operation.new("p", "CREATE_VERSION", "projects/p/models/m/versions/v", version_id))
+    serve.run_operation(ctx, operation.id)
+    with store.session() as session:
+        ended = session.get(Operation, operation.id)
+        assert ended.done and ended.error["code"] == 13
+        assert ended.error["message"].startswith("internal error: ") and "answer was not JSON" in ended.error["message"]
+        assert {r.state for r in session.query(Replica).filter(Replica.version_id == version_id)} == {"DELETED"}
+    assert version_of(store, version_id).state == "FAILED"
