@@ -142,11 +142,31 @@ def _wait_for_replica(settings: Settings, store: Store, pool: HealthyReplicas, v
                       start_operation: Callable[[int], None]) -> bool:
     """For a version that may scale to zero (``autoScaling.minNodes`` 0) and has no replica: have one
     started (once, whichever request comes first) and wait until it serves, at most
-    ``scale_from_zero_wait`` seconds. False when the version is not one that sleeps, or nothing came.
+    ``scale_from_zero_wait`` seconds. A version still scaling in to zero is woken once that ends. False when
+    the version is not one that sleeps.
 
     :raises Unavailable: (503 with Retry-After) the wait ran out.
     """
     from cloudml_os.errors import Unavailable
+
+    if not _wake(settings, store, version_id, start_operation):
+        return False
+    ends = time.monotonic() + settings.scale_from_zero_wait
+    next_look = time.monotonic() + 1.0
+    while time.monotonic() < ends:
+        pool.forget(version_id)
+        if pool(version_id):
+            return True
+        if time.monotonic() >= next_look:  # e.g. a scale-in to zero that was under way has ended
+            _wake(settings, store, version_id, start_operation)
+            next_look = time.monotonic() + 1.0
+        time.sleep(0.2)
+    raise Unavailable(f"No replica of this version started within {settings.scale_from_zero_wait:g} s; "
+                      f"retry later", headers={"Retry-After": str(SCALE_FROM_ZERO_RETRY_AFTER)})
+
+
+def _wake(settings: Settings, store: Store, version_id: int, start_operation: Callable[[int], None]) -> bool:
+    """Scale a READY version that sleeps at zero replicas to one; False when it is not one that may sleep."""
     from cloudml_os.workflows.autoscale import scale_version
 
     with store.session() as session:
@@ -154,17 +174,10 @@ def _wait_for_replica(settings: Settings, store: Store, pool: HealthyReplicas, v
                               .where(Version.id == version_id)).first()
     if row is None or not row.auto_scaling or row.auto_scaling["minNodes"] != 0:
         return False
-    if row.replicas == 0:
+    if row.state == "READY" and row.replicas == 0:
         scale_version(store, settings, version_id, 1, "a prediction arrived while no replica served",
                       start_operation)
-    ends = time.monotonic() + settings.scale_from_zero_wait
-    while time.monotonic() < ends:
-        pool.forget(version_id)
-        if pool(version_id):
-            return True
-        time.sleep(0.2)
-    raise Unavailable(f"No replica of this version started within {settings.scale_from_zero_wait:g} s; "
-                      f"retry later", headers={"Retry-After": str(SCALE_FROM_ZERO_RETRY_AFTER)})
+    return True
 
 
 def wsgi_app(settings: Settings | None = None) -> Flask:

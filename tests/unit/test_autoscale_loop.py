@@ -3,6 +3,8 @@ when the operation queue is down, and never changing a version whose operation i
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -138,3 +140,28 @@ def test_a_request_wakes_a_version_at_zero_once_and_gives_up_with_retry_after(st
         "0 → 1 replicas: a prediction arrived while no replica served"]
     fixed, _ = a_version(store, replicas=0, policy={**POLICY, "minNodes": 1}, model="m2")
     assert _wait_for_replica(settings, store, HealthyReplicas(store), fixed, started.append) is False
+
+
+def test_a_request_arriving_while_its_version_scales_in_to_zero_wakes_it_once_that_ends(store):
+    from cloudml_os.platform import HealthyReplicas, _wait_for_replica
+
+    version_id, _ = a_version(store, replicas=0, policy={**POLICY, "minNodes": 0}, model="m3")
+    with store.session() as session:
+        session.get(Version, version_id).state = "UPDATING"  # the scale-in to zero under way
+    settings = Settings(data_dir=Path("/nonexistent"), database_url="sqlite://", broker_url="memory://",
+                        scale_from_zero_wait=5)
+    started: list[int] = []
+
+    def scale_in_ends_then_replica_serves() -> None:
+        time.sleep(0.5)
+        with store.session() as session:
+            session.get(Version, version_id).state = "READY"
+        while not started:
+            time.sleep(0.05)
+        store.add(Replica(version_id=version_id, name="replica-9", state="READY", healthy=True))
+
+    worker = threading.Thread(target=scale_in_ends_then_replica_serves)
+    worker.start()
+    assert _wait_for_replica(settings, store, HealthyReplicas(store, ttl=0.1), version_id, started.append)
+    worker.join()
+    assert len(started) == 1
