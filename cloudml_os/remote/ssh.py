@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import dataclasses
 import io
 import math
@@ -330,8 +331,11 @@ class NodeSession:
         self.close()
 
     def close(self) -> None:
+        """Close the SFTP channel and the connection; a connection the node already lost (powered off, link
+        cut) closes without raising, so cleanup never hides the error that matters."""
         if self._sftp_client is not None:
-            self._sftp_client.close()
+            with contextlib.suppress(EOFError, OSError, paramiko.SSHException):
+                self._sftp_client.close()
             self._sftp_client = None
         self._client.close()
 

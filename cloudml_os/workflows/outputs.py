@@ -420,7 +420,11 @@ class OutputSync:
                 record.add(copy.key, copy.file)
                 changed = True
             elif outcome == "changed":
-                caught_up = False  # written again while copied: the next round takes it
+                # Written again while copied: the next round takes it, and the newer files after it, so that
+                # the store never holds a file newer than one it lacks (TensorFlow's `checkpoint` pointer
+                # without the checkpoint it names).
+                caught_up = False
+                break
             elif outcome == "refused":
                 changed |= self._leave_out(record, source, [(copy.key, "not a valid name in the store")])
         if caught_up:  # the store holds the folder as listed: what it lacks is gone for good

@@ -53,6 +53,12 @@ def ready_count(client, version: str) -> int:
     return sum(1 for r in live_replicas(client, version) if r["state"] == "READY")
 
 
+def set_target(client, version: str, target: float) -> None:
+    response = client.request("PATCH", f"/models/{MODEL}/versions/{version}?updateMask=autoScaling.metrics",
+                              json={"autoScaling": {"metrics": [{"name": "REQUESTS_IN_FLIGHT", "target": target}]}})
+    assert response.status_code == 200 and response.json()["done"], response.text
+
+
 def set_replica_quota(admin, project: str, limit: int | None) -> requests.Response:
     """A platform admin's quotas PATCH of ``project`` (None: back to the default)."""
     return requests.patch(f"{admin.base_url}/v1/projects/{project}/quotas", json={"quotas": {"replicas": limit}},
@@ -119,8 +125,10 @@ def test_a_load_step_scales_out_to_the_quota_and_back_in_after_the_stable_window
         time.sleep(5)
         load.clients(8)
         wait_for(lambda: ready_count(client, "steps") == 2, timeout=120, interval=0.2)
+        # However much the step wanted, a target a quarter as high wants more than the quota's 2 replicas.
+        set_target(client, "steps", 0.25)
         wait_for(lambda: any(e["kind"] == "QUOTA" for e in events(client, "steps")), timeout=60, interval=0.2)
-        time.sleep(2)
+        set_target(client, "steps", 1)
         load.clients(1)
         removed = time.monotonic()
         wait_for(lambda: len(live_replicas(client, "steps")) == 1, timeout=120, interval=0.2)

@@ -17,6 +17,7 @@ import pytest
 
 from cloudml_os.remote.parallel import FanOutError, fan_out
 from cloudml_os.remote.ssh import (
+    NodeSession,
     ProcessStatus,
     build_command,
     parse_process_status,
@@ -184,3 +185,23 @@ def test_fan_out_attempts_every_item_and_names_each_failure():
     assert "ps-0: ps-0 is down" in str(caught.value)
     assert caught.value.results == ["master-0", None, None, "worker-2"]
     assert [node.name for node, _ in caught.value.failures] == ["worker-1", "ps-0"]
+
+
+def test_closing_a_session_whose_node_is_gone_does_not_hide_the_error_that_matters():
+    """A node powered off mid-watch: closing its SFTP channel raises EOFError in paramiko; close() must not,
+    or it replaces the watch's 'connection closed' (node lost, restart) with an internal error."""
+    class DeadSftp:
+        def close(self) -> None:
+            raise EOFError()
+
+    class Client:
+        closed = False
+
+        def close(self) -> None:
+            self.closed = True
+
+    client = Client()
+    session = NodeSession("chief-0", client)
+    session._sftp_client = DeadSftp()
+    session.close()
+    assert client.closed and session._sftp_client is None
